@@ -1,0 +1,87 @@
+"""Rich rendering for the CLI: progress bars and summary tables. No logic of the library lives here."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+from fusion.labels import LABELS, SPLITS
+
+console = Console()
+errors = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, measured by Rich over the recent updates."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+
+
+@contextmanager
+def progress_bar(description: str, unit: str):
+    """Yields update(done, total); the bar shows done/total, rate and time left."""
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                        transient=False)
+    task = progress.add_task(description, total=None)
+    state = {"started": False}
+
+    def update(done: int, total: int) -> None:
+        if not state["started"]:
+            # The first report is the resumed count: start the rate from there, not from zero.
+            progress.reset(task, total=total, completed=done)
+            state["started"] = True
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def extract_summary_table(summary) -> Table:
+    table = Table(title=f"extracted -> {summary.out}")
+    table.add_column("split")
+    for name in LABELS:
+        table.add_column(name, justify="right")
+    table.add_column("total", justify="right")
+    for split in SPLITS:
+        row = summary.counts.get(split, {})
+        table.add_row(split, *(str(row.get(name, 0)) for name in LABELS), str(sum(row.values())))
+    return table
+
+
+def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def metrics_table(title: str, blocks: dict[str, dict]) -> Table:
+    """Columns = blocks (val, test, ...); rows = accuracy, macro/weighted F1 and per-class F1."""
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in blocks:
+        table.add_column(name, justify="right")
+    rows = [("accuracy", "accuracy"), ("macro F1", "macro_f1"), ("weighted F1", "weighted_f1")]
+    for label, key in rows:
+        table.add_row(label, *(_fmt(block.get(key)) for block in blocks.values()))
+    for name in LABELS:
+        table.add_row(f"F1 {name}", *(_fmt((block.get("per_class_f1") or {}).get(name)) for block in blocks.values()))
+    return table
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

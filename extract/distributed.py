@@ -1,0 +1,41 @@
+"""Many processes, one cache: `torchrun --nproc-per-node N -m fusion.cli extract ...`.
+
+Each rank embeds a contiguous shard of the plan into the shared `OUT.partial/` folder (its own batch files and lock);
+rank 0 merges everything in plan order once all ranks have passed the barrier. Across machines this needs the output
+folder on a shared filesystem. Without torchrun's environment this is a single process and nothing is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextmanager
+def distributed_context():
+    """Yields (rank, world_size); initialises and tears down the process group when launched by torchrun."""
+    if not launched_by_torchrun():
+        yield 0, 1
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # Long timeout: rank 0 waits at the barrier while the slowest shard finishes.
+    dist.init_process_group(backend=backend, timeout=timedelta(hours=12))
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,163 @@
+"""The frozen encoders: load by Hugging Face name or local path, and pool as the paper does.
+
+Text: BERT's CLS embedding of the last hidden layer (before BERT's pooler). Image: DINOv2's global embedding, the
+layer-normed CLS token (`pooler_output`). Any model loadable with AutoModel works; the pooling names go into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+from fusion.errors import ModelLoadError
+
+DEFAULT_TEXT_MODEL = "bert-base-uncased"
+DEFAULT_IMAGE_MODEL = "facebook/dinov2-small"
+TEXT_POOLING = "cls"
+IMAGE_POOLING = "cls_layernorm"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Encoders:
+    text_model: torch.nn.Module
+    tokenizer: object
+    image_model: torch.nn.Module
+    image_processor: object
+    device: torch.device
+    dtype: torch.dtype
+    text_name: str
+    image_name: str
+    text_revision: str
+    image_revision: str
+
+    @property
+    def text_dim(self) -> int:
+        return self.text_model.config.hidden_size
+
+    @property
+    def image_dim(self) -> int:
+        return self.image_model.config.hidden_size
+
+    @property
+    def image_size(self) -> int:
+        processor = self.image_processor
+        crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+        size = crop or getattr(processor, "size", None)
+        if isinstance(size, (int, float)):
+            return int(size)
+        return int(_field(size, "height") or _field(size, "shortest_edge") or 0)
+
+    def preprocessing(self) -> dict:
+        """Everything about preprocessing that changes the embeddings (goes into the cache fingerprint)."""
+        return {"image_processor": _jsonable(self.image_processor.to_dict()),
+                "tokenizer": type(self.tokenizer).__name__,
+                "do_lower_case": bool(getattr(self.tokenizer, "do_lower_case", False))}
+
+
+def _field(size, key: str):
+    """Processors keep sizes as dicts or SizeDict objects depending on the transformers version."""
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def _jsonable(config: dict) -> dict:
+    return {k: v if isinstance(v, (str, int, float, bool, list, dict, type(None))) else str(v)
+            for k, v in sorted(config.items())}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} asked for, but torch sees no CUDA device (torch {torch.__version__})")
+    return torch.device(device)
+
+
+def load_encoders(text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAULT_IMAGE_MODEL, *,
+                  device: str = "auto", precision: str = "fp32", trust_remote_code: bool = False) -> Encoders:
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    target, dtype = resolve_device(device), PRECISIONS[precision]
+    text = _from_pretrained(AutoModel, text_model, "text model", trust_remote_code)
+    image = _from_pretrained(AutoModel, image_model, "image model", trust_remote_code)
+    return Encoders(
+        text_model=_frozen(text, target, dtype),
+        tokenizer=_from_pretrained(AutoTokenizer, text_model, "tokenizer", trust_remote_code),
+        image_model=_frozen(image, target, dtype),
+        image_processor=_from_pretrained(AutoImageProcessor, image_model, "image processor", trust_remote_code,
+                                         backend="pil"),
+        device=target, dtype=dtype, text_name=text_model, image_name=image_model,
+        text_revision=model_revision(text, text_model), image_revision=model_revision(image, image_model))
+
+
+def _frozen(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    model.eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype)
+
+
+def _from_pretrained(loader, name: str, what: str, trust_remote_code: bool, **kwargs):
+    """Load from a local folder, the Hugging Face cache, or the hub; every failure becomes one actionable line."""
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelLoadError(f"{what} {name!r}: a path to a file was given; point at the model's folder")
+    if name.startswith(("/", ".", "~")) and not local.exists():
+        raise ModelLoadError(f"{what} {name!r}: no such folder")
+    source = str(local) if local.is_dir() else name
+    try:
+        # Try the local cache first: offline, the hub lookup would retry for half a minute before failing.
+        return loader.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as cached_error:
+        if local.is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise _missing(what, name, cached_error) from cached_error
+    try:
+        return loader.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _missing(what, name, error) from error
+
+
+def _missing(what: str, name: str, error: Exception) -> ModelLoadError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(name).expanduser().is_dir():
+        return ModelLoadError(f"cannot load {what} from folder {name!r}: {reason}")
+    return ModelLoadError(
+        f"cannot load {what} {name!r}: not in the Hugging Face cache and the hub cannot be reached ({reason}). "
+        f"Download it where there is internet (`huggingface-cli download {name}`, then copy ~/.cache/huggingface "
+        f"or set HF_HOME), or pass a local folder made with save_pretrained")
+
+
+def model_revision(model: torch.nn.Module, name: str) -> str:
+    """The hub commit when known; for a local folder a hash of its weight files, so changed weights change the cache."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return "unknown"
+    digest = hashlib.sha256()
+    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]:
+        if weights.is_file():
+            with weights.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def text_embeddings(encoders: Encoders, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """CLS of the last hidden layer, and the whole last layer (for --tokens)."""
+    hidden = encoders.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden[:, 0], hidden
+
+
+def image_embeddings(encoders: Encoders, pixel_values: torch.Tensor):
+    """DINOv2's layer-normed CLS (`pooler_output`); models without a pooler fall back to their first token."""
+    output = encoders.image_model(pixel_values=pixel_values)
+    pooled = getattr(output, "pooler_output", None)
+    hidden = output.last_hidden_state
+    return (pooled if pooled is not None else hidden[:, 0]), hidden

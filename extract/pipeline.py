@@ -1,0 +1,223 @@
+"""Stage 1: read a dataset, run the frozen encoders once, write the embeddings cache.
+
+    fusion extract --dataset mvsa-single --root data/MVSA_Single --out caches/mvsa-single.h5
+
+The work is planned as a fixed list of rows (the dataset's samples in split order); every batch is written by row
+index into `OUT.partial/`, so an interrupted run (even `kill -9`) resumes with the rows still pending. When every row
+is done the partial batches are merged into the final HDF5 file by an atomic rename.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import transformers
+
+import fusion
+from fusion.cache.fingerprint import fingerprint
+from fusion.cache.partial import PartialCache, Plan
+from fusion.cache.reader import is_complete_cache
+from fusion.cache.writer import finalize
+from fusion.errors import CacheError
+from fusion.extract.batches import image_loader, length_sorted_batches, pad_token_ids
+from fusion.extract.datasets import load_dataset
+from fusion.extract.distributed import barrier
+from fusion.extract.encoders import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IMAGE_POOLING, TEXT_POOLING, Encoders,
+                                     image_embeddings, load_encoders, text_embeddings)
+from fusion.extract.samples import DatasetSamples, Sample
+from fusion.labels import LABELS, SPLITS
+
+FORMAT_VERSION = 1
+LOADING_SKIP = "skipped while reading the dataset"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    dataset: str
+    root: Path
+    out: Path
+    text_model: str = DEFAULT_TEXT_MODEL
+    image_model: str = DEFAULT_IMAGE_MODEL
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 32
+    tokens: bool = False
+    limit: int | None = None
+    max_length: int = 128
+    split_seed: int = 0
+    workers: int = 1
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ExtractSummary:
+    out: Path
+    counts: dict[str, dict[str, int]]
+    skipped: list[tuple[str, str, str]]
+    cleaning: dict[str, int]
+    text_fallbacks: dict[str, int]
+    rows_total: int
+    rows_computed: int
+    seconds: float
+    already_complete: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.rows_computed / self.seconds if self.seconds > 0 else 0.0
+
+
+ProgressCallback = Callable[[int, int], None]  # (rows done so far, rows in total)
+
+
+def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, *, rank: int = 0,
+            world_size: int = 1) -> ExtractSummary:
+    started = time.perf_counter()
+    data = limit_samples(load_dataset(config.dataset, config.root, seed=config.split_seed), config.limit)
+    encoders = load_encoders(config.text_model, config.image_model, device=config.device,
+                             precision=config.precision, trust_remote_code=config.trust_remote_code)
+    plan = make_plan(config, data, encoders)
+    if config.out.exists():
+        if not is_complete_cache(config.out, plan.fingerprint):
+            raise CacheError(f"{config.out} exists and was made for other settings or is damaged; "
+                             f"delete it or choose another --out")
+        return summarise(config, data, plan, rows_computed=0, started=started, already_complete=True)
+    start, stop = shard_bounds(len(plan.ids), rank, world_size)
+    partial = PartialCache.open(config.out, plan=plan, rank=rank)
+    try:
+        computed = run_batches(config, data, encoders, partial, start, stop, on_progress)
+    finally:
+        partial.close()
+    barrier()  # every rank's shard is written before rank 0 merges them
+    if rank == 0:
+        finalize([partial_dir(config.out)], config.out)
+    barrier()  # and the final file exists before any rank reports
+    return summarise(config, data, plan, rows_computed=computed, started=started)
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def shard_bounds(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """A contiguous shard per rank, so rank 0 can merge the shards back in order."""
+    per_rank = -(-rows // world_size)
+    return min(rank * per_rank, rows), min((rank + 1) * per_rank, rows)
+
+
+def limit_samples(data: DatasetSamples, limit: int | None) -> DatasetSamples:
+    """Keep about `limit` samples, in the same proportions per split (a quick look at a big dataset)."""
+    if not limit or limit >= len(data.samples):
+        return data
+    by_split = {split: [s for s in data.samples if s.split == split] for split in SPLITS}
+    kept = [s for split in SPLITS
+            for s in by_split[split][:max(1, round(limit * len(by_split[split]) / len(data.samples)))]
+            if by_split[split]]
+    return DatasetSamples(name=data.name, samples=kept, skipped=data.skipped, cleaning=data.cleaning,
+                          text_fallbacks=data.text_fallbacks, source_files=data.source_files)
+
+
+def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -> Plan:
+    """Rows = the dataset's samples in split order, then the samples already skipped while reading the dataset."""
+    settings = {
+        "format_version": FORMAT_VERSION, "dataset": config.dataset,
+        "text_model": encoders.text_name, "text_model_revision": encoders.text_revision,
+        "image_model": encoders.image_name, "image_model_revision": encoders.image_revision,
+        "text_pooling": TEXT_POOLING, "image_pooling": IMAGE_POOLING, "max_length": config.max_length,
+        "image_size": encoders.image_size, "split_seed": config.split_seed, "precision": config.precision,
+        "tokens": config.tokens, "limit": config.limit or 0, "preprocessing": encoders.preprocessing(),
+    }
+    attrs = {key: value for key, value in settings.items() if key != "preprocessing"}
+    attrs.update(fingerprint=fingerprint(settings, data.source_files), text_dim=encoders.text_dim,
+                 image_dim=encoders.image_dim, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                 torch_version=torch.__version__, transformers_version=transformers.__version__,
+                 fusion_version=fusion.__version__)
+    return Plan(fingerprint=attrs["fingerprint"], attrs=attrs,
+                ids=[s.id for s in data.samples] + [sid for sid, _, _ in data.skipped],
+                splits=[s.split for s in data.samples] + [split for _, split, _ in data.skipped],
+                labels=[s.label for s in data.samples] + [-1] * len(data.skipped))
+
+
+def run_batches(config: ExtractConfig, data: DatasetSamples, encoders: Encoders, partial: PartialCache,
+                start: int, stop: int, on_progress: ProgressCallback | None) -> int:
+    pending = partial.pending(start, stop)
+    total, done = stop - start, (stop - start) - len(pending)
+    samples = data.samples
+    loading_skips = pending[pending >= len(samples)]
+    if len(loading_skips):
+        reasons = {int(i): data.skipped[int(i) - len(samples)][2] for i in loading_skips}
+        partial.write_batch(loading_skips, {}, reasons)
+        done += len(loading_skips)
+    pending = pending[pending < len(samples)]
+    token_ids = tokenize(encoders, samples, config.max_length)
+    lengths = np.array([len(ids) for ids in token_ids])
+    batches = length_sorted_batches(pending, lengths, config.batch_size)
+    loader = image_loader([s.image for s in samples], encoders.image_processor, batches,
+                          workers=config.workers, pin_memory=encoders.device.type == "cuda")
+    if on_progress:
+        on_progress(done, total)
+    computed = 0
+    for batch in loader:
+        arrays = embed_batch(encoders, token_ids, batch, config.tokens)
+        indices, _, skipped = batch
+        partial.write_batch(np.array(sorted([*indices, *skipped]), dtype=np.int64), arrays, skipped)
+        computed += len(indices) + len(skipped)
+        if on_progress:
+            on_progress(done + computed, total)
+    return computed
+
+
+def tokenize(encoders: Encoders, samples: list[Sample], max_length: int) -> list[list[int]]:
+    if not samples:
+        return []
+    encoded = encoders.tokenizer([s.text for s in samples], truncation=True, max_length=max_length)
+    return encoded["input_ids"]
+
+
+def embed_batch(encoders: Encoders, token_ids: list[list[int]], batch, with_tokens: bool) -> dict[str, np.ndarray]:
+    """One batch through both encoders; rows in ascending index order, skipped rows left out."""
+    indices, pixels, _ = batch
+    if not indices:
+        return {}
+    order = np.argsort(indices)
+    indices = [indices[i] for i in order]
+    pixels = pixels[torch.from_numpy(order)]
+    input_ids, attention_mask = pad_token_ids([token_ids[i] for i in indices], encoders.tokenizer.pad_token_id)
+    device, non_blocking = encoders.device, encoders.device.type == "cuda"
+    with torch.inference_mode():
+        text, text_tokens = text_embeddings(encoders, input_ids.to(device, non_blocking=non_blocking),
+                                            attention_mask.to(device, non_blocking=non_blocking))
+        image, image_tokens = image_embeddings(encoders, pixels.to(device, encoders.dtype, non_blocking=non_blocking))
+    arrays = {"text": to_float16(text), "image": to_float16(image)}
+    if with_tokens:
+        arrays.update(text_tokens=to_float16(text_tokens), text_mask=attention_mask.bool().numpy(),
+                      image_tokens=to_float16(image_tokens))
+    return arrays
+
+
+def to_float16(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.float().cpu().numpy().astype(np.float16)
+
+
+def summarise(config: ExtractConfig, data: DatasetSamples, plan: Plan, *, rows_computed: int, started: float,
+              already_complete: bool = False) -> ExtractSummary:
+    counts = {split: {name: 0 for name in LABELS} for split in SPLITS}
+    skipped = list(data.skipped)
+    if config.out.exists():
+        from fusion.cache.reader import read_skipped
+        skipped = read_skipped(config.out)
+    skipped_ids = {(sid, split) for sid, split, _ in skipped}
+    tally = Counter((s.split, s.label) for s in data.samples if (s.id, s.split) not in skipped_ids)
+    for (split, label), count in tally.items():
+        counts[split][LABELS[label]] = count
+    return ExtractSummary(out=config.out, counts=counts, skipped=skipped, cleaning=dict(data.cleaning),
+                          text_fallbacks=dict(data.text_fallbacks), rows_total=len(plan.ids),
+                          rows_computed=rows_computed, seconds=time.perf_counter() - started,
+                          already_complete=already_complete)
