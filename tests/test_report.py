@@ -1,0 +1,196 @@
+"""Reports: figures are real PNGs with content, report.md links them and shows published numbers only where known."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusion.errors import RunError
+from fusion.heads.report import PUBLISHED, Report, is_paper_encoder, write_report
+
+LABELS = ("negative", "neutral", "positive")
+
+
+def metrics_block(rng: np.random.Generator, n: int = 450) -> dict:
+    per_class = {name: float(rng.uniform(0.2, 0.9)) for name in LABELS}
+    counts = rng.integers(0, 60, (3, 3)) + np.diag(rng.integers(40, 200, 3))
+    return {"accuracy": float(rng.uniform(0.6, 0.75)), "macro_f1": float(np.mean(list(per_class.values()))),
+            "weighted_f1": float(rng.uniform(0.6, 0.75)), "per_class_f1": per_class,
+            "confusion_matrix": counts.tolist()}
+
+
+def history(rng: np.random.Generator, epochs: int) -> list[dict]:
+    entries = []
+    for epoch in range(1, epochs + 1):
+        rise = 1 - np.exp(-epoch / 3)
+        per_class = {"negative": 0.6 * rise, "neutral": 0.25 * rise ** 3, "positive": 0.8 * rise}
+        per_class = {k: float(v + rng.normal(0, 0.02)) for k, v in per_class.items()}
+        entries.append({"epoch": epoch, "accuracy": 0.7 * rise, "macro_f1": float(np.mean(list(per_class.values()))),
+                        "weighted_f1": 0.68 * rise, "per_class_f1": per_class,
+                        "train_loss": float(1.1 * np.exp(-epoch / 4) + 0.2), "val_loss": float(0.8 + 0.01 * epoch)})
+    return entries
+
+
+def cache_block(dataset: str, text_model: str = "bert-base-uncased",
+                image_model: str = "facebook/dinov2-small") -> dict:
+    return {"path": f"/data/{dataset}.h5", "fingerprint": "ab" * 32, "dataset": dataset,
+            "text_model": text_model, "image_model": image_model}
+
+
+def make_run(run_dir: Path, cache: dict, seed: int = 0, head: str = "self_attn") -> Path:
+    rng = np.random.default_rng(seed)
+    run_dir.mkdir(parents=True)
+    config = {"head": head, "lr": 1e-3, "dropout": 0.2, "loss": "focal", "gamma": 2.0, "alpha": None,
+              "batch_size": 64, "epochs": 30, "patience": 5, "metric": "macro_f1", "seed": seed, "cache": cache}
+    metrics = {"val": metrics_block(rng), "test": metrics_block(rng), "history": history(rng, 12),
+               "best_epoch": 7, "epochs_run": 12}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+def make_grid(grid_dir: Path, cache: dict) -> Path:
+    rng = np.random.default_rng(1)
+    rows = []
+    for head in ("basic", "self_attn", "dual_attn", "text_only"):
+        for lr in (1e-2, 1e-3, 1e-4):
+            for dropout in (0.0, 0.2, 0.5):
+                for loss, gamma in (("ce", 0.0), ("focal", 2.0)):
+                    for seed in (0, 1):
+                        config = {"head": head, "lr": lr, "dropout": dropout, "loss": loss, "gamma": gamma,
+                                  "seed": seed}
+                        rows.append({"config": config, "val": metrics_block(rng), "test": metrics_block(rng),
+                                     "epochs_run": 10, "seconds": 1.5})
+    grid_dir.mkdir(parents=True)
+    (grid_dir / "results.json").write_text(json.dumps({"rows": rows, "metric": "macro_f1", "cache": cache}))
+    make_run(grid_dir / "best", cache, seed=3, head="dual_attn")
+    return grid_dir
+
+
+def assert_real_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.width > 300 and image.height > 200
+        pixels = np.asarray(image.convert("L"))
+    assert len(np.unique(pixels)) > 20, f"{path.name} looks blank"
+
+
+def linked_images(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+def test_run_report_has_figures_and_published_numbers(tmp_path):
+    run_dir = make_run(tmp_path / "run", cache_block("mvsa-single"))
+    report = write_report(run_dir)
+    assert isinstance(report, Report)
+    assert report.markdown == run_dir / "report.md"
+    assert {f.name for f in report.figures} == {"f1_per_class.png", "losses.png", "confusion_test.png"}
+    text = report.markdown.read_text()
+    for figure in report.figures:
+        assert_real_png(figure)
+    assert sorted(linked_images(text)) == sorted(f.name for f in report.figures)
+    for published in PUBLISHED["mvsa-single"]:
+        assert f"| {published.model} |" in text
+    assert "BERT+DINOv2 basic | 0.73 | 0.71 |" in text
+    assert "not like for like" not in text
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_run_report_reports_the_run_metrics(tmp_path):
+    run_dir = make_run(tmp_path / "run", cache_block("mvsa-multi"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    text = write_report(run_dir).markdown.read_text()
+    test = metrics["test"]
+    assert f"| **this run (self_attn)** | {test['accuracy']:.4f} | {test['weighted_f1']:.4f} |" in text
+    assert "DTN | 0.7272 | 0.7272" in text   # the MVSA-Multi anchor, not MVSA-Single's
+
+
+def test_csv_dataset_with_other_encoders_gets_no_published_rows(tmp_path):
+    cache = cache_block("csv", text_model="sentence-transformers/all-MiniLM-L6-v2", image_model="/models/tiny-vit")
+    text = write_report(make_run(tmp_path / "run", cache)).markdown.read_text()
+    assert "No published numbers" in text
+    assert not any(f"| {p.model} |" in text for rows in PUBLISHED.values() for p in rows)
+    assert "not like for like" in text
+    assert "all-MiniLM-L6-v2" in text and "/models/tiny-vit" in text
+
+
+def test_memotion_shows_macro_f1_only(tmp_path):
+    text = write_report(make_run(tmp_path / "run", cache_block("memotion"))).markdown.read_text()
+    assert "| BERT+DINOv2 dual-attention | - | - | 0.3552 |" in text
+    assert "| SemEval-2020 Task 8 baseline | - | - | 0.2176 |" in text
+
+
+def test_grid_report(tmp_path):
+    grid_dir = make_grid(tmp_path / "grid", cache_block("mvsa-single", text_model="bert-base-uncased@86b5e09"))
+    report = write_report(grid_dir)
+    names = [f.relative_to(grid_dir).as_posix() for f in report.figures]
+    assert names[0] == "grid_heatmap.png"
+    assert {"best/f1_per_class.png", "best/losses.png", "best/confusion_test.png"} <= set(names)
+    for figure in report.figures:
+        assert_real_png(figure)
+    text = report.markdown.read_text()
+    assert sorted(linked_images(text)) == sorted(names)
+    assert (grid_dir / "best" / "report.md").is_file()
+    for head in ("basic", "self_attn", "dual_attn", "text_only"):
+        assert re.search(rf"^\| {head} \| ", text, re.M), head
+    assert "| **grid best (dual_attn)** |" in text
+    assert "not like for like" not in text
+
+
+def test_grid_best_per_head_is_the_best_seed_mean(tmp_path):
+    grid_dir = make_grid(tmp_path / "grid", cache_block("csv"))
+    rows = json.loads((grid_dir / "results.json").read_text())["rows"]
+    basic = [r for r in rows if r["config"]["head"] == "basic"]
+    means = {}
+    for row in basic:
+        key = (row["config"]["lr"], row["config"]["dropout"], row["config"]["loss"])
+        means.setdefault(key, []).append(row["val"]["macro_f1"])
+    (lr, dropout, loss), values = max(means.items(), key=lambda item: np.mean(item[1]))
+    text = write_report(grid_dir).markdown.read_text()
+    line = next(line for line in text.splitlines() if line.startswith("| basic |"))
+    assert line.startswith(f"| basic | {lr:g} | {dropout:g} | {loss}")
+    assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in line
+
+
+def test_missing_metrics_names_the_file(tmp_path):
+    run_dir = make_run(tmp_path / "run", cache_block("csv"))
+    (run_dir / "metrics.json").unlink()
+    with pytest.raises(RunError, match=r"metrics\.json: missing"):
+        write_report(run_dir)
+
+
+def test_invalid_json_and_fields_name_the_file_and_field(tmp_path):
+    run_dir = make_run(tmp_path / "run", cache_block("csv"))
+    (run_dir / "config.json").write_text("{not json")
+    with pytest.raises(RunError, match=r"config\.json: not readable JSON"):
+        write_report(run_dir)
+    run_dir = make_run(tmp_path / "run2", cache_block("csv"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["test"]["confusion_matrix"] = [[1, 2], [3, 4]]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(RunError, match=r"metrics\.json: 'test\.confusion_matrix' is not a 3x3"):
+        write_report(run_dir)
+    metrics["test"]["confusion_matrix"] = [[1, 2, 3]] * 3
+    del metrics["history"][3]["per_class_f1"]["neutral"]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(RunError, match=r"metrics\.json: 'history\[3\]\.per_class_f1\.neutral' missing"):
+        write_report(run_dir)
+
+
+def test_grid_without_best_run_is_refused(tmp_path):
+    grid_dir = make_grid(tmp_path / "grid", cache_block("csv"))
+    (grid_dir / "best" / "metrics.json").unlink()
+    with pytest.raises(RunError, match=r"best/metrics\.json: missing"):
+        write_report(grid_dir)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("bert-base-uncased", True), ("google-bert/bert-base-uncased@86b5e09", True),
+    ("/root/.cache/huggingface/hub/models--bert-base-uncased/snapshots/86b5e09", True),
+    ("/models/bert-base-uncased/", True), ("bert-base-cased", False), ("distilbert-base-uncased", False)])
+def test_paper_encoder_names(name, expected):
+    assert is_paper_encoder(name, "bert-base-uncased") is expected
