@@ -176,8 +176,8 @@ def test_rejects_empty_dataset(tmp_path):
 def test_project_loader_reads_it(demo):
     datasets = pytest.importorskip("fusion.extract.datasets")
     loaded = datasets.load_dataset("mvsa-single", demo / "MVSA_Single", seed=0)
-    kept = [p for p in read_manifest(demo) if p.combined is not None]
-    assert len(loaded.samples) == len(kept)
-    expected = Counter(p.combined for p in kept)
+    kept = {p.id: p for p in read_manifest(demo) if p.combined is not None}
     names = ("negative", "neutral", "positive")
-    assert Counter(names[s.label] for s in loaded.samples) == expected
+    assert {s.id: (names[s.label], s.text) for s in loaded.samples} == {
+        i: (p.combined, p.text) for i, p in kept.items()}
+    assert sum(loaded.text_fallbacks.values()) == sum(p.encoding == "cp1252" for p in kept.values())
