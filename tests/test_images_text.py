@@ -1,0 +1,250 @@
+"""Text decoding (never fails, counts fallbacks) and the image loader (any mode, truncated, bombs refused)."""
+
+import pickle
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageFile
+
+from dataset_writers import write_image, write_truncated
+from fusion.errors import LabelFileError
+from fusion.extract import images
+from fusion.extract.images import ImageFolder, ImageUnreadable, load_rgb
+from fusion.extract.textio import decode_document, decode_text, is_html_fragment, read_csv
+
+# ---------------------------------------------------------------- text
+
+
+@pytest.mark.parametrize(
+    "raw, text, encoding",
+    [
+        (b"hello world", "hello world", "utf-8"),
+        (b"\xef\xbb\xbf  caf\xc3\xa9 \r\n", "café", "utf-8"),
+        (b"", "", "utf-8"),
+        (b" \n\t ", "", "utf-8"),
+        ("Café au lait à Paris".encode("latin-1"), "Café au lait à Paris", "cp1252"),
+        ("It’s “great” — really".encode("cp1252"), "It’s “great” — really", "cp1252"),
+        ("今天天气很好，心情愉快".encode("gbk"), "今天天气很好，心情愉快", "gb18030"),
+        (b"ok \x81 \x9d", "ok \x81 \x9d", "latin-1"),  # bytes undefined in cp1252
+        ("emoji 😀 ok".encode("utf-16"), "emoji 😀 ok", "utf-16"),
+    ],
+)
+def test_decode_text(raw, text, encoding):
+    assert decode_text(raw) == (text, encoding)
+
+
+def test_latin1_that_also_decodes_as_gbk_is_not_taken_for_chinese():
+    raw = "résumés naïve".encode("latin-1")
+    raw.decode("gb18030")  # the trap is real: these bytes are valid GB18030
+    assert decode_text(raw) == ("résumés naïve", "cp1252")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_decode_text_never_fails(raw):
+    text, encoding = decode_text(raw)
+    assert isinstance(text, str) and text == text.strip()
+    assert encoding in {"utf-8", "utf-16", "gb18030", "cp1252", "latin-1"}
+
+
+def test_decode_document_counts_only_the_lines_that_are_not_utf8():
+    raw = "a,b\nplain,ok\n".encode() + "caf\xe9,x\n".encode("latin-1") + "中文,y\n".encode()
+    text, used = decode_document(raw)
+    assert text.splitlines() == ["a,b", "plain,ok", "café,x", "中文,y"]
+    assert used == {"cp1252": 1}
+
+
+@pytest.mark.parametrize(
+    "text, html",
+    [
+        ('<html><head><meta content="text/html; charset=UTF-8" http-equiv="content-type">', True),
+        ('  <meta content="text/html; charset=utf-8"> junk', True),
+        ("<!DOCTYPE html><html>", True),
+        ("when the <b>code</b> compiles", False),
+        ("html memes are the best", False),
+    ],
+)
+def test_is_html_fragment(text, html):
+    assert is_html_fragment(text) is html
+
+
+def test_read_csv_reports_the_start_line_of_records_after_multiline_cells(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text('a,b\n1,"two\nlines"\n3\n', encoding="utf-8")
+    with pytest.raises(LabelFileError, match=r"t\.csv: line 4: expected 2 fields"):
+        read_csv(path, ("a", "b"))
+
+
+def test_read_csv_unterminated_quote_is_a_label_file_error(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text('a,b\n1,2\n3,"' + "x" * 200_000 + "\n", encoding="utf-8")
+    with pytest.raises(LabelFileError, match=r"t\.csv: line 3: malformed CSV"):
+        read_csv(path, ("a", "b"))
+
+
+# ---------------------------------------------------------------- images
+
+
+def _save(tmp_path: Path, image: Image.Image, name: str, **kwargs) -> Path:
+    path = tmp_path / name
+    image.save(path, **kwargs)
+    return path
+
+
+def test_palette_with_transparency_is_composited_on_white(tmp_path):
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.putpixel((0, 0), 0)
+    out = load_rgb(_save(tmp_path, image, "p.png", transparency=0))
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "mode, colour, name, expected",
+    [
+        ("LA", (100, 0), "la.png", (255, 255, 255)),  # fully transparent -> white
+        ("LA", (100, 255), "la2.png", (100, 100, 100)),
+        ("RGBA", (10, 20, 30, 255), "rgba.png", (10, 20, 30)),
+        ("L", 77, "l.png", (77, 77, 77)),
+        ("1", 1, "one.png", (255, 255, 255)),
+        ("CMYK", (0, 255, 255, 0), "cmyk.jpg", (255, 0, 0)),
+    ],
+)
+def test_modes_become_rgb(tmp_path, mode, colour, name, expected):
+    out = load_rgb(_save(tmp_path, Image.new(mode, (16, 16), colour), name))
+    assert out.mode == "RGB"
+    assert np.allclose(out.getpixel((8, 8)), expected, atol=3)
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 32896, 65535, 1000]], dtype=np.uint16)
+    path = _save(tmp_path, Image.fromarray(values), "grey16.png")
+    assert Image.open(path).mode.startswith("I")
+    out = np.asarray(load_rgb(path))
+    assert out[0, :, 0].tolist() == [0, 128, 255, 4]
+
+
+def test_truncated_image_loads_without_leaking_the_global_flag(tmp_path):
+    path = write_truncated(tmp_path / "cut.jpg", 3)
+    with pytest.raises(OSError):  # really truncated: plain Pillow refuses it
+        Image.open(path).load()
+    assert load_rgb(path).size == (20, 24)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_truncated_inside_the_header_is_beyond_repair(tmp_path):
+    path = write_image(tmp_path / "cut.jpg", 3)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ImageUnreadable, match="^truncated beyond repair$"):
+        load_rgb(path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty file"),
+        (b"just some text, not pixels\n", "not an image (cannot identify image file)"),
+        (None, "missing file"),
+    ],
+)
+def test_unreadable_files_have_a_short_reason(tmp_path, content, reason):
+    path = tmp_path / "x.jpg"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ImageUnreadable) as caught:
+        load_rgb(path)
+    assert str(caught.value) == reason
+
+
+@pytest.mark.parametrize("name", ["anim.gif", "anim.webp"])
+def test_animation_gives_its_first_frame(tmp_path, name):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    path = tmp_path / name
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0, lossless=True)
+    assert Image.open(path).n_frames == 3
+    out = load_rgb(path)
+    assert np.allclose(out.getpixel((4, 4)), (250, 0, 0), atol=8)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (no pixel data): a cheap decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_huge_png_header_is_refused_as_a_bomb(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_claiming(100_000, 100_000))  # over twice Pillow's limit: Pillow raises
+    with pytest.raises(ImageUnreadable, match=r"^decompression bomb \(10000000000 pixels\)$"):
+        load_rgb(path)
+
+
+def test_png_header_just_over_the_limit_is_refused_too(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_claiming(10_000, 10_000))  # between 1x and 2x: Pillow only warns
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(
+        ImageUnreadable, match=r"^decompression bomb \(10000 x 10000 pixels\)$"
+    ):
+        load_rgb(path)
+
+
+def test_bomb_over_our_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    path = write_image(tmp_path / "ok.png", 1)
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)
+
+    def must_not_decode(self):
+        raise AssertionError("a bomb was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", must_not_decode)
+    with pytest.raises(ImageUnreadable, match=r"^decompression bomb \(20 x 24 pixels\)$"):
+        load_rgb(path)
+
+
+def test_png_saved_with_a_jpg_extension_loads(tmp_path):
+    path = tmp_path / "really_png.jpg"
+    Image.new("RGB", (5, 6), (1, 2, 3)).save(path, "PNG")
+    assert load_rgb(path).getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_loaded_image_is_detached_from_its_file(tmp_path):
+    path = write_image(tmp_path / "a.png", 2)
+    out = load_rgb(path)
+    path.unlink()
+    assert out.copy().size == (20, 24)
+
+
+def test_image_unreadable_survives_pickling():
+    error = pickle.loads(pickle.dumps(ImageUnreadable("empty file")))
+    assert isinstance(error, ImageUnreadable) and str(error) == "empty file"
+
+
+def test_concurrent_loads_of_good_and_truncated_images(tmp_path):
+    paths = [write_image(tmp_path / f"{i}.png", i) for i in range(6)]
+    paths += [write_truncated(tmp_path / f"t{i}.jpg", i) for i in range(6)]
+    with ThreadPoolExecutor(4) as pool:
+        sizes = list(pool.map(lambda p: load_rgb(p).size, paths * 3))
+    assert sizes == [(20, 24)] * len(paths) * 3
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_image_folder_resolves_case_and_extension_variants(tmp_path):
+    for name in ("a.jpg", "B.PNG", "c.jpeg", "c.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    folder = ImageFolder(tmp_path)
+    assert folder.resolve("a.jpg") == tmp_path / "a.jpg"
+    assert folder.resolve("b.png") == tmp_path / "B.PNG"
+    assert folder.resolve("B.jpg") == tmp_path / "B.PNG"
+    assert folder.resolve("c.bmp") == tmp_path / "c.jpeg"  # the preferred of two candidates
+    assert folder.resolve("notes.jpg") is None  # only image extensions stand in
+    assert folder.resolve("zzz.jpg") is None
+    assert ImageFolder(tmp_path / "nope").resolve("a.jpg") is None
