@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-# Pillow's own default limit (about 89 million pixels): anything larger is refused as a decompression bomb.
+# Pillow's own default limit (about 89 million pixels): anything larger is refused as a decompression bomb,
+# before any pixel is decoded. (Pillow itself still emits its DecompressionBombWarning for 1-2x this size; the
+# warnings filters are global and not thread-safe to swap, so they are left alone.)
 MAX_PIXELS = 89_478_485
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".jpe", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a viewer would show a meme
@@ -41,6 +43,8 @@ def load_rgb(path: Path) -> Image.Image:
     try:
         image = _open_loaded(path)
     except OSError as err:
+        if err.errno is not None:  # the file itself cannot be read (permissions, a folder, I/O error)
+            raise ImageUnreadable(f"cannot read file ({err.strerror})") from None
         if "truncated" not in str(err).lower():
             raise ImageUnreadable(f"corrupt image data ({_short(err)})") from None
         image = _open_loaded_truncated(path)

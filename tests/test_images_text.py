@@ -163,6 +163,12 @@ def test_unreadable_files_have_a_short_reason(tmp_path, content, reason):
     assert str(caught.value) == reason
 
 
+def test_a_folder_named_like_an_image_is_unreadable(tmp_path):
+    (tmp_path / "dir.jpg").mkdir()
+    with pytest.raises(ImageUnreadable, match=r"^cannot read file \(Is a directory\)$"):
+        load_rgb(tmp_path / "dir.jpg")
+
+
 @pytest.mark.parametrize("name", ["anim.gif", "anim.webp"])
 def test_animation_gives_its_first_frame(tmp_path, name):
     frames = [Image.new("RGB", (8, 8), c) for c in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
