@@ -26,7 +26,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect embedding caches.")
 app.add_typer(cache_app, name="cache")
 
-DATASET_CHOICES = ["memotion", "mvsa-single", "mvsa-multi", "csv"]
 
 
 def _quiet_transformers() -> None:
@@ -39,7 +38,7 @@ def _quiet_transformers() -> None:
 
 @app.command()
 def extract(
-    dataset: str = typer.Option(..., help=f"Dataset format: {', '.join(DATASET_CHOICES)}."),
+    dataset: str = typer.Option(..., help="Dataset format: memotion, mvsa-single, mvsa-multi, csv, or demo."),
     root: Path = typer.Option(..., help="Dataset folder as downloaded (csv: the CSV file)."),
     out: Optional[Path] = typer.Option(None, help="Cache file to write [default: caches/DATASET.h5]."),
     text_model: str = typer.Option("bert-base-uncased", help="Hugging Face name or local folder."),
@@ -59,8 +58,6 @@ def extract(
     from fusion.extract.distributed import distributed_context
     from fusion.extract.pipeline import ExtractConfig, extract as run_extract
 
-    if dataset not in DATASET_CHOICES:
-        raise FusionError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASET_CHOICES)}")
     _quiet_transformers()
     config = ExtractConfig(dataset=dataset, root=root, out=out or Path("caches") / f"{dataset}.h5",
                            text_model=text_model, image_model=image_model, device=device, precision=precision,

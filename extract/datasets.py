@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 from fusion.errors import DatasetError
 from fusion.extract.csvdata import load_csv
+from fusion.extract.demo_data import write_demo_dataset
 from fusion.extract.memotion import load_memotion
 from fusion.extract.mvsa import load_mvsa
 from fusion.extract.samples import DatasetSamples
+
+
+
+def load_demo(root: Path, *, seed: int = 0) -> DatasetSamples:
+    """The embedded synthetic dataset: written into `root` when absent, read by the real MVSA-Single reader, and
+    named `demo` so that nothing downstream mistakes it for MVSA-Single."""
+    folder = root / "MVSA_Single"
+    if not (folder / "labelResultAll.txt").exists():
+        write_demo_dataset(root, seed=seed)
+    return dataclasses.replace(load_mvsa(folder, kind="single", seed=seed), name="demo")
+
 
 DATASETS: dict[str, Callable[..., DatasetSamples]] = {
     "memotion": load_memotion,
     "mvsa-single": partial(load_mvsa, kind="single"),
     "mvsa-multi": partial(load_mvsa, kind="multi"),
     "csv": load_csv,
+    "demo": load_demo,
 }
 
 

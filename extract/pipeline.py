@@ -155,10 +155,8 @@ def run_batches(config: ExtractConfig, data: DatasetSamples, encoders: Encoders,
         reasons = {int(i): data.skipped[int(i) - len(samples)][2] for i in loading_skips}
         partial.write_batch(loading_skips, {}, reasons)
         done += len(loading_skips)
-    pending = pending[pending < len(samples)]
     token_ids = tokenize(encoders, samples, config.max_length)
-    lengths = np.array([len(ids) for ids in token_ids])
-    batches = length_sorted_batches(pending, lengths, config.batch_size)
+    batches = pending_batches(np.arange(start, min(stop, len(samples))), pending, token_ids, config.batch_size)
     loader = image_loader([s.image for s in samples], encoders.image_processor, batches,
                           workers=config.workers, pin_memory=encoders.device.type == "cuda")
     if on_progress:
@@ -172,6 +170,16 @@ def run_batches(config: ExtractConfig, data: DatasetSamples, encoders: Encoders,
         if on_progress:
             on_progress(done + computed, total)
     return computed
+
+
+def pending_batches(rows: np.ndarray, pending: np.ndarray, token_ids: list[list[int]],
+                    batch_size: int) -> list[list[int]]:
+    """Batches are cut from the whole shard, then pruned to the pending rows: a resumed run feeds each row to the
+    encoders in the same batch (same padding, same shapes) as an uninterrupted run would, so results are identical."""
+    lengths = np.array([len(ids) for ids in token_ids] or [0])
+    todo = set(pending.tolist())
+    batches = ([i for i in batch if i in todo] for batch in length_sorted_batches(rows, lengths, batch_size))
+    return [batch for batch in batches if batch]
 
 
 def tokenize(encoders: Encoders, samples: list[Sample], max_length: int) -> list[list[int]]:
