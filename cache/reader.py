@@ -1,0 +1,234 @@
+"""Reading a cache: every way a file can be wrong becomes one CacheError line naming the file and the problem.
+
+Stage 2 loads a whole cache into memory (a split is tens of MB); a token cache larger than memory is streamed with
+`iter_token_chunks`. Reads go through `_read`, which turns HDF5's checksum failure into words a user can act on.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from fusion.cache.partial import partial_dir
+from fusion.errors import CacheError
+from fusion.labels import LABELS, SPLITS
+
+FORMAT_VERSION = 1
+POOLED = ("text", "image", "label", "id")
+TOKENS = ("text_tokens", "text_mask", "image_tokens")
+SKIPPED = ("id", "split", "reason")
+
+
+@dataclass
+class SplitArrays:
+    text: np.ndarray                  # (N, Dt) float16
+    image: np.ndarray                 # (N, Di) float16
+    label: np.ndarray                 # (N,) int64, 0..2
+    id: np.ndarray                    # (N,) str
+    text_tokens: np.ndarray | None = None   # (N, L, Dt) float16
+    text_mask: np.ndarray | None = None     # (N, L) bool
+    image_tokens: np.ndarray | None = None  # (N, P, Di) float16
+
+
+@dataclass
+class CacheData:
+    path: Path
+    attrs: dict
+    splits: dict[str, SplitArrays]
+    skipped: list[tuple[str, str, str]]  # (id, split, reason)
+
+
+@dataclass
+class TokenChunk:
+    start: int                 # first row of the chunk within its split
+    text_tokens: np.ndarray    # (n, L, Dt) float16
+    text_mask: np.ndarray      # (n, L) bool
+    image_tokens: np.ndarray   # (n, P, Di) float16
+
+
+def read_cache(path: Path, *, tokens: bool = False) -> CacheData:
+    """The whole cache in memory, validated; with tokens=True also the token arrays."""
+    path = Path(path)
+    with open_cache(path) as h5:
+        attrs = check_header(h5, path)
+        check_layout(h5, path, tokens=tokens)
+        splits = {split: _read_split(h5, path, split, tokens) for split in SPLITS}
+        skipped = _read_skipped(h5, path)
+    return CacheData(path=path, attrs=attrs, splits=splits, skipped=skipped)
+
+
+def is_complete_cache(path: Path, fingerprint: str) -> bool:
+    """A finished cache of the current format made with exactly these settings (header and shapes only)."""
+    try:
+        with open_cache(Path(path)) as h5:
+            attrs = check_header(h5, Path(path))
+            check_layout(h5, Path(path), tokens=bool(attrs.get("tokens")))
+    except CacheError:
+        return False
+    return attrs.get("fingerprint") == fingerprint
+
+
+def read_skipped(path: Path) -> list[tuple[str, str, str]]:
+    path = Path(path)
+    with open_cache(path) as h5:
+        check_header(h5, path)
+        return _read_skipped(h5, path)
+
+
+def iter_token_chunks(path: Path, split: str, chunk_rows: int = 256) -> Iterator[TokenChunk]:
+    """Token arrays of one split, `chunk_rows` rows at a time, so a cache larger than memory can be streamed."""
+    path = Path(path)
+    with open_cache(path) as h5:
+        check_header(h5, path)
+        check_layout(h5, path, tokens=True)
+        rows = h5[split]["text"].shape[0]
+        for start in range(0, rows, chunk_rows):
+            window = slice(start, min(start + chunk_rows, rows))
+            arrays = {name: read_dataset(h5, path, f"{split}/{name}", window) for name in TOKENS}
+            for name in ("text_tokens", "image_tokens"):
+                _check_finite(path, f"{split}/{name}", arrays[name], offset=start)
+            yield TokenChunk(start=start, **arrays)
+
+
+@contextmanager
+def open_cache(path: Path) -> Iterator[h5py.File]:
+    if path.is_dir():
+        raise CacheError(f"{path}: is a folder, not a cache file")
+    if not path.exists():
+        hint = ("an interrupted run left its work in " + str(partial_dir(path)) + "; resume it with `fusion extract`"
+                if partial_dir(path).is_dir() else "run `fusion extract` to make it")
+        raise CacheError(f"{path}: no such cache file ({hint})")
+    if not h5py.is_hdf5(path):
+        raise CacheError(f"{path}: not an HDF5 file (not a fusion cache, or damaged at its start)")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as error:
+        raise CacheError(f"{path}: cannot open it ({_reason(error)}); the file is truncated or damaged, "
+                         f"run `fusion extract` again") from error
+    with h5:
+        yield h5
+
+
+def check_header(h5: h5py.File, path: Path) -> dict:
+    attrs = {key: python_value(value) for key, value in h5.attrs.items()}
+    if "format_version" not in attrs:
+        raise CacheError(f"{path}: not a fusion cache (no format_version attribute)")
+    if attrs["format_version"] != FORMAT_VERSION:
+        raise CacheError(f"{path}: cache format version {attrs['format_version']}, but this fusion reads version "
+                         f"{FORMAT_VERSION}; run `fusion extract` again with this version")
+    if attrs.get("complete") is not True:
+        raise CacheError(f"{path}: incomplete cache (the run writing it did not finish); resume `fusion extract` "
+                         f"with the same arguments")
+    return attrs
+
+
+def check_layout(h5: h5py.File, path: Path, *, tokens: bool) -> None:
+    """Groups, datasets and shapes, from metadata only (nothing large is read)."""
+    if tokens and not python_value(h5.attrs.get("tokens", False)):
+        raise CacheError(f"{path}: made without token arrays; run `fusion extract --tokens` to get them")
+    dims = {}
+    for split in SPLITS:
+        require_datasets(h5, path, split, POOLED + (TOKENS if tokens else ()))
+        for key, value in _split_dims(h5[split], path, split, tokens).items():
+            if dims.setdefault(key, value) != value:
+                raise CacheError(f"{path}: {split} has {key} {value} but {SPLITS[0]} has {dims[key]}")
+    require_datasets(h5, path, "skipped", SKIPPED)
+
+
+def require_datasets(h5: h5py.File, path: Path, group: str, names: tuple[str, ...]) -> None:
+    if not isinstance(h5.get(group), h5py.Group):
+        raise CacheError(f"{path}: missing group '{group}'")
+    for name in names:
+        if not isinstance(h5[group].get(name), h5py.Dataset):
+            raise CacheError(f"{path}: missing dataset '{group}/{name}'")
+
+
+def _split_dims(group: h5py.Group, path: Path, split: str, tokens: bool) -> dict[str, tuple]:
+    """Checks a split's shapes against each other; returns the sizes that must agree between splits."""
+    expected_ndim = {"text": 2, "image": 2, "label": 1, "id": 1, "text_tokens": 3, "text_mask": 2, "image_tokens": 3}
+    names = POOLED + (TOKENS if tokens else ())
+    for name in names:
+        if group[name].ndim != expected_ndim[name]:
+            raise CacheError(f"{path}: {split}/{name} has shape {group[name].shape}, expected "
+                             f"{expected_ndim[name]} axes")
+    rows = group["text"].shape[0]
+    for name in names:
+        if group[name].shape[0] != rows:
+            raise CacheError(f"{path}: {split}/{name} has {group[name].shape[0]} rows but {split}/text has {rows}")
+    dims = {"text dim": group["text"].shape[1], "image dim": group["image"].shape[1]}
+    if tokens:
+        if group["text_mask"].shape != group["text_tokens"].shape[:2]:
+            raise CacheError(f"{path}: {split}/text_mask has shape {group['text_mask'].shape} but "
+                             f"{split}/text_tokens has {group['text_tokens'].shape}")
+        dims.update({"text token shape": group["text_tokens"].shape[1:],
+                     "image token shape": group["image_tokens"].shape[1:]})
+    return dims
+
+
+def _read_split(h5: h5py.File, path: Path, split: str, tokens: bool) -> SplitArrays:
+    arrays = {name: read_dataset(h5, path, f"{split}/{name}") for name in POOLED + (TOKENS if tokens else ())}
+    arrays["id"] = decode_strings(arrays["id"])
+    arrays["label"] = arrays["label"].astype(np.int64)
+    outside = (arrays["label"] < 0) | (arrays["label"] >= len(LABELS))
+    if outside.any():
+        raise CacheError(f"{path}: {split}/label has {int(outside.sum())} value(s) outside 0..{len(LABELS) - 1} "
+                         f"(first: {int(arrays['label'][outside][0])})")
+    for name in ("text", "image", "text_tokens", "image_tokens"):
+        if name in arrays:
+            _check_finite(path, f"{split}/{name}", arrays[name])
+    return SplitArrays(**arrays)
+
+
+def _read_skipped(h5: h5py.File, path: Path) -> list[tuple[str, str, str]]:
+    require_datasets(h5, path, "skipped", SKIPPED)
+    columns = [decode_strings(read_dataset(h5, path, f"skipped/{name}")) for name in SKIPPED]
+    if len({len(column) for column in columns}) != 1:
+        raise CacheError(f"{path}: skipped/id, skipped/split and skipped/reason differ in length")
+    return [tuple(str(value) for value in row) for row in zip(*columns)]
+
+
+def read_dataset(h5: h5py.File, path: Path, name: str, selection=()) -> np.ndarray:
+    try:
+        return h5[name][selection]
+    except OSError as error:
+        raise CacheError(f"{path}: cannot read {name}: {_reason(error)}") from error
+
+
+def _reason(error: OSError) -> str:
+    text = str(error)
+    # fletcher32 is the only filter a cache uses, so a failing filter means the stored checksum does not match.
+    if "filter returned failure" in text or "Fletcher32" in text:
+        return "checksum mismatch (damaged file); run `fusion extract` again"
+    return text
+
+
+def _check_finite(path: Path, name: str, values: np.ndarray, *, offset: int = 0) -> None:
+    if not len(values):
+        return
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        raise CacheError(f"{path}: {name} has NaN or Inf in {int(bad.sum())} row(s) (first: row "
+                         f"{offset + int(np.flatnonzero(bad)[0])})")
+
+
+def decode_strings(values: np.ndarray) -> np.ndarray:
+    """Fixed-width UTF-8 bytes (as written) -> numpy str array."""
+    if values.dtype.kind == "S":
+        return np.array([value.decode("utf-8") for value in values], dtype=str).reshape(-1)
+    return values.astype(str)
+
+
+def python_value(value):
+    """h5py attribute values -> plain Python (JSON-serialisable)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
