@@ -83,7 +83,7 @@ def test_cache_info_json_reports_counts_per_split_and_class(mvsa_cache, capsys):
     info = json.loads(capsys.readouterr().out)
     cache = read_cache(out)
     for split, arrays in cache.splits.items():
-        counts = info["splits"][split]["classes"]
+        counts = info["splits"][split]["per_class"]
         assert counts == {name: int((arrays.label == i).sum()) for i, name in enumerate(LABELS)}
     assert info["fingerprint"] == cache.attrs["fingerprint"] and info["complete"] is True
 
