@@ -98,7 +98,9 @@ def iter_token_chunks(path: Path, split: str, chunk_rows: int = 256) -> Iterator
 @contextmanager
 def open_cache(path: Path) -> Iterator[h5py.File]:
     if path.is_dir():
-        raise CacheError(f"{path}: is a folder, not a cache file")
+        what = ("the work folder of an interrupted run; resume `fusion extract` to finish the cache"
+                if (path / "plan.json").exists() else "a folder, not a cache file")
+        raise CacheError(f"{path}: is {what}")
     if not path.exists():
         hint = ("an interrupted run left its work in " + str(partial_dir(path)) + "; resume it with `fusion extract`"
                 if partial_dir(path).is_dir() else "run `fusion extract` to make it")

@@ -64,8 +64,12 @@ def finalize(partial_dirs: list[Path], out: Path) -> Path:
         layout = make_layout(states[0], batches)
         dims = _dims(batches, plan.attrs, states[0].directory)
         temp = out.with_name(out.name + ".tmp")
-        write_h5(temp, states[0], layout, dims, batches)
-        os.replace(temp, out)
+        try:
+            write_h5(temp, states[0], layout, dims, batches)
+            os.replace(temp, out)
+        except BaseException:
+            temp.unlink(missing_ok=True)  # a half-written file must not outlive the failure
+            raise
         fsync_directory(out.parent)
     for directory in directories:
         shutil.rmtree(directory, ignore_errors=True)
@@ -156,8 +160,7 @@ def write_h5(temp: Path, state: PartialState, layout: Layout, dims: Dims, batche
     with h5py.File(temp, "w") as h5:
         write_attrs(h5, state.plan.attrs, fingerprint=state.plan.fingerprint, tokens=dims.tokens)
         token_sets = _create_token_datasets(h5, layout, dims)
-        pooled = {split: {"text": np.zeros((n, dims.text), np.float16), "image": np.zeros((n, dims.image), np.float16)}
-                  for split, n in layout.counts.items()}
+        pooled = {split: _pooled_buffers(rows, dims) for split, rows in layout.counts.items()}
         for batch in batches:
             _copy_batch(batch, layout, pooled, token_sets)
         _write_pooled(h5, state, layout, pooled)
@@ -166,6 +169,15 @@ def write_h5(temp: Path, state: PartialState, layout: Layout, dims: Dims, batche
         h5.flush()
     with temp.open("rb") as handle:
         os.fsync(handle.fileno())
+
+
+def _pooled_buffers(rows: int, dims: Dims) -> dict[str, np.ndarray]:
+    """The small per-row arrays, gathered in memory and written once in row order (scattered writes into
+    multi-row chunks would rewrite each chunk many times)."""
+    buffers = {"text": np.zeros((rows, dims.text), np.float16), "image": np.zeros((rows, dims.image), np.float16)}
+    if dims.tokens:
+        buffers["text_mask"] = np.zeros((rows, dims.text_length), bool)
+    return buffers
 
 
 def write_attrs(h5: h5py.File, attrs: dict, *, fingerprint: str, tokens: bool) -> None:
@@ -189,15 +201,11 @@ def h5_attr(value):
 def _create_token_datasets(h5: h5py.File, layout: Layout, dims: Dims) -> dict[str, dict[str, h5py.Dataset]]:
     if not dims.tokens:
         return {}
-    shapes = {"text_tokens": (dims.text_length, dims.text_token_dim), "image_tokens": (dims.patches,
-                                                                                       dims.image_token_dim)}
-    token_sets = {}
-    for split, rows in layout.counts.items():
-        group = h5.require_group(split)
-        token_sets[split] = {name: _create(group, name, (rows, *shape), np.float16, chunk_rows=1)
-                             for name, shape in shapes.items()}
-        token_sets[split]["text_mask"] = _create(group, "text_mask", (rows, dims.text_length), bool)
-    return token_sets
+    shapes = {"text_tokens": (dims.text_length, dims.text_token_dim),
+              "image_tokens": (dims.patches, dims.image_token_dim)}
+    return {split: {name: _create(h5.require_group(split), name, (rows, *shape), np.float16, chunk_rows=1)
+                    for name, shape in shapes.items()}
+            for split, rows in layout.counts.items()}
 
 
 def _create(group: h5py.Group, name: str, shape: tuple, dtype, *, chunk_rows: int | None = None,
@@ -225,24 +233,23 @@ def _copy_batch(batch: BatchRef, layout: Layout, pooled: dict, token_sets: dict)
         if not len(mine):
             continue
         positions = layout.position[batch.index[mine]]
-        order = np.argsort(positions)  # h5py writes a list of rows only in increasing order
-        mine, positions = mine[order], positions[order]
         for name in POOLED_ARRAYS:
             pooled[split][name][positions] = arrays[name][mine]
         if token_sets:
+            pooled[split]["text_mask"][positions, :arrays["text_mask"].shape[1]] = arrays["text_mask"][mine]
             _write_tokens(token_sets[split], arrays, mine, positions)
 
 
 def _write_tokens(datasets: dict[str, h5py.Dataset], arrays: dict, rows: np.ndarray, positions: np.ndarray) -> None:
-    length = datasets["text_mask"].shape[1]
-    text_tokens = arrays["text_tokens"][rows]
-    padded = np.zeros((len(rows), length, text_tokens.shape[2]), np.float16)
-    padded[:, :text_tokens.shape[1]] = text_tokens
-    mask = np.zeros((len(rows), length), bool)
-    mask[:, :text_tokens.shape[1]] = arrays["text_mask"][rows]
-    datasets["text_tokens"][positions] = padded
-    datasets["text_mask"][positions] = mask
-    datasets["image_tokens"][positions] = arrays["image_tokens"][rows]
+    """Row by row: each row is one whole chunk, which HDF5 writes without reading (a list selection is ~20x slower)."""
+    text_tokens = datasets["text_tokens"]
+    padded = np.zeros(text_tokens.shape[1:], np.float16)
+    for row, position in zip(rows.tolist(), positions.tolist()):
+        tokens = arrays["text_tokens"][row]
+        padded[:len(tokens)] = tokens
+        padded[len(tokens):] = 0
+        text_tokens[position] = padded
+        datasets["image_tokens"][position] = arrays["image_tokens"][row]
 
 
 def _write_pooled(h5: h5py.File, state: PartialState, layout: Layout, pooled: dict) -> None:
@@ -251,7 +258,7 @@ def _write_pooled(h5: h5py.File, state: PartialState, layout: Layout, pooled: di
         group = h5.require_group(split)
         rows = np.flatnonzero((layout.split_of == number) & (layout.position >= 0))
         for name, values in pooled[split].items():
-            _create(group, name, values.shape, np.float16, data=values)
+            _create(group, name, values.shape, values.dtype, data=values)
         _create(group, "label", (len(rows),), np.int64, data=labels[rows])
         write_strings(group, "id", [state.plan.ids[row] for row in rows])
 
