@@ -99,15 +99,14 @@ def cache_info(
 ) -> None:
     """What a cache holds: dataset, models, dims, counts per split and class, skipped samples, fingerprint."""
     from fusion.cache.info import cache_info as read_info
-    from fusion.console import console, key_value_table
+    from fusion.console import cache_info_tables, console
 
     info = read_info(file)
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return
-    flat = [(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
-            for key, value in info.items()]
-    console.print(key_value_table(str(file), flat))
+    for table in cache_info_tables(info):
+        console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

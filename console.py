@@ -85,3 +85,23 @@ def metrics_table(title: str, blocks: dict[str, dict]) -> Table:
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def cache_info_tables(info: dict) -> list[Table]:
+    """`fusion cache info`: the settings, then samples per split and class, then the skipped samples by reason."""
+    scalars = [(key, str(value)) for key, value in info.items() if not isinstance(value, (dict, list))]
+    scalars += [(f"{key} dim", str(value)) for key, value in (info.get("dims") or {}).items()]
+    counts = Table(title="samples per split and class")
+    counts.add_column("split")
+    for name in LABELS:
+        counts.add_column(name, justify="right")
+    counts.add_column("total", justify="right")
+    for split, summary in (info.get("splits") or {}).items():
+        per_class = summary.get("per_class", {})
+        counts.add_row(split, *(str(per_class.get(name, 0)) for name in LABELS), str(summary.get("count", 0)))
+    tables = [key_value_table(str(info.get("path", "cache")), scalars), counts]
+    skipped = info.get("skipped") or {}
+    if skipped.get("count"):
+        tables.append(key_value_table(f"skipped samples: {skipped['count']}",
+                                      [(reason, str(n)) for reason, n in (skipped.get("reasons") or {}).items()]))
+    return tables

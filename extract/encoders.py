@@ -93,8 +93,14 @@ def load_encoders(text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAU
         image_model=_frozen(image, target, dtype),
         image_processor=_from_pretrained(AutoImageProcessor, image_model, "image processor", trust_remote_code,
                                          backend="pil"),
-        device=target, dtype=dtype, text_name=text_model, image_name=image_model,
+        device=target, dtype=dtype, text_name=canonical_name(text_model), image_name=canonical_name(image_model),
         text_revision=model_revision(text, text_model), image_revision=model_revision(image, image_model))
+
+
+def canonical_name(name: str) -> str:
+    """A local folder is recorded as an absolute path, so the cache still names it from another directory."""
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.is_dir() else name
 
 
 def _frozen(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
