@@ -182,8 +182,8 @@ class PartialCache:
         if bad.any():
             row = int(embedded[np.flatnonzero(bad)[0]])
             raise CacheError(f"{self.out}: the encoder produced NaN or Inf in {name} for {int(bad.sum())} row(s) "
-                             f"(first: id {self.plan.ids[row]!r} in {self.plan.splits[row]}), after conversion to "
-                             f"float16; try --precision fp32")
+                             f"(first: id {self.plan.ids[row]!r} in {self.plan.splits[row]}) as stored in float16; "
+                             f"a model run in fp16/bf16 can overflow, try --precision fp32")
 
 
 def acquire_lock(lock_path: Path, out: Path) -> FileLock:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -338,3 +341,28 @@ def test_finalize_leaves_nothing_half_written_when_a_batch_is_damaged(tmp_path):
         finalize([partial_dir(out)], out)
     assert not out.exists() and not out.with_name("cache.h5.tmp").exists() and partial_dir(out).is_dir()
     shutil.rmtree(partial_dir(out))
+
+
+def test_kill_9_while_writing_then_resume_gives_the_same_cache(tmp_path):
+    out, plan, rows = build(tmp_path, n_per_split=(200, 50, 50), n_skipped=5)
+    script = ("import sys, time; from pathlib import Path; from cache_fixtures import *; "
+              "from fusion.cache.partial import PartialCache\n"
+              "plan = synthetic_plan((200, 50, 50), dt=16, di=24); rows = synthetic_rows(plan, dt=16, di=24, "
+              "n_skipped=5)\n"
+              "p = PartialCache.open(Path(sys.argv[1]), plan=plan)\n"
+              "while True: write_batches(p, rows, p.pending()[:1], batch_size=1)\n")
+    writer = subprocess.Popen([sys.executable, "-c", script, str(out)], cwd=str(tmp_path),
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(partial_dir(out).glob("batch-*.npz"))) < 20 and writer.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        writer.kill()  # SIGKILL: no cleanup, possibly mid-write
+    finally:
+        writer.wait(timeout=60)
+    with PartialCache.open(out, plan=plan) as partial:
+        assert 0 < len(partial.pending()) < len(plan.ids)
+        write_batches(partial, rows, partial.pending(), batch_size=16)
+    finalize([partial_dir(out)], out)
+    assert_matches(read_cache(out), plan, rows)
