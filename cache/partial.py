@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, Timeout
 
+from fusion.atomic import fsync_directory, write_atomic, write_bytes_atomic  # noqa: F401 (writer imports them here)
 from fusion.cache.fingerprint import json_default
 from fusion.errors import CacheError, CacheLockedError
 from fusion.labels import SPLITS
@@ -293,39 +294,4 @@ def _temp_prefix(rank: int) -> str:
 
 
 def save_npz_atomic(target: Path, arrays: dict[str, np.ndarray], *, temp_prefix: str) -> None:
-    def write(handle):
-        np.savez(handle, **arrays)
-    _write_atomic(target, write, temp_prefix)
-
-
-def write_bytes_atomic(target: Path, data: bytes, *, temp_prefix: str) -> None:
-    _write_atomic(target, lambda handle: handle.write(data), temp_prefix)
-
-
-def _write_atomic(target: Path, write, temp_prefix: str) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old state or the whole new file, never a part."""
-    temp = target.with_name(f"{temp_prefix}{os.getpid()}-{target.name}")
-    try:
-        with temp.open("wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_directory(target.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Makes a rename durable; some filesystems refuse to open a folder, where there is nothing more to do."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_atomic(target, lambda handle: np.savez(handle, **arrays), temp_prefix=temp_prefix)
