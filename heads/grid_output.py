@@ -1,0 +1,42 @@
+"""What `fusion grid` leaves behind: results.csv and results.json, one row per configuration and seed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from fusion.atomic import write_text_atomic
+from fusion.labels import LABELS
+
+CONFIG_COLUMNS = ("head", "lr", "dropout", "loss", "gamma", "seed", "batch_size", "epochs", "patience", "metric")
+METRIC_COLUMNS = ("accuracy", "macro_f1", "weighted_f1")
+
+
+def csv_row(row: dict) -> dict:
+    config = row["config"]
+    flat = {name: config[name] for name in CONFIG_COLUMNS}
+    if config["loss"] == "ce":
+        flat["gamma"] = 0.0
+    for block in ("val", "test"):
+        for name in METRIC_COLUMNS:
+            flat[f"{block}_{name}"] = row[block][name]
+        for label in LABELS:
+            flat[f"{block}_f1_{label}"] = row[block]["per_class_f1"][label]
+    flat.update(best_epoch=row["best_epoch"], epochs_run=row["epochs_run"], seconds=round(row["seconds"], 3))
+    return flat
+
+
+def write_results(out: Path, rows: list[dict], *, metric: str, cache: dict) -> tuple[Path, Path]:
+    """Both files are rewritten whole and atomically from every row finished so far."""
+    table = [csv_row(row) for row in rows]
+    buffer = io.StringIO()
+    if table:
+        writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    write_text_atomic(out / "results.csv", buffer.getvalue())
+    document = {"metric": metric, "cache": cache, "rows": rows}
+    write_text_atomic(out / "results.json", json.dumps(document, indent=1, sort_keys=True))
+    return out / "results.csv", out / "results.json"
