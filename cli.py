@@ -109,6 +109,140 @@ def cache_info(
         console.print(table)
 
 
+def _split_list(value: str, cast=str) -> list:
+    try:
+        return [cast(item.strip()) for item in value.split(",") if item.strip()]
+    except ValueError:
+        raise FusionError(f"cannot read the list {value!r}: expected comma-separated values") from None
+
+
+@app.command()
+def fit(
+    cache: Path = typer.Option(..., help="Cache file written by `fusion extract`."),
+    head: str = typer.Option("self_attn", help="basic, self_attn, dual_attn, text_only or image_only."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    dropout: float = typer.Option(0.2, help="Dropout rate of the fusion and classifier."),
+    loss: str = typer.Option("focal", help="ce or focal."),
+    gamma: float = typer.Option(2.0, help="Focal loss gamma."),
+    epochs: int = typer.Option(30, min=1, help="Maximum epochs (early stopping on validation)."),
+    patience: int = typer.Option(5, min=1, help="Epochs without improvement before stopping."),
+    batch_size: int = typer.Option(256, min=1, help="Minibatch size."),
+    metric: Optional[str] = typer.Option(None, help="Validation metric: macro_f1, weighted_f1 or accuracy "
+                                                    "[default: the dataset's own, macro F1 for Memotion, weighted F1 for MVSA]."),
+    seed: int = typer.Option(0, help="Seed of initialisation, shuffling and dropout."),
+    tokens: bool = typer.Option(False, "--tokens", help="Train on token sequences (needs a --tokens cache)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/CACHE-HEAD]."),
+) -> None:
+    """Train one fusion head on a cache; writes config.json, metrics.json and head.safetensors."""
+    from fusion.console import console, epoch_progress, metrics_table
+    from fusion.heads.checkpoint import save_run
+    from fusion.heads.config import FitConfig
+    from fusion.heads.runs import default_metric, load_features
+    from fusion.heads.train import train_head
+
+    features, meta = load_features(cache, tokens=tokens)
+    config = FitConfig(head=head, lr=lr, dropout=dropout, loss=loss, gamma=gamma, epochs=epochs, patience=patience,
+                       batch_size=batch_size, metric=metric or default_metric(meta["dataset"]), seed=seed)
+    with epoch_progress(f"fit {head}", config.epochs) as on_epoch:
+        result = train_head(features, config, on_epoch=on_epoch)
+    run_dir = out or Path("runs") / f"{Path(cache).stem}-{head}"
+    save_run(run_dir, result, cache=meta)
+    console.print(metrics_table(f"{head} on {meta['dataset']} (best epoch {result.best_epoch} of "
+                                f"{result.epochs_run}, selected on val {config.metric})",
+                                {"val": result.val, "test": result.test}))
+    console.print(f"run written to {run_dir}")
+
+
+@app.command()
+def grid(
+    cache: Path = typer.Option(..., help="Cache file written by `fusion extract`."),
+    heads: str = typer.Option("basic,self_attn,dual_attn", help="Heads (add text_only,image_only for ablations)."),
+    lrs: str = typer.Option("1e-2,1e-3,1e-4,1e-5", help="Learning rates."),
+    dropouts: str = typer.Option("0,0.2,0.5", help="Dropout rates."),
+    losses: str = typer.Option("ce,focal2,focal3,focal4", help="ce and focalGAMMA."),
+    seeds: int = typer.Option(1, min=1, help="Seeds per configuration (mean and std are reported)."),
+    epochs: int = typer.Option(30, min=1, help="Maximum epochs per configuration."),
+    patience: int = typer.Option(5, min=1, help="Early-stopping patience."),
+    batch_size: int = typer.Option(256, min=1, help="Minibatch size."),
+    metric: Optional[str] = typer.Option(None, help="Selection metric on validation [default: the dataset's own]."),
+    out: Optional[Path] = typer.Option(None, help="Grid directory [default: runs/CACHE-grid]."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage (journal:PATH or a database URL) shared by "
+                                                     "several machines."),
+    study: str = typer.Option("fusion-grid", help="Optuna study name (with --storage)."),
+    sampler: str = typer.Option("grid", help="With --storage: grid (the whole grid) or tpe (sampled)."),
+    trials: Optional[int] = typer.Option(None, min=1, help="With --sampler tpe: trials in this process."),
+) -> None:
+    """Train the paper's hyper-parameter grid (144 configurations by default); resumable."""
+    from fusion.heads.config import FitConfig
+    from fusion.heads.grid import grid_configs
+    from fusion.heads.grid_run import run_grid_command
+    from fusion.heads.runs import default_metric, load_features
+
+    features, meta = load_features(cache)
+    base = FitConfig(epochs=epochs, patience=patience, batch_size=batch_size,
+                     metric=metric or default_metric(meta["dataset"]))
+    configs = grid_configs(base, heads=_split_list(heads), lrs=_split_list(lrs, float),
+                           dropouts=_split_list(dropouts, float), losses=_split_list(losses),
+                           seeds=range(seeds))
+    run_grid_command(features, meta, configs, out or Path("runs") / f"{Path(cache).stem}-grid",
+                     storage=storage, study=study, sampler=sampler, trials=trials)
+
+
+@app.command()
+def predict(
+    run: Path = typer.Option(..., help="Run directory written by `fusion fit` (or a grid's best/)."),
+    image: Optional[Path] = typer.Option(None, help="Image of one post."),
+    text: Optional[str] = typer.Option(None, help="Text of one post."),
+    csv: Optional[Path] = typer.Option(None, help="CSV with columns image,text."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+) -> None:
+    """Label new posts with a trained run: its encoders, then its head."""
+    from fusion.console import console, predictions_table
+    from fusion.heads.checkpoint import load_run
+    from fusion.heads.predict import Post, posts_from_csv, predict_posts, require_inputs, run_encoders
+
+    require_inputs(image, text, csv)
+    loaded = load_run(run)
+    _quiet_transformers()
+    encoders = run_encoders(loaded.cache, device=device)
+    posts = posts_from_csv(csv) if csv else [Post(image=image, text=text)]
+    predictions = predict_posts(loaded.head, encoders, posts, max_length=int(loaded.cache.get("max_length", 128)))
+    if as_json:
+        for p in predictions:
+            print(json.dumps({"image": str(p.post.image), "row": p.post.row, "label": p.label,
+                              "probabilities": p.probabilities, "error": p.error}))
+    else:
+        console.print(predictions_table(predictions))
+    failed = [p for p in predictions if p.error]
+    if failed:
+        print(f"fusion: {len(failed)} of {len(predictions)} posts could not be read", file=sys.stderr)
+
+
+@app.command()
+def report(run: Path = typer.Option(..., help="A run directory or a grid directory.")) -> None:
+    """Write figures (per-class F1 by epoch, losses, confusion matrix, grid heatmaps) and report.md."""
+    from fusion.console import console
+    from fusion.heads.report import write_report
+
+    written = write_report(run)
+    console.print(f"report: {written.markdown}")
+    for figure in written.figures:
+        console.print(f"  figure: {figure}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), help="Where the demo writes its data, cache and runs."),
+    text_model: Optional[str] = typer.Option(None, help="Text encoder [default: the all-MiniLM-L6-v2 package]."),
+    image_model: Optional[str] = typer.Option(None, help="Image encoder [default: a small random DINOv2]."),
+) -> None:
+    """The whole job offline on an embedded synthetic dataset: extract, grid, report."""
+    from fusion.demo import run_demo
+
+    run_demo(out, text_model=text_model, image_model=image_model)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (tests call it with an argv list)."""
     command = typer.main.get_command(app)

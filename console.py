@@ -105,3 +105,52 @@ def cache_info_tables(info: dict) -> list[Table]:
         tables.append(key_value_table(f"skipped samples: {skipped['count']}",
                                       [(reason, str(n)) for reason, n in (skipped.get("reasons") or {}).items()]))
     return tables
+
+
+@contextmanager
+def epoch_progress(description: str, epochs: int):
+    """Yields on_epoch(epoch, model_index, metrics) for train_head; shows epochs and the latest validation metrics."""
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[latest]}"), TimeElapsedColumn(), console=console)
+    task = progress.add_task(description, total=epochs, latest="")
+
+    def on_epoch(epoch: int, model_index: int, metrics: dict) -> None:
+        latest = " ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "macro_f1", "weighted_f1") if k in metrics)
+        progress.update(task, completed=epoch, latest=latest)
+
+    with progress:
+        yield on_epoch
+
+
+def predictions_table(predictions) -> Table:
+    table = Table(title="predictions")
+    table.add_column("post")
+    table.add_column("label", style="bold")
+    for name in LABELS:
+        table.add_column(f"p({name})", justify="right")
+    for p in predictions:
+        where = f"line {p.post.row}: {p.post.image.name}" if p.post.row else str(p.post.image)
+        if p.error:
+            table.add_row(where, "[red]unreadable", p.error, "", "")
+        else:
+            table.add_row(where, p.label, *(f"{p.probabilities[name]:.3f}" for name in LABELS))
+    return table
+
+
+def grid_tables(summaries, best_by_head, metric: str, top: int = 10) -> list[Table]:
+    """The top configurations and the best per head, ranked on validation; test shown beside, never used."""
+    def table(title: str, rows) -> Table:
+        t = Table(title=title)
+        for column in ("head", "lr", "dropout", "loss", f"val {metric}", "test acc", "test wF1", "test mF1"):
+            t.add_column(column, justify="right" if column not in ("head", "loss") else "left")
+        for s in rows:
+            c = s.config
+            loss = "ce" if c["loss"] == "ce" else f"focal{c['gamma']:g}"
+            spread = f" ± {s.val_std:.4f}" if len(s.seeds) > 1 else ""
+            t.add_row(c["head"], f"{c['lr']:g}", f"{c['dropout']:g}", loss, f"{s.val_mean:.4f}{spread}",
+                      f"{s.test['accuracy']:.4f}", f"{s.test['weighted_f1']:.4f}", f"{s.test['macro_f1']:.4f}")
+        return t
+
+    return [table(f"top {min(top, len(summaries))} of {len(summaries)} configurations (by val {metric})",
+                  summaries[:top]),
+            table("best configuration per head", best_by_head.values())]

