@@ -1,0 +1,148 @@
+"""Run directories: config.json, metrics.json and head.safetensors, written atomically and verified when loaded.
+
+config.json holds the FitConfig fields (asdict) at its top level plus META_KEYS: where the features came from (cache
+path and fingerprint), the feature dimensions, the fusion version and the sha256 of head.safetensors, which load_run
+checks, so an altered weights file is refused. Weights are safetensors only: loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+import fusion
+from fusion.errors import RunError
+from fusion.heads.config import ConfigError, FitConfig, config_from_dict
+from fusion.heads.models import HEADS, Head, build_head, param_shapes
+from fusion.heads.train import FitResult
+
+CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE = "config.json", "metrics.json", "head.safetensors"
+META_KEYS = ("cache_path", "cache_fingerprint", "text_dim", "image_dim", "fusion_version", "head_sha256")
+
+
+@dataclass
+class LoadedRun:
+    head: Head  # in eval mode
+    config: FitConfig
+    metrics: dict
+    meta: dict  # the META_KEYS values
+
+
+def save_run(out_dir: Path | str, result: FitResult, *, cache_path: Path | str | None, fingerprint: str | None,
+             dims: tuple[int, int]) -> Path:
+    """Write a run directory for `result` (trained on features of (text_dim, image_dim)); returns the directory.
+
+    The weights go first and config.json (which records their sha256) last, so a directory with a config.json is
+    complete; each file is replaced atomically.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = save_safetensors({name: tensor.detach().cpu().contiguous() for name, tensor in result.state_dict.items()})
+    _write_atomic(out / WEIGHTS_FILE, weights)
+    metrics = {"val": result.val, "test": result.test, "best_epoch": result.best_epoch,
+               "epochs_run": result.epochs_run, "seconds": result.seconds, "history": result.history}
+    _write_atomic(out / METRICS_FILE, _json_bytes(metrics))
+    config = {**asdict(result.config), "cache_path": None if cache_path is None else str(cache_path),
+              "cache_fingerprint": fingerprint, "text_dim": int(dims[0]), "image_dim": int(dims[1]),
+              "fusion_version": fusion.__version__, "head_sha256": hashlib.sha256(weights).hexdigest()}
+    _write_atomic(out / CONFIG_FILE, _json_bytes(config))
+    return out
+
+
+def load_run(run_dir: Path | str) -> LoadedRun:
+    """The run's head (eval mode), config, metrics and meta; any missing, damaged or altered file -> RunError."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise RunError(f"{run}: not a run directory")
+    values = _read_json(run / CONFIG_FILE)
+    config, meta = _parse_config(run / CONFIG_FILE, values)
+    metrics = _read_json(run / METRICS_FILE)
+    if not isinstance(metrics.get("val"), dict):
+        raise RunError(f"{run / METRICS_FILE}: has no 'val' block")
+    state = _read_weights(run / WEIGHTS_FILE, meta["head_sha256"])
+    _check_tensors(run / WEIGHTS_FILE, state, config, meta)
+    head = build_head(config, meta["text_dim"], meta["image_dim"], params=state)
+    return LoadedRun(head.eval(), config, metrics, meta)
+
+
+def _json_bytes(values: dict) -> bytes:
+    return (json.dumps(values, indent=2, allow_nan=False) + "\n").encode()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise RunError(f"{path}: missing")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise RunError(f"{path}: expected a JSON object, found {type(values).__name__}")
+    return values
+
+
+def _parse_config(path: Path, values: dict) -> tuple[FitConfig, dict]:
+    names = {field.name for field in fields(FitConfig)}
+    unknown = sorted(set(values) - names - set(META_KEYS))
+    if unknown:
+        raise RunError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    missing = sorted(set(META_KEYS) - set(values))
+    if missing:
+        raise RunError(f"{path}: missing key(s) {', '.join(missing)}")
+    try:
+        config = config_from_dict({key: value for key, value in values.items() if key in names})
+    except (ConfigError, TypeError) as error:
+        raise RunError(f"{path}: {error}") from None
+    meta = {key: values[key] for key in META_KEYS}
+    for key in ("text_dim", "image_dim"):
+        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 1:
+            raise RunError(f"{path}: {key} must be a positive integer, got {meta[key]!r}")
+    if not isinstance(meta["head_sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", meta["head_sha256"]):
+        raise RunError(f"{path}: head_sha256 must be 64 lowercase hex digits, got {meta['head_sha256']!r}")
+    return config, meta
+
+
+def _read_weights(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise RunError(f"{path}: missing")
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256:
+        raise RunError(f"{path}: altered or replaced (sha256 {actual[:16]}…, config.json records "
+                       f"{expected_sha256[:16]}…)")
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise RunError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def _check_tensors(path: Path, state: dict[str, torch.Tensor], config: FitConfig, meta: dict) -> None:
+    shapes = param_shapes(HEADS[config.head], meta["text_dim"], meta["image_dim"], config.proj_dim, config.hidden)
+    missing = sorted(set(shapes) - set(state))
+    extra = sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise RunError(f"{path}: tensors do not match head {config.head!r}"
+                       + (f"; missing {', '.join(missing)}" if missing else "")
+                       + (f"; unexpected {', '.join(extra)}" if extra else ""))
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != shape or state[name].dtype != torch.float32:
+            raise RunError(f"{path}: tensor {name} is {tuple(state[name].shape)} {state[name].dtype}, "
+                           f"expected {shape} torch.float32")

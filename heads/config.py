@@ -1,0 +1,116 @@
+"""The training configuration of one head: a frozen dataclass saved (asdict) with every result and checkpoint."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from fusion.errors import FusionError
+
+LOSSES = ("ce", "focal")
+METRICS = ("macro_f1", "weighted_f1", "accuracy")
+
+
+class ConfigError(FusionError, ValueError):
+    """A FitConfig field has a wrong type or value (the message names the field)."""
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    head: str = "self_attn"
+    lr: float = 1e-3
+    dropout: float = 0.2
+    loss: str = "focal"  # "ce" | "focal"; ce is focal with gamma 0 (alpha still applies when given)
+    gamma: float = 2.0  # ignored when loss == "ce"
+    alpha: tuple[float, float, float] | None = None  # per-class weights (negative, neutral, positive)
+    # 256 rather than a DataLoader-style 32/64: one step costs a few fixed milliseconds of framework time on a CPU,
+    # so small batches are overhead-bound (benchmarks/fit_speed.py measures it).
+    batch_size: int = 256
+    epochs: int = 30  # a maximum: early stopping usually ends a run sooner
+    patience: int = 5
+    metric: str = "macro_f1"
+    seed: int = 0
+    proj_dim: int = 256
+    hidden: int = 256
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            _check_field(self, field.name)
+
+    @property
+    def focal_gamma(self) -> float:
+        """The gamma the loss uses: cross-entropy is focal loss with gamma 0."""
+        return 0.0 if self.loss == "ce" else float(self.gamma)
+
+
+def config_from_dict(values: dict) -> FitConfig:
+    """A FitConfig from JSON-like values (alpha as a list); unknown or missing keys are a ConfigError."""
+    names = {field.name for field in fields(FitConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    missing = sorted(names - set(values))
+    if missing:
+        raise ConfigError(f"missing config key(s): {', '.join(missing)}")
+    return FitConfig(**values)
+
+
+def _check_field(config: FitConfig, name: str) -> None:
+    value = getattr(config, name)
+    if name in _INTS:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"config {name} must be an integer, got {value!r}")
+        if name != "seed" and value < 1:
+            raise ConfigError(f"config {name} must be >= 1, got {value}")
+    elif name in _FLOATS:
+        _check_number(name, value)
+        # Stored as float so that equal configs compare (and serialise) equal whether given 1 or 1.0.
+        object.__setattr__(config, name, float(value))
+        _check_range(name, float(value))
+    elif name == "alpha":
+        _check_alpha(config, value)
+    elif not isinstance(value, str):
+        raise ConfigError(f"config {name} must be a string, got {value!r}")
+    else:
+        _check_choice(name, value)
+
+
+_INTS = ("batch_size", "epochs", "patience", "seed", "proj_dim", "hidden")
+_FLOATS = ("lr", "dropout", "gamma")
+
+
+def _check_number(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"config {name} must be a finite number, got {value!r}")
+
+
+def _check_range(name: str, value: float) -> None:
+    if name == "lr" and value <= 0:
+        raise ConfigError(f"config lr must be > 0, got {value}")
+    if name == "dropout" and not 0 <= value < 1:
+        raise ConfigError(f"config dropout must be in [0, 1), got {value}")
+    if name == "gamma" and value < 0:
+        raise ConfigError(f"config gamma must be >= 0, got {value}")
+
+
+def _check_alpha(config: FitConfig, value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise ConfigError(f"config alpha must be None or 3 numbers (negative, neutral, positive), got {value!r}")
+    for weight in value:
+        _check_number("alpha", weight)
+        if weight <= 0:
+            raise ConfigError(f"config alpha weights must be > 0, got {value!r}")
+    object.__setattr__(config, "alpha", tuple(float(weight) for weight in value))
+
+
+def _check_choice(name: str, value: str) -> None:
+    if name == "head":
+        from fusion.heads.models import HEADS  # the registry imports this module, so look it up at call time
+
+        choices = tuple(HEADS)
+    else:
+        choices = {"loss": LOSSES, "metric": METRICS}[name]
+    if value not in choices:
+        raise ConfigError(f"config {name} {value!r} is not one of {', '.join(choices)}")

@@ -1,0 +1,90 @@
+"""Stacked layers: M models of one architecture computed together, every parameter with a leading model dimension.
+
+Weights keep nn.Linear's (out, in) layout, so model m's slice of a stacked tensor is exactly a single head's weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def linear_init(generator: torch.Generator, out_dim: int, in_dim: int, bias: bool = True) -> list[Tensor]:
+    """nn.Linear's default initialisation, U(-1/sqrt(in), 1/sqrt(in)), drawn from `generator`."""
+    bound = 1.0 / math.sqrt(in_dim)
+    shapes = [(out_dim, in_dim)] + ([(out_dim,)] if bias else [])
+    return [(torch.rand(shape, generator=generator) * 2 - 1) * bound for shape in shapes]
+
+
+def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The same input (..., D) through M models' weights (M, out, D): ONE GEMM of width M*out -> (M, ..., out)."""
+    models, out_dim, in_dim = weight.shape
+    flat_bias = None if bias is None else bias.reshape(models * out_dim)
+    y = F.linear(x, weight.reshape(models * out_dim, in_dim), flat_bias)
+    return y.unflatten(-1, (models, out_dim)).movedim(-2, 0)
+
+
+def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Per-model inputs (M, B, in) -> (M, B, out) with one batched matmul."""
+    if bias is None:
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+
+def dropout(x: Tensor, rates: Tensor | None, noise: Tensor | None) -> Tensor:
+    """Inverted dropout with a rate per model: x (M, B, F), rates (M,), noise (B, F) uniform in [0, 1).
+
+    The noise is shared by the models of one pass (it depends on the seed only), so a model's masks are the same
+    whether it trains alone or stacked with others; rate 0 keeps every unit at scale 1.
+    """
+    if rates is None or noise is None:
+        return x
+    rates = rates.view(-1, 1, 1)
+    keep = (noise >= rates).to(x.dtype) / (1 - rates)
+    return x * keep
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """softmax(Q K^T / sqrt(d)) V over (..., Lq, d) x (..., Lk, d); key_mask (..., Lk) True = attend.
+
+    Our queries are 1 or 2 tokens per sample, so the products are written as broadcasts and sums: as batched
+    matmuls they would be B*M tiny GEMMs, several times slower on a CPU.
+    """
+    scores = (query.unsqueeze(-2) * key.unsqueeze(-3)).sum(-1) / math.sqrt(query.shape[-1])  # (..., Lq, Lk)
+    if key_mask is not None:
+        # A -inf score gets exactly zero weight, so padded keys (whatever their values) cannot change the output.
+        scores = scores.masked_fill(~key_mask.unsqueeze(-2), float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return (weights.unsqueeze(-1) * value.unsqueeze(-3)).sum(-2)
+
+
+def pair_self_attention(first: Tensor, second: Tensor, qkv_weight: Tensor) -> Tensor:
+    """Eq. 7 over the two-token sequence [first, second] (each (M, B, d)) -> both attended tokens, concatenated.
+
+    qkv_weight (M, 3d, d) holds W_Q, W_K, W_V stacked; the result is (M, B, 2d).
+    """
+    models, batch, dim = first.shape
+    sequence = torch.stack((first, second), dim=2)  # (M, B, 2, d)
+    qkv = stacked_linear(sequence.reshape(models, batch * 2, dim), qkv_weight).view(models, batch, 2, 3 * dim)
+    query, key, value = qkv.split(dim, dim=-1)
+    return attention(query, key, value).reshape(models, batch, 2 * dim)
+
+
+def cross_attention(query_latent: Tensor, query_weight: Tensor, others: Tensor, key_value_weight: Tensor,
+                    others_mask: Tensor) -> Tensor:
+    """One modality's latent (M, B, d) attends to the other modality's tokens (M, B, L, d) -> (M, B, d) (Eqs. 8-10).
+
+    key_value_weight (M, 2d, d) is the other modality's [W_K; W_V]; others_mask (B, L) masks its padding.
+    """
+    models, batch, length, dim = others.shape
+    if length == 1:
+        # A softmax over a single key is exactly 1, so the result is that key's value: Q and K are skipped
+        # (mathematically identical, and the pooled-cache case costs one matmul instead of three).
+        return stacked_linear(others[:, :, 0], key_value_weight[:, dim:])
+    query = stacked_linear(query_latent, query_weight).unsqueeze(2)  # (M, B, 1, d)
+    key_value = stacked_linear(others.reshape(models, batch * length, dim), key_value_weight)
+    key, value = key_value.view(models, batch, length, 2 * dim).split(dim, dim=-1)
+    return attention(query, key, value, others_mask).squeeze(2)  # the (B, L) mask broadcasts over models

@@ -1,0 +1,188 @@
+"""The fusion heads (PAPER.md): projection (Eqs. 1, 4) -> fusion -> classifier MLP with dropout -> 3 logits.
+
+One functional forward, `head_forward`, computes M models of one architecture at once from stacked parameters; the
+single-model `Head` module (checkpoints, prediction) runs the same function with M = 1, so training and inference
+share every line of the math.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fusion.heads.config import FitConfig
+from fusion.heads.features import Modality, pooled_modality
+from fusion.heads.layers import cross_attention, dropout, linear_init, pair_self_attention, shared_linear, stacked_linear
+
+NUM_CLASSES = 3
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    name: str
+    modalities: tuple[str, ...]  # which projections exist ("text", "image")
+    fusion: str  # "concat" | "self_attn" | "dual_attn" | "single"
+    description: str
+
+
+HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in (
+    HeadSpec("basic", ("text", "image"), "concat", "[T ; V] (Eq. 6) -> MLP"),
+    HeadSpec("self_attn", ("text", "image"), "self_attn", "self-attention over [T, V] (Eq. 7) -> MLP"),
+    HeadSpec("dual_attn", ("text", "image"), "dual_attn", "cross-modal attention each way (Eqs. 8-10), then Eq. 7"),
+    HeadSpec("text_only", ("text",), "single", "ablation: T -> MLP"),
+    HeadSpec("image_only", ("image",), "single", "ablation: V -> MLP"),
+)}
+
+
+def list_heads() -> list[str]:
+    return list(HEADS)
+
+
+def fused_dim(spec: HeadSpec, proj_dim: int) -> int:
+    return proj_dim * len(spec.modalities)
+
+
+def param_shapes(spec: HeadSpec, text_dim: int, image_dim: int, proj_dim: int, hidden: int) -> dict[str, tuple]:
+    """Every parameter's name and single-model shape, in a fixed order (the init draws follow it)."""
+    shapes: dict[str, tuple] = {}
+    for modality, in_dim in (("text", text_dim), ("image", image_dim)):
+        if modality in spec.modalities:
+            shapes[f"{modality}_proj.weight"] = (proj_dim, in_dim)
+            shapes[f"{modality}_proj.bias"] = (proj_dim,)
+    if spec.fusion == "dual_attn":  # per-modality [W_Q; W_K; W_V] for the cross-modal adjustment
+        shapes["cross.text_qkv.weight"] = (3 * proj_dim, proj_dim)
+        shapes["cross.image_qkv.weight"] = (3 * proj_dim, proj_dim)
+    if spec.fusion in ("self_attn", "dual_attn"):  # Eq. 7: Q, K, V are the tokens "times W", so no bias
+        shapes["fusion.qkv.weight"] = (3 * proj_dim, proj_dim)
+    shapes["classifier.hidden.weight"] = (hidden, fused_dim(spec, proj_dim))
+    shapes["classifier.hidden.bias"] = (hidden,)
+    shapes["classifier.out.weight"] = (NUM_CLASSES, hidden)
+    shapes["classifier.out.bias"] = (NUM_CLASSES,)
+    return shapes
+
+
+def init_params(shapes: dict[str, tuple], head: str, seed: int) -> dict[str, Tensor]:
+    """One model's initial weights from its own generator, seeded by the head name and the config seed."""
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{head}:{seed}".encode()))
+    params: dict[str, Tensor] = {}
+    for name, shape in shapes.items():
+        if name.endswith(".weight"):
+            bias_name = name[: -len("weight")] + "bias"
+            drawn = linear_init(generator, shape[0], shape[1], bias=bias_name in shapes)
+            params[name] = drawn[0]
+            if bias_name in shapes:
+                params[bias_name] = drawn[1]
+    return {name: params[name] for name in shapes}
+
+
+def head_forward(spec: HeadSpec, params: dict[str, Tensor], text: Modality, image: Modality,
+                 rates: Tensor | None = None, noise: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Logits (M, B, 3) of M stacked models; rates (M,) and noise ((B, F), (B, hidden)) turn dropout on."""
+    fused = _FUSIONS[spec.fusion](spec, params, text, image)
+    fused = dropout(fused, rates, None if noise is None else noise[0])
+    hidden = torch.relu(stacked_linear(fused, params["classifier.hidden.weight"], params["classifier.hidden.bias"]))
+    hidden = dropout(hidden, rates, None if noise is None else noise[1])
+    return stacked_linear(hidden, params["classifier.out.weight"], params["classifier.out.bias"])
+
+
+def _latent(params: dict[str, Tensor], modality: str, features: Modality) -> Tensor:
+    """T (Eq. 2) or V (Eq. 5): the projected token 0 -> (M, B, d). Only this token is projected, however long."""
+    return shared_linear(features.tokens[:, 0], params[f"{modality}_proj.weight"], params[f"{modality}_proj.bias"])
+
+
+def _sequence(params: dict[str, Tensor], modality: str, features: Modality) -> Tensor:
+    """All projected tokens h_i / g_i (Eqs. 1, 4) -> (M, B, L, d)."""
+    return shared_linear(features.tokens, params[f"{modality}_proj.weight"], params[f"{modality}_proj.bias"])
+
+
+def _concat(spec, params, text, image) -> Tensor:
+    return torch.cat((_latent(params, "text", text), _latent(params, "image", image)), dim=-1)
+
+
+def _self_attn(spec, params, text, image) -> Tensor:
+    return pair_self_attention(_latent(params, "text", text), _latent(params, "image", image),
+                               params["fusion.qkv.weight"])
+
+
+def _dual_attn(spec, params, text, image) -> Tensor:
+    text_tokens, image_tokens = _sequence(params, "text", text), _sequence(params, "image", image)
+    text_qkv, image_qkv = params["cross.text_qkv.weight"], params["cross.image_qkv.weight"]
+    dim = text_tokens.shape[-1]
+    # T' = softmax(Q_t K_v^T / sqrt(d)) V_v and V' = softmax(Q_v K_t^T / sqrt(d)) V_t (Eqs. 8-10).
+    text_adjusted = cross_attention(text_tokens[:, :, 0], text_qkv[:, :dim], image_tokens, image_qkv[:, dim:],
+                                    image.mask)
+    image_adjusted = cross_attention(image_tokens[:, :, 0], image_qkv[:, :dim], text_tokens, text_qkv[:, dim:],
+                                     text.mask)
+    return pair_self_attention(text_adjusted, image_adjusted, params["fusion.qkv.weight"])
+
+
+def _single(spec, params, text, image) -> Tensor:
+    modality = spec.modalities[0]
+    return _latent(params, modality, text if modality == "text" else image)
+
+
+_FUSIONS = {"concat": _concat, "self_attn": _self_attn, "dual_attn": _dual_attn, "single": _single}
+
+
+class Head(nn.Module):
+    """One trained head: parameters under their `param_shapes` names (nn.Linear layout), forward = head_forward."""
+
+    def __init__(self, spec: HeadSpec, shapes: dict[str, tuple], params: dict[str, Tensor], dropout_rate: float = 0.0):
+        super().__init__()
+        self.spec = spec
+        self.dropout_rate = dropout_rate
+        for name, shape in shapes.items():
+            _register(self, name, nn.Parameter(params[name].detach().clone().reshape(shape)))
+
+    def forward(self, text: Modality | Tensor, image: Modality | Tensor) -> Tensor:
+        """Logits (B, 3); in training mode dropout draws its noise from torch's global generator."""
+        text, image = as_modality(text), as_modality(image)
+        params = {name: p.unsqueeze(0) for name, p in self.named_parameters()}
+        rates, noise = None, None
+        if self.training and self.dropout_rate > 0:
+            batch, hidden = text.tokens.shape[0], self.classifier.hidden.weight.shape[0]
+            rates = torch.tensor([self.dropout_rate])
+            noise = (torch.rand(batch, self.classifier.hidden.weight.shape[1]), torch.rand(batch, hidden))
+        return head_forward(self.spec, params, text, image, rates, noise)[0]
+
+
+def _register(module: nn.Module, dotted: str, parameter: nn.Parameter) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    module.register_parameter(leaf, parameter)
+
+
+def build_head(config: FitConfig, text_dim: int, image_dim: int, params: dict[str, Tensor] | None = None) -> Head:
+    """A single head for `config` with its seeded initial weights (or `params`, e.g. a checkpoint's)."""
+    spec = HEADS[config.head]
+    shapes = param_shapes(spec, text_dim, image_dim, config.proj_dim, config.hidden)
+    weights = init_params(shapes, config.head, config.seed) if params is None else params
+    return Head(spec, shapes, weights, config.dropout)
+
+
+def as_modality(features: Modality | Tensor) -> Modality:
+    """(N, D) vectors are pooled features; a Modality passes through."""
+    if isinstance(features, Modality):
+        return features
+    if features.dim() == 2:
+        return pooled_modality(features)
+    return Modality(features.float(), torch.ones(features.shape[:2], dtype=torch.bool))
+
+
+@torch.no_grad()
+def predict_proba(head: Head, text: Modality | Tensor, image: Modality | Tensor, chunk: int = 4096) -> Tensor:
+    """Class probabilities (N, 3) (negative, neutral, positive) of a head in eval mode, `chunk` rows at a time."""
+    was_training = head.training
+    head.eval()
+    text, image = as_modality(text), as_modality(image)
+    rows = text.tokens.shape[0]
+    parts = [torch.softmax(head(text.rows(slice(i, i + chunk)), image.rows(slice(i, i + chunk))), dim=-1)
+             for i in range(0, rows, chunk)]
+    head.train(was_training)
+    return torch.cat(parts) if parts else torch.empty(0, NUM_CLASSES)

@@ -1,0 +1,362 @@
+"""Training heads on in-memory features, many configurations in one vectorised pass. Pure: no I/O, no printing.
+
+How the vectorisation works
+- Configs are grouped by (head, seed, batch_size, proj_dim, hidden); each group is ONE pass whose M models have their
+  parameters stacked with a leading model dimension (heads/layers.py): the shared first layer is one GEMM of width
+  M*256, the rest batched matmuls. Per model: learning rate, dropout rate, loss (focal gamma, alpha), epochs,
+  patience and metric.
+- Every model of a pass sees the same minibatch order (randperm from a generator seeded by the seed) and the same
+  dropout noise (a second generator; each model thresholds it at its own rate). So a model's run does not depend on
+  which other configs share its pass: train_many(features, configs)[i] == train_head(features, configs[i]) up to
+  float rounding (tests/test_train.py). Different seeds (or batch sizes) go to different passes.
+- Each model's initial weights come from its own generator seeded by its head name and seed (models.init_params).
+- A model that stops early (patience or its own epoch limit) is dropped from the stack, so it costs nothing more;
+  its best-on-validation weights were copied aside whenever it improved, and test metrics come from those.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fusion.heads.config import FitConfig
+from fusion.heads.features import SplitFeatures
+from fusion.heads.losses import focal_loss, focal_loss_per_sample
+from fusion.heads.metrics import classification_metrics
+from fusion.heads.models import HEADS, fused_dim, head_forward, init_params, param_shapes
+from fusion.errors import FusionError
+
+
+@dataclass
+class FitResult:
+    config: FitConfig
+    best_epoch: int
+    epochs_run: int
+    history: list[dict]  # one entry per epoch: epoch, train_loss, val_loss and the val metrics
+    val: dict  # the best epoch's validation metrics (+ loss)
+    test: dict | None  # test metrics of the best-on-validation weights; None without a test split
+    state_dict: dict[str, Tensor]  # the best weights of this one model (single-head layout, CPU)
+    seconds: float  # wall-clock seconds of the (shared) pass until this model stopped
+
+
+def train_head(features: dict[str, SplitFeatures], config: FitConfig, on_epoch=None, *,
+               threads: int | None = None) -> FitResult:
+    """Train one head; on_epoch(epoch, 0, metrics) after every epoch."""
+    return train_many(features, [config], on_epoch, threads=threads)[0]
+
+
+def train_many(features: dict[str, SplitFeatures], configs: list[FitConfig], on_epoch=None, *,
+               threads: int | None = None) -> list[FitResult]:
+    """Train every config (results in the same order), vectorised across configs; on_epoch(epoch, index, metrics).
+
+    threads: torch's intra-op thread count for the call (restored afterwards); None leaves it alone.
+    """
+    _check_features(features)
+    results: list[FitResult | None] = [None] * len(configs)
+    with _num_threads(threads):
+        for indices in group_configs(configs).values():
+            group = [configs[i] for i in indices]
+            for index, result in zip(indices, _Pass(features, group, indices, on_epoch).run()):
+                results[index] = result
+    return results
+
+
+def group_configs(configs: list[FitConfig]) -> dict[tuple, list[int]]:
+    """Indices of the configs that can share a pass: same architecture, seed and batch size."""
+    groups: dict[tuple, list[int]] = {}
+    for index, config in enumerate(configs):
+        key = (config.head, config.seed, config.batch_size, config.proj_dim, config.hidden)
+        groups.setdefault(key, []).append(index)
+    return groups
+
+
+class ParamStack:
+    """M models' parameters in one flat buffer, parameter-major: parameter k of all models is one contiguous
+    (M, *shape) block, so the shared first layer reshapes to (M*out, in) without a copy and Adam is a few ops on
+    one tensor. `params` are leaf views of the buffer that require grad."""
+
+    def __init__(self, shapes: dict[str, tuple], flat: Tensor, models: int):
+        self.shapes, self.flat, self.models = shapes, flat, models
+        self.params = {name: view.requires_grad_() for name, view in self.split(flat).items()}
+
+    @classmethod
+    def from_models(cls, shapes: dict[str, tuple], per_model: list[dict[str, Tensor]]) -> "ParamStack":
+        flat = torch.cat([torch.stack([p[name] for p in per_model]).reshape(-1) for name in shapes])
+        return cls(shapes, flat, len(per_model))
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]:
+        """Views (M, *shape) into any buffer with this layout."""
+        views, offset = {}, 0
+        for name, shape in self.shapes.items():
+            size = self.models * math.prod(shape)
+            views[name] = flat[offset:offset + size].view(self.models, *shape)
+            offset += size
+        return views
+
+    def per_model(self, values: Tensor) -> Tensor:
+        """One value per model (M,) spread over the buffer layout."""
+        return torch.cat([values.view(-1, 1).expand(-1, math.prod(shape)).reshape(-1)
+                          for shape in self.shapes.values()])
+
+    def select(self, flat: Tensor, keep: Tensor) -> Tensor:
+        """The same layout holding only the models at positions `keep`."""
+        return torch.cat([block[keep].reshape(-1) for block in self.split(flat).values()])
+
+
+class BatchedAdam:
+    """torch.optim.Adam with its defaults (betas 0.9/0.999, eps 1e-8, no weight decay, bias-corrected) over a
+    ParamStack, with one learning rate per model. All models of a pass step together, so one step count serves.
+
+    Where torch has its fused CPU Adam kernel (torch.optim.Adam(fused=True)), each model is one kernel call over its
+    own parameter blocks with its own lr (one pass over memory instead of ~9); otherwise a vectorised update of the
+    whole buffer with the learning rates spread per element. Both compute torch's formula.
+    """
+
+    def __init__(self, stack: ParamStack, lrs: list[float], betas=(0.9, 0.999), eps: float = 1e-8,
+                 fused: bool | None = None):
+        self.stack, self.lrs, self.betas, self.eps, self.steps = stack, list(lrs), betas, eps, 0
+        self.fused = _HAS_FUSED_ADAM if fused is None else fused
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(stack.flat), torch.zeros_like(stack.flat)
+        self._views()
+
+    def _views(self) -> None:
+        """Per-model lists of parameter/state blocks (fused path) or the per-element lr and work buffers."""
+        if self.fused:
+            self._step_count = torch.zeros(())
+            self._per_model = [[list(block[m] for block in self.stack.split(t).values()) for m in range(len(self.lrs))]
+                               for t in (self.stack.flat, self.exp_avg, self.exp_avg_sq)]
+        else:
+            self._lr = self.stack.per_model(torch.tensor(self.lrs, dtype=self.stack.flat.dtype))
+            self._grad, self._work = torch.empty_like(self.stack.flat), torch.empty_like(self.stack.flat)
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor]) -> None:
+        """grads: one (M, *shape) tensor per parameter, in the stack's order."""
+        self.steps += 1
+        if self.fused:
+            self._fused_step(grads)
+        else:
+            self._vectorised_step(grads)
+
+    def _fused_step(self, grads: list[Tensor]) -> None:
+        self._step_count.fill_(self.steps)
+        params, exp_avgs, exp_avg_sqs = self._per_model
+        for model, lr in enumerate(self.lrs):
+            torch._fused_adam_(params[model], [g[model] for g in grads], exp_avgs[model], exp_avg_sqs[model], [],
+                               [self._step_count] * len(grads), lr=lr, beta1=self.betas[0], beta2=self.betas[1],
+                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+
+    def _vectorised_step(self, grads: list[Tensor]) -> None:
+        grad, work = self._grad, self._work  # preallocated: fresh multi-MB temporaries every step cost page faults
+        torch.cat([g.reshape(-1) for g in grads], out=grad)
+        beta1, beta2 = self.betas
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # The floor only avoids sqrt(0), which is ~5x slower than other inputs on this CPU; sqrt(1e-36) = 1e-18 is
+        # lost when eps (1e-8) is added, so denom is what torch computes.
+        torch.clamp_min(self.exp_avg_sq, 1e-36, out=work).sqrt_()
+        work.div_(math.sqrt(1 - beta2 ** self.steps)).add_(self.eps)
+        torch.div(self.exp_avg, work, out=work)
+        # param -= lr / (1 - beta1^t) * exp_avg / denom, as torch.optim.Adam, with lr per element (= per model)
+        self.stack.flat.addcmul_(work, self._lr, value=-1 / (1 - beta1 ** self.steps))
+
+    def keep(self, keep: Tensor) -> "BatchedAdam":
+        """An optimizer for the models at positions `keep` only, their state carried over."""
+        stack = ParamStack(self.stack.shapes, self.stack.select(self.stack.flat.detach(), keep), len(keep))
+        kept = BatchedAdam.__new__(BatchedAdam)
+        kept.stack, kept.lrs, kept.betas, kept.eps, kept.steps = (stack, [self.lrs[i] for i in keep.tolist()],
+                                                                  self.betas, self.eps, self.steps)
+        kept.fused = self.fused
+        kept.exp_avg, kept.exp_avg_sq = (self.stack.select(t, keep) for t in (self.exp_avg, self.exp_avg_sq))
+        kept._views()
+        return kept
+
+
+def _has_fused_adam() -> bool:
+    """torch's fused Adam kernel runs on CPU since torch 2.4; probe it once on a tiny tensor."""
+    try:
+        tensors = [[torch.zeros(1)] for _ in range(4)]
+        torch._fused_adam_(*tensors, [], [torch.ones(())], lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0,
+                           eps=1e-8, amsgrad=False, maximize=False)
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+_HAS_FUSED_ADAM = _has_fused_adam()
+
+
+@dataclass
+class _Tracker:
+    """Early stopping and history of one model."""
+    config: FitConfig
+    history: list[dict] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+    def update(self, entry: dict) -> tuple[bool, bool]:
+        """Record an epoch -> (improved, done)."""
+        self.history.append(entry)
+        improved = entry[self.config.metric] > self.best_score
+        if improved:
+            self.best_score, self.best_epoch = entry[self.config.metric], entry["epoch"]
+        done = entry["epoch"] >= self.config.epochs or entry["epoch"] - self.best_epoch >= self.config.patience
+        return improved, done
+
+
+class _Pass:
+    """The configs of one group trained together (see the module docstring)."""
+
+    def __init__(self, features: dict[str, SplitFeatures], configs: list[FitConfig], indices: list[int], on_epoch):
+        first = configs[0]
+        self.features, self.configs, self.indices, self.on_epoch = features, configs, indices, on_epoch
+        self.spec = HEADS[first.head]
+        self.batch_size = first.batch_size
+        self.noise_dims = (fused_dim(self.spec, first.proj_dim), first.hidden)
+        train = features["train"]
+        self.shapes = param_shapes(self.spec, train.text.dim, train.image.dim, first.proj_dim, first.hidden)
+        stack = ParamStack.from_models(self.shapes, [init_params(self.shapes, c.head, c.seed) for c in configs])
+        self.adam = BatchedAdam(stack, [c.lr for c in configs])
+        self.best = {name: p.detach().clone() for name, p in stack.params.items()}
+        self.trackers = [_Tracker(c) for c in configs]
+        self.active = torch.arange(len(configs))  # config positions of the models still training
+        self.order = torch.Generator().manual_seed(zlib.crc32(f"order:{first.seed}".encode()))
+        self.noise = torch.Generator().manual_seed(zlib.crc32(f"dropout:{first.seed}".encode()))
+        self.started = time.perf_counter()
+
+    def run(self) -> list[FitResult]:
+        for epoch in range(1, max(c.epochs for c in self.configs) + 1):
+            train_loss = self._train_epoch()
+            val_loss, val_pred = self._evaluate(self.features["val"], self.adam.stack.params, self.active)
+            self._record(epoch, train_loss, val_loss, val_pred)
+            if len(self.active) == 0:
+                break
+        return self._results()
+
+    def _model_inputs(self, positions: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """Dropout rates (None when all 0: no noise drawn), focal gammas and alphas (None when all None)."""
+        configs = [self.configs[i] for i in positions.tolist()]
+        rates = torch.tensor([c.dropout for c in configs])
+        gammas = torch.tensor([c.focal_gamma for c in configs])
+        alphas = None
+        if any(c.alpha is not None for c in configs):
+            alphas = torch.tensor([c.alpha if c.alpha is not None else (1.0, 1.0, 1.0) for c in configs])
+        return (rates if bool((rates > 0).any()) else None), gammas, alphas
+
+    def _train_epoch(self) -> Tensor:
+        """One epoch over the shuffled training split -> the mean training loss of each active model."""
+        train, stack = self.features["train"], self.adam.stack
+        rates, gammas, alphas = self._model_inputs(self.active)
+        params = list(stack.params.values())
+        order = torch.randperm(len(train), generator=self.order)
+        total = torch.zeros(len(self.active))
+        for start in range(0, len(train), self.batch_size):
+            batch = train.rows(order[start:start + self.batch_size])
+            noise = None if rates is None else tuple(torch.rand(len(batch), d, generator=self.noise)
+                                                     for d in self.noise_dims)
+            logits = head_forward(self.spec, stack.params, batch.text, batch.image, rates, noise)
+            losses = focal_loss(logits, batch.label, gammas, alphas)
+            # Parameters a head never uses (Q/K of a single-key cross-attention) get zero gradients: Adam leaves them.
+            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True, materialize_grads=True)
+            self.adam.step(grads)
+            total += losses.detach() * len(batch)
+        return total / len(train)
+
+    @torch.no_grad()
+    def _evaluate(self, split: SplitFeatures, params: dict[str, Tensor], positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean loss (M,) and predictions (M, N) of the models at `positions` (no dropout)."""
+        _, gammas, alphas = self._model_inputs(positions)
+        chunk = _eval_chunk(split, len(positions), self.shapes)
+        loss_sum, predictions = torch.zeros(len(positions)), []
+        for start in range(0, len(split), chunk):
+            rows = split.rows(slice(start, start + chunk))
+            logits = head_forward(self.spec, params, rows.text, rows.image)
+            loss_sum += focal_loss_per_sample(logits, rows.label, gammas, alphas).sum(dim=-1)
+            predictions.append(logits.argmax(dim=-1))
+        return loss_sum / max(len(split), 1), torch.cat(predictions, dim=1)
+
+    def _record(self, epoch: int, train_loss: Tensor, val_loss: Tensor, val_pred: Tensor) -> None:
+        """Metrics, callbacks and early stopping for the active models; copies improved weights, drops stopped ones."""
+        labels = self.features["val"].label.numpy()
+        improved, keep = [], []
+        for row, position in enumerate(self.active.tolist()):
+            entry = {"epoch": epoch, "train_loss": float(train_loss[row]), "val_loss": float(val_loss[row]),
+                     **classification_metrics(labels, val_pred[row].numpy())}
+            better, done = self.trackers[position].update(entry)
+            if better:
+                improved.append(row)
+            if done:
+                self.trackers[position].seconds = time.perf_counter() - self.started
+            else:
+                keep.append(row)
+            if self.on_epoch is not None:
+                self.on_epoch(epoch, self.indices[position], entry)
+        self._copy_best(torch.tensor(improved, dtype=torch.long))
+        if len(keep) < len(self.active):
+            keep_rows = torch.tensor(keep, dtype=torch.long)
+            self.adam = self.adam.keep(keep_rows)
+            self.active = self.active[keep_rows]
+
+    def _copy_best(self, rows: Tensor) -> None:
+        if len(rows):
+            for name, param in self.adam.stack.params.items():
+                self.best[name].index_copy_(0, self.active[rows], param.detach()[rows])
+
+    def _results(self) -> list[FitResult]:
+        everyone = torch.arange(len(self.configs))
+        test = self.features.get("test")
+        test_metrics: list[dict | None] = [None] * len(self.configs)
+        if test is not None and len(test):
+            losses, predictions = self._evaluate(test, self.best, everyone)
+            labels = test.label.numpy()
+            test_metrics = [{**classification_metrics(labels, predictions[i].numpy()), "loss": float(losses[i])}
+                            for i in range(len(self.configs))]
+        return [self._result(i, test_metrics[i]) for i in range(len(self.configs))]
+
+    def _result(self, position: int, test: dict | None) -> FitResult:
+        tracker = self.trackers[position]
+        best = tracker.history[tracker.best_epoch - 1]
+        val = {key: value for key, value in best.items() if key not in ("epoch", "train_loss", "val_loss")}
+        val["loss"] = best["val_loss"]
+        state = {name: tensor[position].clone() for name, tensor in self.best.items()}
+        return FitResult(tracker.config, tracker.best_epoch, len(tracker.history), tracker.history, val, test,
+                         state, tracker.seconds)
+
+
+def _eval_chunk(split: SplitFeatures, models: int, shapes: dict[str, tuple]) -> int:
+    """Rows per evaluation chunk: all tokens of a chunk, projected for every model, stay near 128 MB."""
+    tokens = split.text.tokens.shape[1] + split.image.tokens.shape[1]
+    proj_dim = next(iter(shapes.values()))[0]
+    return max(1, min(4096, (1 << 25) // (models * tokens * proj_dim)))
+
+
+def _check_features(features: dict[str, SplitFeatures]) -> None:
+    for split in ("train", "val"):
+        if split not in features or len(features[split]) == 0:
+            raise FusionError(f"training needs a non-empty {split} split")
+    dims = {(f.text.dim, f.image.dim) for f in features.values()}
+    if len(dims) != 1:
+        raise FusionError(f"the splits' feature dimensions differ: {sorted(dims)}")
+    for name, split in features.items():
+        if split.label.numel() and (int(split.label.min()) < 0 or int(split.label.max()) > 2):
+            raise FusionError(f"split {name} has labels outside 0..2")
+
+
+@contextmanager
+def _num_threads(threads: int | None):
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
