@@ -1,0 +1,214 @@
+"""The training loop, its vectorisation across configs, early stopping, the optimizer and run directories."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fusion.errors import FusionError, RunError
+from fusion.heads.checkpoint import load_run, save_run
+from fusion.heads.config import FitConfig
+from fusion.heads.features import SplitFeatures
+from fusion.heads.metrics import classification_metrics
+from fusion.heads.models import build_head, predict_proba
+from fusion.heads.train import BatchedAdam, ParamStack, train_head, train_many
+from synthetic import gaussian_features, token_split, xor_features
+
+torch.set_num_threads(1)  # a shared 2-core machine: two threads contending with other work are far slower than one
+
+FAST = dict(proj_dim=32, hidden=32, batch_size=64)
+SMALL_SIZES = {"train": 300, "val": 100, "test": 100}
+
+
+def _test_logits(result, features):
+    head = build_head(result.config, features["test"].text.dim, features["test"].image.dim, params=result.state_dict)
+    return head.eval()(features["test"].text, features["test"].image)
+
+
+def test_fusion_heads_solve_xor_that_neither_modality_can():
+    features = xor_features({"train": 2000, "val": 400, "test": 600})
+    heads = ["basic", "self_attn", "dual_attn", "text_only", "image_only"]
+    configs = [FitConfig(head=h, lr=3e-3, dropout=0.0, loss="ce", epochs=60, patience=10, metric="accuracy", **FAST)
+               for h in heads]
+    accuracy = {c.head: r.test["accuracy"] for c, r in zip(configs, train_many(features, configs))}
+    assert min(accuracy[h] for h in heads[:3]) > 0.9, accuracy
+    assert max(accuracy["text_only"], accuracy["image_only"]) < 0.7, accuracy
+
+
+def test_heads_approach_bayes_optimal_accuracy():
+    features, bayes = gaussian_features()
+    configs = [FitConfig(head=h, lr=3e-3, dropout=0.0, loss="ce", epochs=40, patience=8, metric="accuracy", **FAST)
+               for h in ("basic", "self_attn", "dual_attn")]
+    for config, result in zip(configs, train_many(features, configs)):
+        assert bayes - 0.03 <= result.test["accuracy"] <= bayes + 0.02, (config.head, result.test, bayes)
+
+
+def _mixed_configs():
+    base = FitConfig(head="self_attn", epochs=6, patience=2, **FAST)
+    return [base, replace(base, lr=1e-2, dropout=0.5), replace(base, loss="ce", dropout=0.0, epochs=3),
+            replace(base, gamma=3.0, alpha=(2.0, 1.0, 0.5), metric="accuracy"), replace(base, lr=1e-4, patience=1),
+            replace(base, seed=7), replace(base, head="basic", dropout=0.0), replace(base, batch_size=50)]
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_train_many_equals_training_each_alone(tokens):
+    if tokens:
+        features = {s: token_split(n, 4, 3, seed=i) for i, (s, n) in enumerate(SMALL_SIZES.items())}
+        configs = [replace(c, head="dual_attn") for c in _mixed_configs()[:4]]
+    else:
+        features, configs = xor_features(SMALL_SIZES), _mixed_configs()
+    calls = []
+    together = train_many(features, configs, on_epoch=lambda epoch, index, metrics: calls.append((index, metrics)))
+    assert len(calls) == sum(r.epochs_run for r in together)
+    for index, (config, grouped) in enumerate(zip(configs, together)):
+        alone = train_head(features, config)
+        assert grouped.config == config and (grouped.best_epoch, grouped.epochs_run) == (alone.best_epoch,
+                                                                                         alone.epochs_run)
+        _assert_same_metrics(grouped.val, alone.val)
+        _assert_same_metrics(grouped.test, alone.test)
+        assert [m for i, m in calls if i == index] == grouped.history
+        torch.testing.assert_close(_test_logits(grouped, features), _test_logits(alone, features), rtol=1e-4,
+                                   atol=1e-4)
+
+
+def _assert_same_metrics(first: dict, second: dict) -> None:
+    """Metrics from predictions equal; losses equal up to float rounding (batched GEMMs sum in another order)."""
+    assert {k: v for k, v in first.items() if k != "loss"} == {k: v for k, v in second.items() if k != "loss"}
+    assert first["loss"] == pytest.approx(second["loss"], rel=1e-4)
+
+
+def test_same_seed_is_deterministic_and_the_seed_matters():
+    features = xor_features(SMALL_SIZES)
+    config = FitConfig(head="dual_attn", epochs=3, **FAST)
+    first, second = train_head(features, config), train_head(features, config)
+    assert first.history == [dict(h) for h in second.history] and first.test == second.test
+    assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
+    other = train_head(features, replace(config, seed=1))
+    assert not torch.equal(first.state_dict["text_proj.weight"], other.state_dict["text_proj.weight"])
+
+
+def test_early_stopping_keeps_the_best_epochs_weights():
+    features = xor_features(SMALL_SIZES)
+    result = train_head(features, FitConfig(head="basic", lr=3e-2, epochs=30, patience=3, **FAST))
+    scores = [entry["macro_f1"] for entry in result.history]
+    assert result.best_epoch == scores.index(max(scores)) + 1
+    assert len(result.history) == result.epochs_run == min(30, result.best_epoch + 3)
+    assert [entry["epoch"] for entry in result.history] == list(range(1, result.epochs_run + 1))
+    head = build_head(result.config, 6, 4, params=result.state_dict)
+    predictions = predict_proba(head, features["val"].text, features["val"].image).argmax(dim=1)
+    restored = classification_metrics(features["val"].label.numpy(), predictions.numpy())
+    assert restored == {k: v for k, v in result.val.items() if k != "loss"}
+    assert set(result.history[0]) == {"epoch", "train_loss", "val_loss", "accuracy", "macro_f1", "weighted_f1",
+                                      "per_class_f1"}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_batched_adam_is_torch_adam_with_a_learning_rate_per_model(fused):
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"w": (4, 3), "b": (5,)}
+    models = [{name: torch.randn(shape, generator=generator) for name, shape in shapes.items()} for _ in range(3)]
+    lrs = [1e-2, 1e-3, 0.3]
+    optimizer = BatchedAdam(ParamStack.from_models(shapes, models), lrs, fused=fused)
+    references = [{k: v.clone().requires_grad_() for k, v in m.items()} for m in models]
+    torch_adams = [torch.optim.Adam(list(r.values()), lr=lr) for r, lr in zip(references, lrs)]
+    for step in range(15):
+        grads = [torch.randn(3, *shape, generator=generator) for shape in shapes.values()]
+        grads[1][:, 0] = 0.0  # a parameter that gets no gradient stays put, as in torch
+        optimizer.step(grads)
+        for m, (reference, adam) in enumerate(zip(references, torch_adams)):
+            for grad, param in zip(grads, reference.values()):
+                param.grad = grad[m].clone()
+            adam.step()
+    for m, reference in enumerate(references):
+        for name, param in reference.items():
+            torch.testing.assert_close(optimizer.stack.params[name][m], param.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_threads_are_restored_and_bad_features_refused():
+    features = xor_features({"train": 64, "val": 32})
+    before = torch.get_num_threads()
+    result = train_head(features, FitConfig(head="text_only", epochs=1, **FAST), threads=2)
+    assert torch.get_num_threads() == before and result.test is None
+    with pytest.raises(FusionError, match="val"):
+        train_head({"train": features["train"]}, FitConfig())
+    broken = features["train"]
+    bad = {"train": SplitFeatures(broken.text, broken.image, broken.label + 5), "val": features["val"]}
+    with pytest.raises(FusionError, match="labels outside"):
+        train_head(bad, FitConfig())
+
+
+# ---------- run directories ----------
+
+@pytest.fixture(scope="module")
+def trained():
+    features = xor_features(SMALL_SIZES)
+    return features, train_head(features, FitConfig(head="dual_attn", epochs=2, alpha=(1.0, 2.0, 1.0), **FAST))
+
+
+def _save(tmp_path, result):
+    return save_run(tmp_path / "run", result, cache_path="cache.h5", fingerprint="abc", dims=(6, 4))
+
+
+def test_run_round_trip(tmp_path, trained):
+    features, result = trained
+    run = load_run(_save(tmp_path, result))
+    assert run.config == result.config and not run.head.training
+    assert run.meta["cache_fingerprint"] == "abc" and run.meta["text_dim"] == 6
+    assert run.metrics["test"] == result.test and len(run.metrics["history"]) == result.epochs_run
+    assert set(run.metrics["val"]["per_class_f1"]) == {"negative", "neutral", "positive"}
+    torch.testing.assert_close(run.head(features["test"].text, features["test"].image),
+                               _test_logits(result, features), rtol=0, atol=0)
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_altered_weights_are_refused(tmp_path, trained):
+    run_dir = _save(tmp_path, trained[1])
+    data = bytearray((run_dir / "head.safetensors").read_bytes())
+    data[-1] ^= 0x01
+    (run_dir / "head.safetensors").write_bytes(bytes(data))
+    with pytest.raises(RunError, match="head.safetensors: altered"):
+        load_run(run_dir)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(head="transformer"), "head 'transformer'"),
+    (lambda c: c.update(lr="0.1"), "lr must be a finite number"),
+    (lambda c: c.update(batch_size=1.5), "batch_size must be an integer"),
+    (lambda c: c.update(colour="red"), "unknown key"),
+    (lambda c: c.pop("head_sha256"), "missing key"),
+    (lambda c: c.update(text_dim=7), "tensor text_proj.weight is"),
+    (lambda c: c.update(head="basic"), "unexpected cross"),
+])
+def test_altered_config_is_refused(tmp_path, trained, edit, message):
+    run_dir = _save(tmp_path, trained[1])
+    config = json.loads((run_dir / "config.json").read_text())
+    edit(config)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match=message):
+        load_run(run_dir)
+
+
+def test_missing_damaged_and_mismatched_files_are_refused(tmp_path, trained):
+    run_dir = _save(tmp_path, trained[1])
+    (run_dir / "metrics.json").write_text("{not json")
+    with pytest.raises(RunError, match="metrics.json: not valid JSON"):
+        load_run(run_dir)
+    (run_dir / "config.json").unlink()
+    with pytest.raises(RunError, match="config.json: missing"):
+        load_run(run_dir)
+    with pytest.raises(RunError, match="not a run directory"):
+        load_run(tmp_path / "nowhere")
+
+
+def test_extra_tensor_is_refused_even_with_a_matching_hash(tmp_path, trained):
+    import hashlib
+
+    run_dir = _save(tmp_path, trained[1])
+    save_file({**trained[1].state_dict, "spare": torch.zeros(2)}, str(run_dir / "head.safetensors"))
+    config = json.loads((run_dir / "config.json").read_text())
+    config["head_sha256"] = hashlib.sha256((run_dir / "head.safetensors").read_bytes()).hexdigest()
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match="unexpected spare"):
+        load_run(run_dir)
