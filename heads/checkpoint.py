@@ -1,15 +1,15 @@
 """Run directories: config.json, metrics.json and head.safetensors, written atomically and verified when loaded.
 
 config.json holds the FitConfig fields (asdict) at its top level plus META_KEYS: where the features came from (cache
-path and fingerprint), the feature dimensions, the fusion version and the sha256 of head.safetensors, which load_run
-checks, so an altered weights file is refused. Weights are safetensors only: loading never unpickles anything.
+path and fingerprint, and the cache's description under "cache", e.g. its models and max_length for prediction), the
+feature dimensions, the fusion version and the sha256 of head.safetensors, which load_run checks, so an altered
+weights file is refused. Weights are safetensors only: loading never unpickles anything.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,13 +20,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 import fusion
+from fusion.atomic import write_bytes_atomic
 from fusion.errors import RunError
 from fusion.heads.config import ConfigError, FitConfig, config_from_dict
 from fusion.heads.models import HEADS, Head, build_head, param_shapes
 from fusion.heads.train import FitResult
 
 CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE = "config.json", "metrics.json", "head.safetensors"
-META_KEYS = ("cache_path", "cache_fingerprint", "text_dim", "image_dim", "fusion_version", "head_sha256")
+META_KEYS = ("cache_path", "cache_fingerprint", "cache", "text_dim", "image_dim", "fusion_version", "head_sha256")
 
 
 @dataclass
@@ -36,26 +37,46 @@ class LoadedRun:
     metrics: dict
     meta: dict  # the META_KEYS values
 
+    @property
+    def cache(self) -> dict:
+        """The description of the cache the head was trained on (models, max_length, ...); {} when none was given."""
+        return self.meta["cache"]
 
-def save_run(out_dir: Path | str, result: FitResult, *, cache_path: Path | str | None, fingerprint: str | None,
-             dims: tuple[int, int]) -> Path:
-    """Write a run directory for `result` (trained on features of (text_dim, image_dim)); returns the directory.
 
+def save_run(out_dir: Path | str, result: FitResult, *, cache_path: Path | str | None = None,
+             fingerprint: str | None = None, dims: tuple[int, int] | None = None, cache: dict | None = None) -> Path:
+    """Write a run directory for `result`; returns the directory.
+
+    cache: the cache's description (fusion.heads.runs.cache_meta: dataset, models, "path", "fingerprint", ...),
+    stored whole; cache_path, fingerprint and dims (text_dim, image_dim) default to its values, and dims otherwise
+    to the projection weights' input sizes (0 for the modality an ablation does not use).
     The weights go first and config.json (which records their sha256) last, so a directory with a config.json is
     complete; each file is replaced atomically.
     """
+    cache = dict(cache or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = save_safetensors({name: tensor.detach().cpu().contiguous() for name, tensor in result.state_dict.items()})
-    _write_atomic(out / WEIGHTS_FILE, weights)
+    write_bytes_atomic(out / WEIGHTS_FILE, weights)
     metrics = {"val": result.val, "test": result.test, "best_epoch": result.best_epoch,
                "epochs_run": result.epochs_run, "seconds": result.seconds, "history": result.history}
-    _write_atomic(out / METRICS_FILE, _json_bytes(metrics))
+    write_bytes_atomic(out / METRICS_FILE, _json_bytes(metrics))
+    cache_path = cache_path if cache_path is not None else cache.get("path")
+    text_dim, image_dim = dims if dims is not None else _dims(result, cache)
     config = {**asdict(result.config), "cache_path": None if cache_path is None else str(cache_path),
-              "cache_fingerprint": fingerprint, "text_dim": int(dims[0]), "image_dim": int(dims[1]),
+              "cache_fingerprint": fingerprint if fingerprint is not None else cache.get("fingerprint"),
+              "cache": cache, "text_dim": int(text_dim), "image_dim": int(image_dim),
               "fusion_version": fusion.__version__, "head_sha256": hashlib.sha256(weights).hexdigest()}
-    _write_atomic(out / CONFIG_FILE, _json_bytes(config))
+    write_bytes_atomic(out / CONFIG_FILE, _json_bytes(config))
     return out
+
+
+def _dims(result: FitResult, cache: dict) -> tuple[int, int]:
+    found = []
+    for modality in ("text", "image"):
+        weight = result.state_dict.get(f"{modality}_proj.weight")
+        found.append(int(weight.shape[1]) if weight is not None else int(cache.get(f"{modality}_dim") or 0))
+    return found[0], found[1]
 
 
 def load_run(run_dir: Path | str) -> LoadedRun:
@@ -76,15 +97,6 @@ def load_run(run_dir: Path | str) -> LoadedRun:
 
 def _json_bytes(values: dict) -> bytes:
     return (json.dumps(values, indent=2, allow_nan=False) + "\n").encode()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict:
@@ -112,9 +124,11 @@ def _parse_config(path: Path, values: dict) -> tuple[FitConfig, dict]:
     except (ConfigError, TypeError) as error:
         raise RunError(f"{path}: {error}") from None
     meta = {key: values[key] for key in META_KEYS}
-    for key in ("text_dim", "image_dim"):
-        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 1:
-            raise RunError(f"{path}: {key} must be a positive integer, got {meta[key]!r}")
+    for key in ("text_dim", "image_dim"):  # 0: a modality the head does not use, of unknown size
+        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
+            raise RunError(f"{path}: {key} must be a non-negative integer, got {meta[key]!r}")
+    if not isinstance(meta["cache"], dict):
+        raise RunError(f"{path}: cache must be an object, got {meta['cache']!r}")
     if not isinstance(meta["head_sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", meta["head_sha256"]):
         raise RunError(f"{path}: head_sha256 must be 64 lowercase hex digits, got {meta['head_sha256']!r}")
     return config, meta

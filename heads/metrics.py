@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from fusion.labels import LABELS
 
@@ -26,3 +26,8 @@ def classification_metrics(y_true, y_pred) -> dict:
         "weighted_f1": float(np.average(f1, weights=support)) if total > 0 else 0.0,
         "per_class_f1": {name: float(score) for name, score in zip(LABELS, f1)},
     }
+
+
+def confusion_counts(y_true, y_pred) -> list[list[int]]:
+    """3x3 counts, rows the true class and columns the predicted one (negative, neutral, positive)."""
+    return confusion_matrix(np.asarray(y_true), np.asarray(y_pred), labels=CLASS_IDS).tolist()

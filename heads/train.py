@@ -28,7 +28,7 @@ from torch import Tensor
 from fusion.heads.config import FitConfig
 from fusion.heads.features import SplitFeatures
 from fusion.heads.losses import focal_loss, focal_loss_per_sample
-from fusion.heads.metrics import classification_metrics
+from fusion.heads.metrics import classification_metrics, confusion_counts
 from fusion.heads.models import HEADS, fused_dim, head_forward, init_params, param_shapes
 from fusion.errors import FusionError
 
@@ -40,7 +40,7 @@ class FitResult:
     epochs_run: int
     history: list[dict]  # one entry per epoch: epoch, train_loss, val_loss and the val metrics
     val: dict  # the best epoch's validation metrics (+ loss)
-    test: dict | None  # test metrics of the best-on-validation weights; None without a test split
+    test: dict | None  # test metrics (+ loss, confusion_matrix) of the best-on-validation weights; None without test
     state_dict: dict[str, Tensor]  # the best weights of this one model (single-head layout, CPU)
     seconds: float  # wall-clock seconds of the (shared) pass until this model stopped
 
@@ -316,7 +316,8 @@ class _Pass:
         if test is not None and len(test):
             losses, predictions = self._evaluate(test, self.best, everyone)
             labels = test.label.numpy()
-            test_metrics = [{**classification_metrics(labels, predictions[i].numpy()), "loss": float(losses[i])}
+            test_metrics = [{**classification_metrics(labels, predictions[i].numpy()), "loss": float(losses[i]),
+                             "confusion_matrix": confusion_counts(labels, predictions[i].numpy())}
                             for i in range(len(self.configs))]
         return [self._result(i, test_metrics[i]) for i in range(len(self.configs))]
 

@@ -160,7 +160,28 @@ def test_run_round_trip(tmp_path, trained):
     assert set(run.metrics["val"]["per_class_f1"]) == {"negative", "neutral", "positive"}
     torch.testing.assert_close(run.head(features["test"].text, features["test"].image),
                                _test_logits(result, features), rtol=0, atol=0)
-    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "head.safetensors", "metrics.json"]
+    assert run.metrics["test"]["confusion_matrix"] == _confusion(run.head, features["test"])
+
+
+def _confusion(head, split):
+    predictions = predict_proba(head, split.text, split.image).argmax(dim=1)
+    counts = [[0] * 3 for _ in range(3)]
+    for truth, guess in zip(split.label.tolist(), predictions.tolist()):
+        counts[truth][guess] += 1
+    return counts
+
+
+def test_run_records_the_cache_description(tmp_path, trained):
+    features = xor_features(SMALL_SIZES)
+    ablation = train_head(features, FitConfig(head="image_only", epochs=1, **FAST))
+    cache = {"path": "/data/mvsa.h5", "fingerprint": "f00d", "dataset": "mvsa-single", "text_model": "bert",
+             "image_model": "dinov2", "max_length": 128}
+    run = load_run(save_run(tmp_path / "ablation", ablation, cache=cache))
+    assert run.cache == cache and run.meta["cache_path"] == "/data/mvsa.h5" and run.meta["cache_fingerprint"] == "f00d"
+    assert (run.meta["text_dim"], run.meta["image_dim"]) == (0, 4)  # text unused by image_only, its size unknown
+    torch.testing.assert_close(run.head(features["test"].text, features["test"].image),
+                               _test_logits(ablation, features))
 
 
 def test_altered_weights_are_refused(tmp_path, trained):
