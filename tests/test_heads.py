@@ -17,7 +17,15 @@ from fusion.heads.models import HEADS, build_head, head_forward, init_params, li
 from fusion.errors import CacheError
 from synthetic import stand_in_cache, token_split
 
-torch.set_num_threads(1)  # a shared 2-core machine: two threads contending with other work are far slower than one
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A shared 2-core machine: two threads contending with other work are far slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 SMALL = dict(proj_dim=8, hidden=5)
 

@@ -16,7 +16,15 @@ from fusion.heads.models import build_head, predict_proba
 from fusion.heads.train import BatchedAdam, ParamStack, train_head, train_many
 from synthetic import gaussian_features, token_split, xor_features
 
-torch.set_num_threads(1)  # a shared 2-core machine: two threads contending with other work are far slower than one
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A shared 2-core machine: two threads contending with other work are far slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 FAST = dict(proj_dim=32, hidden=32, batch_size=64)
 SMALL_SIZES = {"train": 300, "val": 100, "test": 100}
