@@ -41,6 +41,11 @@ class SplitFeatures:
     def __len__(self) -> int:
         return self.label.shape[0]
 
+    def latents_only(self) -> "SplitFeatures":
+        """Token 0 of each modality: all that heads without cross-modal attention read (views, no copy)."""
+        return SplitFeatures(Modality(self.text.tokens[:, :1], self.text.mask[:, :1]),
+                             Modality(self.image.tokens[:, :1], self.image.mask[:, :1]), self.label)
+
     def rows(self, index: Tensor | slice) -> "SplitFeatures":
         label = self.label[index] if isinstance(index, slice) else self.label.index_select(0, index)
         return SplitFeatures(self.text.rows(index), self.image.rows(index), label)

@@ -216,8 +216,11 @@ class _Pass:
 
     def __init__(self, features: dict[str, SplitFeatures], configs: list[FitConfig], indices: list[int], on_epoch):
         first = configs[0]
-        self.features, self.configs, self.indices, self.on_epoch = features, configs, indices, on_epoch
         self.spec = HEADS[first.head]
+        if self.spec.fusion != "dual_attn":  # only cross-modal attention reads past token 0: gather less per step
+            features = {name: split.latents_only() for name, split in features.items()}
+        self.features, self.configs, self.indices, self.on_epoch = features, configs, indices, on_epoch
+        self.proj_dim = first.proj_dim
         self.batch_size = first.batch_size
         self.noise_dims = (fused_dim(self.spec, first.proj_dim), first.hidden)
         train = features["train"]
@@ -273,7 +276,7 @@ class _Pass:
     def _evaluate(self, split: SplitFeatures, params: dict[str, Tensor], positions: Tensor) -> tuple[Tensor, Tensor]:
         """Mean loss (M,) and predictions (M, N) of the models at `positions` (no dropout)."""
         _, gammas, alphas = self._model_inputs(positions)
-        chunk = _eval_chunk(split, len(positions), self.shapes)
+        chunk = _eval_chunk(split, len(positions), self.proj_dim)
         loss_sum, predictions = torch.zeros(len(positions)), []
         for start in range(0, len(split), chunk):
             rows = split.rows(slice(start, start + chunk))
@@ -331,10 +334,9 @@ class _Pass:
                          state, tracker.seconds)
 
 
-def _eval_chunk(split: SplitFeatures, models: int, shapes: dict[str, tuple]) -> int:
+def _eval_chunk(split: SplitFeatures, models: int, proj_dim: int) -> int:
     """Rows per evaluation chunk: all tokens of a chunk, projected for every model, stay near 128 MB."""
     tokens = split.text.tokens.shape[1] + split.image.tokens.shape[1]
-    proj_dim = next(iter(shapes.values()))[0]
     return max(1, min(4096, (1 << 25) // (models * tokens * proj_dim)))
 
 
