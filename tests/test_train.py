@@ -241,3 +241,19 @@ def test_extra_tensor_is_refused_even_with_a_matching_hash(tmp_path, trained):
     (run_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(RunError, match="unexpected spare"):
         load_run(run_dir)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_end_to_end_from_a_real_cache_file(tmp_path, tokens):
+    """The cache reader's arrays -> features -> train -> run directory -> the same predictions."""
+    from cache_fixtures import write_synthetic_cache
+    from fusion.cache.reader import read_cache
+    from fusion.heads.features import features_from_cache
+
+    path = write_synthetic_cache(tmp_path / "cache.h5", (60, 20, 20), dt=16, di=24, tokens=tokens)
+    features = features_from_cache(read_cache(path, tokens=tokens), tokens=tokens)
+    assert features["train"].text.dim == 16 and (features["train"].text.tokens.shape[1] > 1) == tokens
+    result = train_head(features, FitConfig(head="dual_attn", epochs=3, **FAST))
+    run = load_run(save_run(tmp_path / "run", result, cache={"path": str(path), "fingerprint": "x"}))
+    torch.testing.assert_close(run.head(features["test"].text, features["test"].image),
+                               _test_logits(result, features))
