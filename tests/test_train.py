@@ -46,7 +46,7 @@ def test_fusion_heads_solve_xor_that_neither_modality_can():
 
 
 def test_heads_approach_bayes_optimal_accuracy():
-    features, bayes = gaussian_features()
+    features, bayes = gaussian_features({"train": 2400, "val": 600, "test": 1000})
     configs = [FitConfig(head=h, lr=3e-3, dropout=0.0, loss="ce", epochs=40, patience=8, metric="accuracy", **FAST)
                for h in ("basic", "self_attn", "dual_attn")]
     for config, result in zip(configs, train_many(features, configs)):
