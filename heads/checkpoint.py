@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -96,7 +97,18 @@ def load_run(run_dir: Path | str) -> LoadedRun:
 
 
 def _json_bytes(values: dict) -> bytes:
-    return (json.dumps(values, indent=2, allow_nan=False) + "\n").encode()
+    return (json.dumps(_finite(values), indent=2, allow_nan=False) + "\n").encode()
+
+
+def _finite(value):
+    """A diverged run's NaN/inf losses become null: JSON has no NaN, and the file must stay readable everywhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _read_json(path: Path) -> dict:

@@ -192,6 +192,13 @@ def test_run_records_the_cache_description(tmp_path, trained):
                                _test_logits(ablation, features))
 
 
+def test_diverged_losses_are_written_as_null(tmp_path, trained):
+    diverged = replace(trained[1], history=[{**trained[1].history[0], "train_loss": float("nan")}],
+                       val={**trained[1].val, "loss": float("inf")})
+    metrics = load_run(_save(tmp_path, diverged)).metrics
+    assert metrics["history"][0]["train_loss"] is None and metrics["val"]["loss"] is None
+
+
 def test_altered_weights_are_refused(tmp_path, trained):
     run_dir = _save(tmp_path, trained[1])
     data = bytearray((run_dir / "head.safetensors").read_bytes())
