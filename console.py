@@ -131,7 +131,7 @@ def predictions_table(predictions) -> Table:
     for p in predictions:
         where = f"line {p.post.row}: {p.post.image.name}" if p.post.row else str(p.post.image)
         if p.error:
-            table.add_row(where, "[red]unreadable", p.error, "", "")
+            table.add_row(where, f"[red]unreadable: {p.error}", "", "", "")
         else:
             table.add_row(where, p.label, *(f"{p.probabilities[name]:.3f}" for name in LABELS))
     return table
@@ -142,7 +142,7 @@ def grid_tables(summaries, best_by_head, metric: str, top: int = 10) -> list[Tab
     def table(title: str, rows) -> Table:
         t = Table(title=title)
         for column in ("head", "lr", "dropout", "loss", f"val {metric}", "test acc", "test wF1", "test mF1"):
-            t.add_column(column, justify="right" if column not in ("head", "loss") else "left")
+            t.add_column(column, justify="right" if column not in ("head", "loss") else "left", no_wrap=True)
         for s in rows:
             c = s.config
             loss = "ce" if c["loss"] == "ce" else f"focal{c['gamma']:g}"
