@@ -1,7 +1,10 @@
 """Many processes, one cache: `torchrun --nproc-per-node N -m fusion.cli extract ...`.
 
-Each rank embeds a contiguous shard of the plan into the shared `OUT.partial/` folder (its own batch files and lock);
-rank 0 merges everything in plan order once all ranks have passed the barrier. Across machines this needs the output
+Each rank embeds its share of the batches (`pipeline.shard_batches`: the whole dataset's length-sorted batches dealt
+round-robin, so the cache is bit-identical whatever the number of ranks) into the shared `OUT.partial/` folder, with
+its own batch files and lock; rank 0 merges everything in plan order once all ranks have passed the barrier.
+A rank that dies takes the job down (torchrun stops the others); running the same command again, or torchrun's
+own `--max-restarts`, resumes every rank from its finished batch files. Across machines this needs the output
 folder on a shared filesystem. Without torchrun's environment this is a single process and nothing is initialised.
 """
 
@@ -39,3 +42,13 @@ def distributed_context():
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def sum_over_ranks(value: int) -> int:
+    """The total of an integer over all ranks (every rank gets it); the value itself in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces only CUDA tensors
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())

@@ -6,6 +6,7 @@ layer-normed CLS token (`pooler_output`). Any model loadable with AutoModel work
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -30,11 +31,18 @@ class Encoders:
     image_model: torch.nn.Module
     image_processor: object
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the weights and of the pixel inputs
     text_name: str
     image_name: str
     text_revision: str
     image_revision: str
+    autocast_dtype: torch.dtype | None = None  # set for bf16 on CPU: fp32 weights, matrix products in bf16
+
+    def autocast(self):
+        """The precision context both forwards run in (a no-op unless autocast_dtype is set)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     @property
     def text_dim(self) -> int:
@@ -84,7 +92,8 @@ def load_encoders(text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAU
                   device: str = "auto", precision: str = "fp32", trust_remote_code: bool = False) -> Encoders:
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    target, dtype = resolve_device(device), PRECISIONS[precision]
+    target = resolve_device(device)
+    dtype, autocast_dtype = weight_dtypes(target, precision)
     text = _from_pretrained(AutoModel, text_model, "text model", trust_remote_code)
     image = _from_pretrained(AutoModel, image_model, "image model", trust_remote_code)
     return Encoders(
@@ -94,7 +103,26 @@ def load_encoders(text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAU
         image_processor=_from_pretrained(AutoImageProcessor, image_model, "image processor", trust_remote_code,
                                          backend="pil"),
         device=target, dtype=dtype, text_name=canonical_name(text_model), image_name=canonical_name(image_model),
-        text_revision=model_revision(text, text_model), image_revision=model_revision(image, image_model))
+        text_revision=model_revision(text, text_model), image_revision=model_revision(image, image_model),
+        autocast_dtype=autocast_dtype)
+
+
+def weight_dtypes(device: torch.device, precision: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype of the weights, autocast dtype or None) for a precision on a device.
+
+    On CPU, bf16 runs as autocast over fp32 weights: the matrix products and attention use the bf16 units
+    (avx512_bf16 / AMX) while layer norms, softmax and residual sums stay fp32. Measured on this project's
+    Zen 4 CPU it is about 3x faster than fp32 for BERT-base + DINOv2-small and closer to fp32 (cosine > 0.9999)
+    than casting the weights to bf16, which is slower still (PyTorch's bf16 elementwise and layer-norm CPU
+    kernels are slow). fp16 on CPU has no matrix units to use and runs 2-3x slower than fp32, so it is refused.
+    """
+    dtype = PRECISIONS[precision]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ModelLoadError("--precision fp16 needs a GPU: on CPU it is slower than fp32; use --precision bf16 "
+                             "(or fp32) on CPU")
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return torch.float32, torch.bfloat16
+    return dtype, None
 
 
 def canonical_name(name: str) -> str:
@@ -157,13 +185,15 @@ def model_revision(model: torch.nn.Module, name: str) -> str:
 
 def text_embeddings(encoders: Encoders, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """CLS of the last hidden layer, and the whole last layer (for --tokens)."""
-    hidden = encoders.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    with encoders.autocast():
+        hidden = encoders.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return hidden[:, 0], hidden
 
 
 def image_embeddings(encoders: Encoders, pixel_values: torch.Tensor):
     """DINOv2's layer-normed CLS (`pooler_output`); models without a pooler fall back to their first token."""
-    output = encoders.image_model(pixel_values=pixel_values)
+    with encoders.autocast():
+        output = encoders.image_model(pixel_values=pixel_values)
     pooled = getattr(output, "pooler_output", None)
     hidden = output.last_hidden_state
     return (pooled if pooled is not None else hidden[:, 0]), hidden

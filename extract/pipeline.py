@@ -28,7 +28,7 @@ from fusion.cache.writer import finalize
 from fusion.errors import CacheError
 from fusion.extract.batches import image_loader, length_sorted_batches, pad_token_ids
 from fusion.extract.datasets import load_dataset
-from fusion.extract.distributed import barrier
+from fusion.extract.distributed import barrier, sum_over_ranks
 from fusion.extract.encoders import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IMAGE_POOLING, TEXT_POOLING, Encoders,
                                      image_embeddings, load_encoders, text_embeddings)
 from fusion.extract.samples import DatasetSamples, Sample
@@ -89,13 +89,13 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
             raise CacheError(f"{config.out} exists and was made for other settings or is damaged; "
                              f"delete it or choose another --out")
         return summarise(config, data, plan, rows_computed=0, started=started, already_complete=True)
-    start, stop = shard_bounds(len(plan.ids), rank, world_size)
     partial = PartialCache.open(config.out, plan=plan, rank=rank)
     try:
-        computed = run_batches(config, data, encoders, partial, start, stop, on_progress)
+        computed = run_batches(config, data, encoders, partial, rank, world_size, on_progress)
     finally:
         partial.close()
-    barrier()  # every rank's shard is written before rank 0 merges them
+    barrier()  # every rank's batches are written before rank 0 merges them
+    computed = sum_over_ranks(computed)  # the summary reports the whole job's rows
     if rank == 0:
         finalize([partial_dir(config.out)], config.out)
     barrier()  # and the final file exists before any rank reports
@@ -104,12 +104,6 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
 
 def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
-
-
-def shard_bounds(rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    """A contiguous shard per rank, so rank 0 can merge the shards back in order."""
-    per_rank = -(-rows // world_size)
-    return min(rank * per_rank, rows), min((rank + 1) * per_rank, rows)
 
 
 def limit_samples(data: DatasetSamples, limit: int | None) -> DatasetSamples:
@@ -146,17 +140,19 @@ def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -
 
 
 def run_batches(config: ExtractConfig, data: DatasetSamples, encoders: Encoders, partial: PartialCache,
-                start: int, stop: int, on_progress: ProgressCallback | None) -> int:
-    pending = partial.pending(start, stop)
-    total, done = stop - start, (stop - start) - len(pending)
-    samples = data.samples
-    loading_skips = pending[pending >= len(samples)]
+                rank: int, world_size: int, on_progress: ProgressCallback | None) -> int:
+    samples, pending = data.samples, partial.pending()
+    token_ids = tokenize(encoders, samples, config.max_length)
+    mine = shard_batches(token_ids, config.batch_size, rank, world_size)
+    batches = pending_batches(mine, pending)
+    # Rows of samples dropped while reading the dataset need no encoder: rank 0 records them.
+    loading_skips = pending[pending >= len(samples)] if rank == 0 else pending[:0]
+    total = sum(map(len, mine)) + (len(data.skipped) if rank == 0 else 0)
+    done = total - sum(map(len, batches)) - len(loading_skips)
     if len(loading_skips):
         reasons = {int(i): data.skipped[int(i) - len(samples)][2] for i in loading_skips}
         partial.write_batch(loading_skips, {}, reasons)
         done += len(loading_skips)
-    token_ids = tokenize(encoders, samples, config.max_length)
-    batches = pending_batches(np.arange(start, min(stop, len(samples))), pending, token_ids, config.batch_size)
     loader = image_loader([s.image for s in samples], encoders.image_processor, batches,
                           workers=config.workers, pin_memory=encoders.device.type == "cuda")
     if on_progress:
@@ -172,14 +168,24 @@ def run_batches(config: ExtractConfig, data: DatasetSamples, encoders: Encoders,
     return computed
 
 
-def pending_batches(rows: np.ndarray, pending: np.ndarray, token_ids: list[list[int]],
-                    batch_size: int) -> list[list[int]]:
-    """Batches are cut from the whole shard, then pruned to the pending rows: a resumed run feeds each row to the
-    encoders in the same batch (same padding, same shapes) as an uninterrupted run would, so results are identical."""
+def shard_batches(token_ids: list[list[int]], batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's batches: the length-sorted batches of the whole dataset, cut once, dealt out round-robin.
+
+    Cutting before sharding means a row meets the encoders in the same batch (same padding, same shapes, so
+    bit-identical embeddings) whatever the number of ranks, and a run can resume under another world size;
+    dealing round-robin gives every rank a similar mix of short and long texts, so no rank finishes last by far.
+    """
     lengths = np.array([len(ids) for ids in token_ids] or [0])
+    everything = length_sorted_batches(np.arange(len(token_ids)), lengths, batch_size)
+    return everything[rank::world_size]
+
+
+def pending_batches(batches: list[list[int]], pending: np.ndarray) -> list[list[int]]:
+    """The batches pruned to the rows not done yet. A batch file holds a whole batch, so a resumed run feeds each
+    row to the encoders in the same batch as an uninterrupted run would, and results are identical."""
     todo = set(pending.tolist())
-    batches = ([i for i in batch if i in todo] for batch in length_sorted_batches(rows, lengths, batch_size))
-    return [batch for batch in batches if batch]
+    pruned = ([i for i in batch if i in todo] for batch in batches)
+    return [batch for batch in pruned if batch]
 
 
 def tokenize(encoders: Encoders, samples: list[Sample], max_length: int) -> list[list[int]]:
