@@ -112,7 +112,8 @@ def test_a_killed_rank_resumes_from_its_batches_when_the_job_is_run_again(datase
     out, first_log, second_log = tmp_path / "resumed.h5", tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
            "CRASH_RANK": "1", "CRASH_AFTER": "2"}
-    crashed = torchrun("crashing_cli", extract_args(dataset.root, out, tiny_models), {**env, "WRITE_LOG": str(first_log)})
+    crashed = torchrun("crashing_cli", extract_args(dataset.root, out, tiny_models),
+                       {**env, "WRITE_LOG": str(first_log)})
     assert crashed.returncode != 0 and not out.exists()
     assert len([entry for entry in read_log(first_log) if entry["rank"] == 1]) == 2
     assert len(list((tmp_path / "resumed.h5.partial").glob("batch-r0001-*.npz"))) == 2
