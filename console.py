@@ -13,6 +13,9 @@ from rich.text import Text
 from fusion.labels import LABELS, SPLITS
 
 console = Console()
+if not console.is_terminal:
+    # Piped or captured output would otherwise be cut at 80 columns, truncating the tables' numbers.
+    console.width = max(console.width, 150)
 errors = Console(stderr=True)
 
 

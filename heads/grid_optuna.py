@@ -9,6 +9,8 @@ Storage is a journal file (`journal:PATH`, fine on a shared filesystem) or any d
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from collections.abc import Callable
 
 from fusion.errors import FusionError
@@ -69,6 +71,26 @@ def run_study(features, configs: list[FitConfig], *, storage: str, study_name: s
             on_trial(row)
         return row["val"][config.metric]
 
-    study.optimize(objective, n_trials=trials if sampler != "grid" else None)
-    return [trial.user_attrs["row"] for trial in study.get_trials(deepcopy=False)
+    if sampler != "grid" or not _grid_exhausted(study, space, optuna):
+        # Optuna's GridSampler re-evaluates a point when started on an exhausted grid: don't start then.
+        study.optimize(objective, n_trials=trials if sampler != "grid" else None)
+    return _unique_rows(study, optuna)
+
+
+def _grid_exhausted(study, space: dict[str, list], optuna) -> bool:
+    finished = {tuple(trial.params[axis] for axis in space) for trial in _complete(study, optuna)}
+    return len(finished) >= math.prod(len(values) for values in space.values())
+
+
+def _complete(study, optuna) -> list:
+    return [trial for trial in study.get_trials(deepcopy=False)
             if trial.state == optuna.trial.TrialState.COMPLETE and "row" in trial.user_attrs]
+
+
+def _unique_rows(study, optuna) -> list[dict]:
+    """One row per configuration: machines racing at the end of a grid can evaluate a point twice."""
+    rows: dict[str, dict] = {}
+    for trial in _complete(study, optuna):
+        row = trial.user_attrs["row"]
+        rows.setdefault(json.dumps(row["config"], sort_keys=True), row)
+    return list(rows.values())
