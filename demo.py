@@ -43,11 +43,14 @@ def random_dinov2(folder: Path, *, seed: int = 0) -> str:
     return str(folder)
 
 
-def run_demo(out: Path, *, text_model: str | None = None, image_model: str | None = None) -> int:
+def run_demo(out: Path, *, text_model: str | None = None, image_model: str | None = None, size: int = 1500) -> int:
     from fusion.cli import main
     from fusion.console import console
+    from fusion.extract.demo_data import write_demo_dataset
 
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / "data" / "MVSA_Single" / "labelResultAll.txt").exists():
+        write_demo_dataset(out / "data", n=size)
     text = text_model or packaged_text_model()
     image = image_model or random_dinov2(out / "models" / "dinov2-random")
     console.print(f"[bold]fusion demo[/bold]: synthetic MVSA-Single-format data in {out / 'data'}\n"
