@@ -19,8 +19,10 @@ The last line printed is one JSON object with these four figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
+import multiprocessing
 import os
 import resource
 import subprocess
@@ -37,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fusion.cache.reader import read_cache  # noqa: E402
-from fusion.extract.batches import DecodedImages, pad_token_ids  # noqa: E402
+from fusion.extract.batches import image_loader, pad_token_ids  # noqa: E402
 from fusion.extract.datasets import load_dataset  # noqa: E402
 from fusion.extract.encoders import image_embeddings, load_encoders, text_embeddings  # noqa: E402
 from fusion.extract.pipeline import ExtractConfig, extract, shard_batches, tokenize  # noqa: E402
@@ -55,6 +57,7 @@ PHOTO_SIZE = (640, 480)
 # ------------------------------------------------------------------ synthetic models and data
 
 
+@functools.cache
 def syllables() -> list[str]:
     return [c + v + e for c in CONSONANTS for v in VOWELS for e in ("", *CONSONANTS)]
 
@@ -114,21 +117,24 @@ def photo(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
+def write_pair(data: Path, seed: int, sample: int) -> None:
+    rng = np.random.default_rng([seed, sample])  # per sample, so the files do not depend on how writing is split
+    (data / f"{sample}.txt").write_text(tweet(rng, syllables()), encoding="utf-8")
+    photo(rng).save(data / f"{sample}.jpg", "JPEG", quality=90)
+
+
 def write_dataset(root: Path, n: int, seed: int = 0) -> Path:
     """root/MVSA_Single with n labelled pairs whose text and image labels agree (none dropped by cleaning)."""
     folder = root / "MVSA_Single"
     if (folder / "labelResultAll.txt").exists():
         return folder
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    rng, pieces = np.random.default_rng(seed), syllables()
+    jobs = [(folder / "data", seed, sample) for sample in range(1, n + 1)]
+    with multiprocessing.Pool(max(1, min(16, (os.cpu_count() or 1)))) as pool:
+        pool.starmap(write_pair, jobs, chunksize=32)
     labels = ("negative", "neutral", "positive")
-    lines = ["ID\ttext,image"]
-    for sample in range(1, n + 1):
-        label = labels[sample % 3]
-        lines.append(f"{sample}\t{label},{label}")
-        (folder / "data" / f"{sample}.txt").write_text(tweet(rng, pieces), encoding="utf-8")
-        photo(rng).save(folder / "data" / f"{sample}.jpg", "JPEG", quality=90)
-    (folder / "labelResultAll.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    lines = ["ID\ttext,image"] + [f"{sample}\t{labels[sample % 3]},{labels[sample % 3]}" for sample in range(1, n + 1)]
+    (folder / "labelResultAll.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")  # last: marks it complete
     return folder
 
 
@@ -151,17 +157,20 @@ def timed_extract(config: ExtractConfig) -> dict:
     return {"rows": summary.rows_computed, "seconds": seconds, "loop_seconds": stamps[-1] - stamps[0]}
 
 
-def prepared_batches(config: ExtractConfig, encoders) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The pipeline's own batches (same length-sorted composition), tokenised, decoded and already on the device."""
+def prepared_batches(config: ExtractConfig, encoders, limit: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """The pipeline's own batches (same length-sorted composition), tokenised, decoded (in workers: preparing is not
+    timed) and already on the device."""
     samples = load_dataset(config.dataset, config.root, seed=config.split_seed).samples
     token_ids = tokenize(encoders, samples, config.max_length)
-    images = DecodedImages([s.image for s in samples], encoders.image_processor)
-    batches = []
-    for batch in shard_batches(token_ids, config.batch_size, rank=0, world_size=1):
-        input_ids, mask = pad_token_ids([token_ids[i] for i in batch], encoders.tokenizer.pad_token_id)
-        pixels = torch.stack([images[i][1] for i in batch])
-        batches.append(tuple(t.to(encoders.device) for t in (input_ids, mask, pixels.to(encoders.dtype))))
-    return batches
+    batches = shard_batches(token_ids, config.batch_size, rank=0, world_size=1)[:limit]
+    loader = image_loader([s.image for s in samples], encoders.image_processor, batches, workers=config.workers,
+                          pin_memory=False)
+    prepared = []
+    for indices, pixels, skipped in loader:
+        assert not skipped, skipped
+        input_ids, mask = pad_token_ids([token_ids[i] for i in indices], encoders.tokenizer.pad_token_id)
+        prepared.append(tuple(t.to(encoders.device) for t in (input_ids, mask, pixels.to(encoders.dtype))))
+    return prepared
 
 
 def run_forwards(encoders, batches) -> None:
@@ -190,7 +199,7 @@ def warm_up(config: ExtractConfig) -> None:
     """One small forward first, so neither timed run pays for thread-pool and kernel start-up."""
     encoders = load_encoders(config.text_model, config.image_model, device=config.device,
                              precision=config.precision)
-    run_forwards(encoders, prepared_batches(config, encoders)[:1])
+    run_forwards(encoders, prepared_batches(config, encoders, limit=1))
 
 
 def min_cosine(path_a: Path, path_b: Path) -> dict[str, float]:
@@ -204,22 +213,30 @@ def min_cosine(path_a: Path, path_b: Path) -> dict[str, float]:
     return result
 
 
-def peak_rss_mb(args, models: tuple[Path, Path], root: Path, out: Path) -> float:
-    """Peak RSS of a fresh process running one extraction (its own process; workers report separately)."""
+def peak_rss_mb(args, models: tuple[Path, Path], root: Path, out: Path) -> dict[str, float]:
+    """Peak RSS of a fresh process running one extraction (workers are reported apart)."""
     command = [sys.executable, __file__, "--rss-child", str(root), "--rss-out", str(out),
                "--workdir", str(models[0].parent), "--device", args.device, "--batch-size", str(args.batch_size),
-               "--precisions", args.rss_precision] + ([] if args.workers is None else ["--workers", str(args.workers)])
+               "--rss-precision", args.rss_precision]
+    command += [] if args.workers is None else ["--workers", str(args.workers)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["maxrss_mb"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def resident_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def rss_child(args) -> None:
+    """The peak over the whole run (usually set while the weights load), and the highest resident size seen at
+    the batch loop's progress reports, which is where per-row growth would show."""
     models = write_models(Path(args.workdir))
     config = extract_config(args, models, Path(args.rss_child), Path(args.rss_out), args.rss_precision)
-    extract(config)
+    in_loop = []
+    extract(config, lambda done, total: in_loop.append(resident_mb()))
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"maxrss_mb": peak_kb / 1024, "workers_maxrss_mb": workers_kb / 1024}))
+    print(json.dumps({"peak": peak_kb / 1024, "loop": max(in_loop), "workers": workers_kb / 1024}))
 
 
 # ------------------------------------------------------------------ the run
@@ -318,9 +335,10 @@ def rss_growth(args, models, workdir: Path, work: Path) -> float:
     small = peak_rss_mb(args, models, write_dataset(workdir / f"data-{args.n}", args.n), work / "rss-n.h5")
     large_root = write_dataset(workdir / f"data-{4 * args.n}", 4 * args.n, seed=1)
     large = peak_rss_mb(args, models, large_root, work / "rss-4n.h5")
-    print(f"peak RSS ({args.rss_precision}): {small:.0f} MB for {args.n} samples, {large:.0f} MB for "
-          f"{4 * args.n}", flush=True)
-    return large / small - 1
+    print(f"RSS ({args.rss_precision}), {args.n} vs {4 * args.n} samples: peak {small['peak']:.0f} vs "
+          f"{large['peak']:.0f} MB; highest in the batch loop {small['loop']:.0f} vs {large['loop']:.0f} MB; "
+          f"decode workers' peak {small['workers']:.0f} vs {large['workers']:.0f} MB", flush=True)
+    return large["peak"] / small["peak"] - 1
 
 
 if __name__ == "__main__":

@@ -50,9 +50,11 @@ def collate(items):
 
 def image_loader(image_paths: Sequence, processor, batches: list[list[int]], *, workers: int,
                  pin_memory: bool) -> DataLoader:
+    # Two batches in flight per worker hide decoding jitter; more only holds decoded pixels in shared memory
+    # (a 128-image batch is 77 MB in fp32) without making anything faster.
     return DataLoader(DecodedImages(image_paths, processor), batch_sampler=batches, collate_fn=collate,
                       num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+                      prefetch_factor=2 if workers else None)
 
 
 def pad_token_ids(token_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

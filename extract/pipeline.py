@@ -1,10 +1,14 @@
 """Stage 1: read a dataset, run the frozen encoders once, write the embeddings cache.
 
     fusion extract --dataset mvsa-single --root data/MVSA_Single --out caches/mvsa-single.h5
+    torchrun --nproc-per-node 4 -m fusion.cli extract --dataset mvsa-single --root data/MVSA_Single   # 4 ranks
 
 The work is planned as a fixed list of rows (the dataset's samples in split order); every batch is written by row
 index into `OUT.partial/`, so an interrupted run (even `kill -9`) resumes with the rows still pending. When every row
-is done the partial batches are merged into the final HDF5 file by an atomic rename.
+is done the partial batches are merged into the final HDF5 file by an atomic rename. Batches are cut once from the
+texts sorted by length and dealt out to the ranks, so the cache is the same bit for bit for any number of ranks.
+Speed: texts are tokenised once up front, images decoded in DataLoader workers while the encoders run, and every
+row streams to disk as its batch finishes (`benchmarks/extract_speed.py` measures it against the bare forward).
 """
 
 from __future__ import annotations
@@ -202,13 +206,14 @@ def embed_batch(encoders: Encoders, token_ids: list[list[int]], batch, with_toke
         return {}
     order = np.argsort(indices)
     indices = [indices[i] for i in order]
-    pixels = pixels[torch.from_numpy(order)]
     input_ids, attention_mask = pad_token_ids([token_ids[i] for i in indices], encoders.tokenizer.pad_token_id)
     device, non_blocking = encoders.device, encoders.device.type == "cuda"
+    # Copied as they come (pinned by the loader, so the copy overlaps), reordered on the device.
+    pixels = pixels.to(device, encoders.dtype, non_blocking=non_blocking)[torch.from_numpy(order).to(device)]
     with torch.inference_mode():
         text, text_tokens = text_embeddings(encoders, input_ids.to(device, non_blocking=non_blocking),
                                             attention_mask.to(device, non_blocking=non_blocking))
-        image, image_tokens = image_embeddings(encoders, pixels.to(device, encoders.dtype, non_blocking=non_blocking))
+        image, image_tokens = image_embeddings(encoders, pixels)
     arrays = {"text": to_float16(text), "image": to_float16(image)}
     if with_tokens:
         arrays.update(text_tokens=to_float16(text_tokens), text_mask=attention_mask.bool().numpy(),
@@ -217,7 +222,8 @@ def embed_batch(encoders: Encoders, token_ids: list[list[int]], batch, with_toke
 
 
 def to_float16(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.float().cpu().numpy().astype(np.float16)
+    """Rounded on the device (the same round-to-nearest-even as numpy), so half as many bytes cross to the host."""
+    return tensor.to(torch.float16).cpu().numpy()
 
 
 def summarise(config: ExtractConfig, data: DatasetSamples, plan: Plan, *, rows_computed: int, started: float,
