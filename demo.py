@@ -43,7 +43,8 @@ def random_dinov2(folder: Path, *, seed: int = 0) -> str:
     return str(folder)
 
 
-def run_demo(out: Path, *, text_model: str | None = None, image_model: str | None = None, size: int = 1500) -> int:
+def run_demo(out: Path, *, text_model: str | None = None, image_model: str | None = None, size: int = 1500,
+             epochs: int = 30) -> int:
     from fusion.cli import main
     from fusion.console import console
     from fusion.extract.demo_data import write_demo_dataset
@@ -60,7 +61,7 @@ def run_demo(out: Path, *, text_model: str | None = None, image_model: str | Non
     cache, grid_dir = out / "demo.h5", out / "grid"
     steps = [["extract", "--dataset", "demo", "--root", str(out / "data"), "--out", str(cache),
               "--text-model", text, "--image-model", image, "--batch-size", "64"],
-             ["grid", "--cache", str(cache), "--heads", DEMO_HEADS, "--out", str(grid_dir)],
+             ["grid", "--cache", str(cache), "--heads", DEMO_HEADS, "--epochs", str(epochs), "--out", str(grid_dir)],
              ["report", "--run", str(grid_dir)]]
     for argv in steps:
         console.rule(f"fusion {' '.join(argv[:1])}")

@@ -88,7 +88,7 @@ def test_report_writes_figures_for_a_fit_run(trained_run, capsys):
 def test_demo_runs_end_to_end_on_a_small_synthetic_set(tmp_path, tiny_models, capsys):
     bert, dinov2 = tiny_models
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--size", "120", "--text-model", str(bert),
+    assert main(["demo", "--out", str(out), "--size", "120", "--epochs", "2", "--text-model", str(bert),
                  "--image-model", str(dinov2)]) == 0
     printed = capsys.readouterr().out
     assert "best configuration per head" in printed and "image_only" in printed
