@@ -13,8 +13,7 @@ labels, in memory. For each of the 5 heads, all in one run:
   flattered).
 - FLOP/s: the matmul FLOPs of forward + backward of one training epoch plus the validation forward, counted
   analytically (flops_per_sample; torch.utils.flop_counter agrees within 0.3%), divided by our seconds per epoch,
-  as a fraction of the float32 GEMM throughput
-  measured here with a large torch.mm.
+  as a fraction of the float32 GEMM throughput measured here with a large torch.mm.
 - ceiling: the speedup a trainer running at 100% of the GEMM throughput would reach (baseline seconds / (epoch
   FLOPs / GEMM FLOP/s)); both loops do the same matmuls, so no trainer can beat it at float32.
 The last line is JSON with the slowest head's figures (single config).
