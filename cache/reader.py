@@ -113,7 +113,14 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
         raise CacheError(f"{path}: cannot open it ({_reason(error)}); the file is truncated or damaged, "
                          f"run `fusion extract` again") from error
     with h5:
-        yield h5
+        try:
+            yield h5
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
+            # Damaged metadata surfaces from h5py as any of these (a failed metadata checksum, an offset out of
+            # bounds, an undecodable attribute); our own checks raise CacheError, which passes through.
+            reason = _reason(error)
+            hint = "" if "fusion extract" in reason else "; run `fusion extract` again"
+            raise CacheError(f"{path}: damaged cache file ({reason}){hint}") from error
 
 
 def check_header(h5: h5py.File, path: Path) -> dict:
@@ -201,11 +208,13 @@ def read_dataset(h5: h5py.File, path: Path, name: str, selection=()) -> np.ndarr
         raise CacheError(f"{path}: cannot read {name}: {_reason(error)}") from error
 
 
-def _reason(error: OSError) -> str:
-    text = str(error)
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     # fletcher32 is the only filter a cache uses, so a failing filter means the stored checksum does not match.
     if "filter returned failure" in text or "Fletcher32" in text:
         return "checksum mismatch (damaged file); run `fusion extract` again"
+    if "metadata checksum" in text:
+        return "metadata checksum mismatch"
     return text
 
 

@@ -4,6 +4,8 @@ Batches are streamed one file at a time. Token arrays go straight to disk in one
 text length, so their rows are scattered over the file; a chunk per row means each chunk is written exactly once).
 The pooled arrays of a split are small (tens of MB) and are gathered in memory, then written in ~1 MiB chunks.
 Every dataset carries a fletcher32 checksum, so a flipped byte is reported on read instead of becoming a wrong number.
+The file is written in the HDF5 1.10 format, whose metadata (object headers, chunk indexes, superblock) carries
+checksums too, and string attributes are fixed-width: a flip anywhere is an error, never a silently changed value.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ import h5py
 import numpy as np
 
 from fusion.cache.partial import (POOLED_ARRAYS, TOKEN_ARRAYS, BatchRef, PartialState, fsync_directory, json_default,
-                                  scan_partial, acquire_lock)
+                                  partial_dir, scan_partial, acquire_lock)
 from fusion.errors import CacheError
 from fusion.labels import LABELS, SPLITS
 
 FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 20
 UTF8 = "utf-8"
+# The 1.10 file format checksums all metadata; the default (earliest) format does not, and a flipped byte in an
+# unchecked object header or chunk index can silently swap values or send HDF5 into an endless loop.
+LIBVER = "v110"
 
 
 @dataclass
@@ -74,6 +79,12 @@ def finalize(partial_dirs: list[Path], out: Path) -> Path:
     for directory in directories:
         shutil.rmtree(directory, ignore_errors=True)
     return out
+
+
+def remove_leftover_partial(out: Path) -> None:
+    """A run killed between the final rename and the removal of its work folder leaves the folder beside the
+    finished cache; nothing in it is needed any more."""
+    shutil.rmtree(partial_dir(Path(out)), ignore_errors=True)
 
 
 def _common_plan(states: list[PartialState]):
@@ -157,7 +168,7 @@ def _dims(batches: list[BatchRef], attrs: dict, directory: Path) -> Dims:
 
 def write_h5(temp: Path, state: PartialState, layout: Layout, dims: Dims, batches: list[BatchRef]) -> None:
     """Everything but `complete` first; `complete` last, then flush and fsync before the caller renames."""
-    with h5py.File(temp, "w") as h5:
+    with h5py.File(temp, "w", libver=LIBVER) as h5:
         write_attrs(h5, state.plan.attrs, fingerprint=state.plan.fingerprint, tokens=dims.tokens)
         token_sets = _create_token_datasets(h5, layout, dims)
         pooled = {split: _pooled_buffers(rows, dims) for split, rows in layout.counts.items()}
@@ -184,7 +195,14 @@ def write_attrs(h5: h5py.File, attrs: dict, *, fingerprint: str, tokens: bool) -
     merged = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **attrs,
               "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "tokens": tokens, "complete": False}
     for key, value in merged.items():
-        h5.attrs[key] = h5_attr(value)
+        value = h5_attr(value)
+        if isinstance(value, str):
+            # Fixed width: a variable-length string lives in the global heap, outside every checksum.
+            encoded = value.encode(UTF8)
+            h5.attrs.create(key, np.array(encoded, dtype=f"S{max(1, len(encoded))}"),
+                            dtype=h5py.string_dtype(UTF8, max(1, len(encoded))))
+        else:
+            h5.attrs[key] = value
 
 
 def h5_attr(value):
