@@ -125,6 +125,16 @@ def weight_dtypes(device: torch.device, precision: str) -> tuple[torch.dtype, to
     return dtype, None
 
 
+def fit_max_length(encoders: Encoders, max_length: int) -> int:
+    """`max_length`, lowered to what the text model has positions for: a longer input would crash its embedding
+    layer mid-run (the cache records the length actually used, so a rerun with the same arguments resumes)."""
+    limits = [getattr(encoders.text_model.config, "max_position_embeddings", None),
+              getattr(encoders.tokenizer, "model_max_length", None)]
+    # Tokenizers saved without a limit report a huge sentinel (about 1e30); only real limits count.
+    limits = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]
+    return min([max_length, *limits])
+
+
 def canonical_name(name: str) -> str:
     """A local folder is recorded as an absolute path, so the cache still names it from another directory."""
     local = Path(name).expanduser()

@@ -18,6 +18,9 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 # before any pixel is decoded. (Pillow itself still emits its DecompressionBombWarning for 1-2x this size; the
 # warnings filters are global and not thread-safe to swap, so they are left alone.)
 MAX_PIXELS = 89_478_485
+# A 1 x 2,000,000 PNG is 4 KB and within MAX_PIXELS, but an image processor scaling its short side to 256 would
+# allocate hundreds of GB: refuse shapes no photo or meme has (a long screenshot is ~1:30).
+MAX_ASPECT_RATIO = 100
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".jpe", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a viewer would show a meme
 
@@ -84,6 +87,8 @@ def _refuse_bomb(size: tuple[int, int]) -> None:
     width, height = size
     if width * height > MAX_PIXELS:
         raise ImageUnreadable(f"decompression bomb ({width} x {height} pixels)")
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise ImageUnreadable(f"extreme aspect ratio ({width} x {height} pixels)")
 
 
 def _short(err: Exception) -> str:
@@ -136,7 +141,7 @@ class ImageFolder:
 
     def resolve(self, name: str) -> Path | None:
         exact = self.folder / name
-        if exact.is_file():
+        if _is_file(exact):
             return exact
         self._index()
         lower = name.lower()
@@ -149,13 +154,28 @@ class ImageFolder:
         """List the folder once (thousands of lookups then cost a dict access each)."""
         if self._by_lower is not None:
             return
-        names = sorted(os.listdir(self.folder)) if self.folder.is_dir() else []
+        names = sorted(os.listdir(self.folder)) if _is_dir(self.folder) else []
         self._by_lower, self._by_stem = {}, {}
         for name in names:
             stem, ext = os.path.splitext(name.lower())
             self._by_lower.setdefault(name.lower(), name)
             if ext in IMAGE_EXTENSIONS:
                 self._by_stem.setdefault(stem, []).append(name)
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False also for names the OS refuses (too long: a label file may hold any text)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _preferred(names: list[str]) -> str:

@@ -13,6 +13,7 @@ row streams to disk as its batch finishes (`benchmarks/extract_speed.py` measure
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from collections import Counter
@@ -28,13 +29,13 @@ import fusion
 from fusion.cache.fingerprint import fingerprint
 from fusion.cache.partial import PartialCache, Plan
 from fusion.cache.reader import is_complete_cache
-from fusion.cache.writer import finalize
+from fusion.cache.writer import finalize, remove_leftover_partial
 from fusion.errors import CacheError
 from fusion.extract.batches import image_loader, length_sorted_batches, pad_token_ids
 from fusion.extract.datasets import load_dataset
 from fusion.extract.distributed import barrier, sum_over_ranks
 from fusion.extract.encoders import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IMAGE_POOLING, TEXT_POOLING, Encoders,
-                                     image_embeddings, load_encoders, text_embeddings)
+                                     fit_max_length, image_embeddings, load_encoders, text_embeddings)
 from fusion.extract.samples import DatasetSamples, Sample
 from fusion.labels import LABELS, SPLITS
 
@@ -87,11 +88,13 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
     data = limit_samples(load_dataset(config.dataset, config.root, seed=config.split_seed), config.limit)
     encoders = load_encoders(config.text_model, config.image_model, device=config.device,
                              precision=config.precision, trust_remote_code=config.trust_remote_code)
+    config = dataclasses.replace(config, max_length=fit_max_length(encoders, config.max_length))
     plan = make_plan(config, data, encoders)
     if config.out.exists():
         if not is_complete_cache(config.out, plan.fingerprint):
             raise CacheError(f"{config.out} exists and was made for other settings or is damaged; "
                              f"delete it or choose another --out")
+        remove_leftover_partial(config.out)  # a kill between the final rename and the cleanup leaves it
         return summarise(config, data, plan, rows_computed=0, started=started, already_complete=True)
     partial = PartialCache.open(config.out, plan=plan, rank=rank)
     try:
