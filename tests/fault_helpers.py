@@ -1,0 +1,144 @@
+"""Helpers for the fault tests: `fusion` commands in child processes that a test can SIGKILL, cheaply.
+
+Importing torch and transformers costs ~5 s per process on the CI machine. A multiprocessing *forkserver* imports them
+once (it never runs a torch op, so forking it is safe) and forks every run from there in milliseconds; each child is
+a separate process running `fusion.cli.main(argv)`, the function behind `python -m fusion.cli`. That makes a dozen
+kills and resumes affordable in a test. The tests also run the real `python -m fusion.cli` where it matters.
+
+    runner = CliRunner()                   # one per test module
+    child = runner.start(["extract", ...], log=tmp_path / "run.log")
+    child.kill(); child.join()             # exitcode -9: killed
+    runner.close()
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+PRELOAD = ["fusion.cli", "fusion.console", "fusion.extract.pipeline", "fault_helpers"]
+
+# Figures for the issue's closing note, printed at the end of each fault test module (visible with -s).
+FIGURES: Counter = Counter()
+
+
+def print_figures(module: str) -> None:
+    print(f"\n[fault figures] {module}: " + ", ".join(f"{k}={v}" for k, v in sorted(FIGURES.items())), flush=True)
+
+
+def cli_child(argv: list[str], log: str, hold_after_first_batch: str | None = None, die_at: str | None = None) -> None:
+    """Runs in the forked child: stdout and stderr go to `log`; the exit code is main()'s."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    if hold_after_first_batch:
+        _hold_after_first_batch(Path(hold_after_first_batch))
+    if die_at:
+        _die_at(die_at)
+    from fusion.cli import main
+
+    code = main(list(argv))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _hold_after_first_batch(go_file: Path) -> None:
+    """Makes this process keep its cache lock after one batch until `go_file` exists (a slow first writer)."""
+    from fusion.cache.partial import PartialCache
+
+    original = PartialCache.write_batch
+
+    def write_batch(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        deadline = time.monotonic() + 120
+        while not go_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    PartialCache.write_batch = write_batch
+
+
+class _Dying:
+    """Stands in for a module (`os`, `shutil`) inside one fusion module: the named function SIGKILLs the process
+    on its `nth` call instead of running, everything else is the real module's."""
+
+    def __init__(self, module, name: str, nth: int):
+        self._module, self._name, self._nth, self._calls = module, name, nth, 0
+
+    def __getattr__(self, attribute):
+        real = getattr(self._module, attribute)
+        if attribute != self._name:
+            return real
+
+        def dying(*args, **kwargs):
+            self._calls += 1
+            if self._calls >= self._nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        return dying
+
+
+# Deterministic kills in the narrow windows that random delays rarely hit.
+DEATHS = {
+    "atomic_rename": ("fusion.atomic", "os", "replace"),       # plan.json or a batch file written, not renamed
+    "finalize_read": ("fusion.cache.writer", "np", "load"),    # finalize copying batches into the HDF5 temp
+    "final_rename": ("fusion.cache.writer", "os", "replace"),  # the HDF5 temp written and fsynced, not renamed
+    "cleanup": ("fusion.cache.writer", "shutil", "rmtree"),     # the cache renamed, the work folder not removed
+}
+
+
+def _die_at(spec: str) -> None:
+    import importlib
+
+    name, _, nth = spec.partition(":")
+    module_name, attribute, function = DEATHS[name]
+    module = importlib.import_module(module_name)
+    setattr(module, attribute, _Dying(getattr(module, attribute), function, int(nth or 1)))
+
+
+class CliRunner:
+    def __init__(self):
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(PRELOAD)
+
+    def start(self, argv: list[str], *, log: Path, hold_after_first_batch: Path | None = None,
+              die_at: str | None = None):
+        """`die_at`: "atomic_rename:N", "finalize_read:N", "final_rename" or "cleanup" (see DEATHS)."""
+        hold = str(hold_after_first_batch) if hold_after_first_batch else None
+        child = self.context.Process(target=cli_child, args=(list(argv), str(log), hold, die_at))
+        child.start()
+        return child
+
+    def run(self, argv: list[str], *, log: Path, timeout: float = 120) -> int:
+        child = self.start(argv, log=log)
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise AssertionError(f"fusion {' '.join(argv[:1])} did not finish in {timeout} s; log: {log.read_text()}")
+        return child.exitcode
+
+
+def wait_until(condition, *, timeout: float, alive=None, poll: float = 0.001) -> bool:
+    """Polls `condition` until it holds (True), `alive()` turns False, or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if alive is not None and not alive():
+            return bool(condition())
+        time.sleep(poll)
+    return False
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
