@@ -1,7 +1,7 @@
 """Extraction speed: `fusion extract` end to end against the encoders' pure forward, measured in one run.
 
     .venv/bin/python benchmarks/extract_speed.py                       # CPU: N=96, batch 16, a few minutes
-    .venv/bin/python benchmarks/extract_speed.py --device cuda --n 2048 --batch-size 128 --workers 12
+    benchmarks/gpu_check.sh                                            # GPU: calls this with --device cuda ...
 
 Random models of the exact bert-base-uncased and dinov2-small shapes (with a 30,522-entry WordPiece tokenizer and
 dinov2-small's preprocessing: shortest edge 256, centre crop 224) are saved with save_pretrained and loaded through
@@ -10,6 +10,7 @@ the same path as real names; the dataset is N tweet-like texts and 640x480 JPEG 
 - ratio_to_forward: extraction samples/s (the whole `extract()` call: dataset, model loading, decoding, batches,
   writing, finalize) over the samples/s of the two forwards alone on the same batches, already tokenised, decoded
   and on the device, same models, batch size and precision. The first precision listed (fp32) gives the headline.
+  Each is timed `--repeats` times, alternating, and the fastest counts.
 - bf16_speedup: extraction seconds in fp32 over bf16. bf16_min_cosine: the lowest per-row cosine similarity between
   the bf16 and fp32 caches, text and image. rss_growth_4x: peak RSS of a fresh extraction process on 4N samples over
   one on N, minus 1.
@@ -19,8 +20,8 @@ The last line printed is one JSON object with these four figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
-import gc
 import json
 import multiprocessing
 import os
@@ -154,7 +155,8 @@ def timed_extract(config: ExtractConfig) -> dict:
     started = time.perf_counter()
     summary = extract(config, lambda done, total: stamps.append(time.perf_counter()))
     seconds = time.perf_counter() - started
-    return {"rows": summary.rows_computed, "seconds": seconds, "loop_seconds": stamps[-1] - stamps[0]}
+    return {"rows": summary.rows_computed, "seconds": seconds, "loop_seconds": stamps[-1] - stamps[0],
+            "out": config.out}
 
 
 def prepared_batches(config: ExtractConfig, encoders, limit: int | None = None) -> list[tuple[torch.Tensor, ...]]:
@@ -173,33 +175,15 @@ def prepared_batches(config: ExtractConfig, encoders, limit: int | None = None) 
     return prepared
 
 
-def run_forwards(encoders, batches) -> None:
+def timed_forwards(encoders, batches) -> float:
+    started = time.perf_counter()
     with torch.inference_mode():
         for input_ids, mask, pixels in batches:
             text_embeddings(encoders, input_ids, mask)
             image_embeddings(encoders, pixels)
     if encoders.device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def timed_forward(config: ExtractConfig) -> dict:
-    encoders = load_encoders(config.text_model, config.image_model, device=config.device,
-                             precision=config.precision)
-    batches = prepared_batches(config, encoders)
-    started = time.perf_counter()
-    run_forwards(encoders, batches)
-    seconds = time.perf_counter() - started
-    rows = sum(len(batch[0]) for batch in batches)
-    del encoders, batches
-    gc.collect()
-    return {"rows": rows, "seconds": seconds}
-
-
-def warm_up(config: ExtractConfig) -> None:
-    """One small forward first, so neither timed run pays for thread-pool and kernel start-up."""
-    encoders = load_encoders(config.text_model, config.image_model, device=config.device,
-                             precision=config.precision)
-    run_forwards(encoders, prepared_batches(config, encoders, limit=1))
+    return time.perf_counter() - started
 
 
 def min_cosine(path_a: Path, path_b: Path) -> dict[str, float]:
@@ -264,17 +248,25 @@ class OtherLoad:
 
 
 def measure_precision(args, models, root: Path, work: Path, precision: str) -> dict:
+    """Extraction and the pure forward alternate, `--repeats` times; the fastest of each counts (noise from other
+    work on the machine only ever adds time)."""
     config = extract_config(args, models, root, work / f"cache-{precision}.h5", precision)
-    warm_up(config)
-    run = timed_extract(config)
-    forward = timed_forward(config)
-    assert run["rows"] == forward["rows"], (run, forward)
-    run.update(forward_seconds=forward["seconds"], ratio=forward["seconds"] / run["seconds"],
-               loop_ratio=forward["seconds"] / run["loop_seconds"], cache=config.out)
-    print(f"{precision}: extract {run['rows']} rows in {run['seconds']:.1f} s ({run['rows'] / run['seconds']:.2f} "
-          f"samples/s; batch loop alone {run['loop_seconds']:.1f} s); pure forward {forward['seconds']:.1f} s "
-          f"({forward['rows'] / forward['seconds']:.2f} samples/s); ratio {run['ratio']:.3f} "
-          f"(loop alone {run['loop_ratio']:.3f})", flush=True)
+    encoders = load_encoders(config.text_model, config.image_model, device=config.device, precision=precision)
+    batches = prepared_batches(config, encoders)
+    timed_forwards(encoders, batches[:1])  # thread pools and kernels start before anything is timed
+    runs, forwards = [], []
+    for repeat in range(args.repeats):
+        runs.append(timed_extract(dataclasses.replace(config, out=work / f"cache-{precision}-{repeat}.h5")))
+        forwards.append(timed_forwards(encoders, batches))
+    rows, forward = sum(len(batch[0]) for batch in batches), min(forwards)
+    assert all(run["rows"] == rows for run in runs), (runs, rows)
+    run = {"rows": rows, "seconds": min(r["seconds"] for r in runs), "forward_seconds": forward,
+           "loop_seconds": min(r["loop_seconds"] for r in runs), "cache": runs[0]["out"]}
+    run.update(ratio=forward / run["seconds"], loop_ratio=forward / run["loop_seconds"])
+    print(f"{precision}: extract {rows} rows in {run['seconds']:.1f} s ({rows / run['seconds']:.2f} samples/s; "
+          f"batch loop alone {run['loop_seconds']:.1f} s); pure forward {forward:.1f} s ({rows / forward:.2f} "
+          f"samples/s); ratio {run['ratio']:.3f} (loop alone {run['loop_ratio']:.3f}); all runs (s): extract "
+          f"{[round(r['seconds'], 1) for r in runs]}, forward {[round(f, 1) for f in forwards]}", flush=True)
     return run
 
 
@@ -284,6 +276,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=int, default=None, help="image-decoding workers [ExtractConfig's default]")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the fastest counts")
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated; the first is the baseline")
     parser.add_argument("--rss-precision", default="bf16", help="precision of the two RSS runs")
     parser.add_argument("--skip-rss", action="store_true", help="leave out the N vs 4N memory check")
