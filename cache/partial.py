@@ -40,6 +40,7 @@ PLAN_FILE = "plan.json"
 POOLED_ARRAYS = ("text", "image")
 TOKEN_ARRAYS = ("text_tokens", "text_mask", "image_tokens")
 FLOAT_ARRAYS = ("text", "image", "text_tokens", "image_tokens")
+RUN_ATTRS = {"created", "torch_version", "transformers_version"}  # may differ between the runs that fill one folder
 
 
 @dataclass(frozen=True)
@@ -210,14 +211,23 @@ def _ensure_plan(directory: Path, plan: Plan, rank: int) -> None:
     if existing.fingerprint != plan.fingerprint or not same_rows:
         raise CacheError(f"{directory}: this partial cache was made for other settings (fingerprint "
                          f"{existing.fingerprint[:12]}, requested {plan.fingerprint[:12]}); delete it or use --out")
+    # Same fingerprint, so every attribute but the run's own ones must match too; one that differs was altered, and
+    # finalize would copy it into the cache.
+    wanted = json.loads(json.dumps(plan.attrs, default=json_default))
+    for key in sorted((set(wanted) | set(existing.attrs)) - RUN_ATTRS):
+        if existing.attrs.get(key) != wanted.get(key):
+            raise CacheError(f"{path}: damaged plan (attribute {key} is {str(existing.attrs.get(key))[:40]!r}, "
+                             f"the settings say {str(wanted.get(key))[:40]!r}); delete {directory} and run "
+                             f"`fusion extract` again")
 
 
 def read_plan(directory: Path) -> Plan:
     path = directory / PLAN_FILE
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
-        if body.get("partial_format") != PARTIAL_FORMAT:
-            raise ValueError(f"partial format {body.get('partial_format')!r}, expected {PARTIAL_FORMAT}")
+        if not isinstance(body, dict) or body.get("partial_format") != PARTIAL_FORMAT:
+            raise ValueError(f"not a plan of partial format {PARTIAL_FORMAT}")
+        _check_plan_types(body)
         return Plan(fingerprint=body["fingerprint"], attrs=body["attrs"], ids=body["ids"], splits=body["splits"],
                     labels=body["labels"])
     except FileNotFoundError as error:
@@ -225,6 +235,18 @@ def read_plan(directory: Path) -> Plan:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CacheError(f"{path}: damaged plan ({error}); delete {directory} and run `fusion extract` "
                          f"again") from error
+
+
+def _check_plan_types(body: dict) -> None:
+    """JSON read back from disk is validated before anything compares or indexes with it."""
+    expected = {"fingerprint": str, "attrs": dict, "ids": list, "splits": list, "labels": list}
+    for key, kind in expected.items():
+        if not isinstance(body.get(key), kind):
+            raise ValueError(f"{key} should be a {kind.__name__}")
+    if not all(isinstance(value, str) for value in body["ids"] + body["splits"]):
+        raise ValueError("ids and splits should be strings")
+    if not all(type(value) is int for value in body["labels"]):
+        raise ValueError("labels should be integers")
 
 
 def _done_rows(directory: Path, rank: int, rows: int) -> np.ndarray:
