@@ -142,3 +142,58 @@ def kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+# ---------------------------------------------------------------- damaged caches (run in a subprocess)
+
+
+def cache_snapshot(path: Path) -> dict:
+    """Everything read_cache returns, as comparable bytes."""
+    from fusion.cache.reader import read_cache
+
+    data = read_cache(path, tokens=True)
+    snapshot = {"attrs": data.attrs, "skipped": data.skipped}
+    for split, arrays in data.splits.items():
+        for name in ("text", "image", "label", "id", "text_tokens", "text_mask", "image_tokens"):
+            value = getattr(arrays, name)
+            snapshot[f"{split}/{name}"] = (value.dtype.str, value.shape, value.tobytes())
+    return snapshot
+
+
+def damage_survey(source: str, flips: int, truncations: int, seed: int) -> None:
+    """Reads copies of a cache with one bit flipped at a random offset, then cut at evenly spaced lengths; prints a
+    JSON tally. Each outcome must be a one-line CacheError naming the file or the very same contents; a read that
+    hangs for 20 s ends the process (faulthandler) with the offset on stdout."""
+    import faulthandler
+    import json
+    import random
+
+    from fusion.errors import CacheError
+
+    source_path = Path(source)
+    original = source_path.read_bytes()
+    reference = cache_snapshot(source_path)
+    copy = source_path.with_name("damaged-" + source_path.name)
+    rng = random.Random(seed)
+    tally: Counter = Counter()
+    cases = [("flip", rng.randrange(len(original)), rng.randrange(8)) for _ in range(flips)]
+    cases += [("cut", len(original) * k // truncations, 0) for k in range(truncations)]  # 0 .. (n-1)/n of the file
+    for kind, offset, bit in cases:
+        data = bytearray(original)
+        if kind == "flip":
+            data[offset] ^= 1 << bit
+        else:
+            del data[offset:]
+        copy.write_bytes(bytes(data))
+        print(kind, offset, bit, flush=True)
+        faulthandler.dump_traceback_later(20, exit=True)
+        try:
+            outcome = "same" if cache_snapshot(copy) == reference else "DIFFERENT"
+        except CacheError as error:
+            message = str(error)
+            outcome = "refused" if "\n" not in message and str(copy) in message else f"BAD MESSAGE {message!r}"
+        except Exception as error:  # noqa: BLE001 (the point is to see anything that is not a CacheError)
+            outcome = f"UNCAUGHT {type(error).__name__}: {error}"
+        faulthandler.cancel_dump_traceback_later()
+        tally[f"{kind} {outcome}" if outcome in ("same", "refused") else f"{kind} at {offset}: {outcome}"] += 1
+    print(json.dumps(tally), flush=True)
