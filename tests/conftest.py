@@ -17,3 +17,14 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("models")
     return write_tiny_bert(root / "bert"), write_tiny_dinov2(root / "dinov2")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny training runs: on a shared 2-core machine two threads contending with other work are far slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

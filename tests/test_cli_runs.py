@@ -14,6 +14,9 @@ from fusion.heads.checkpoint import load_run
 from fusion.labels import LABELS
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def test_fit_writes_a_run_directory_and_prints_metrics(tmp_path, capsys):
     cache = write_synthetic_cache(tmp_path / "c.h5", (60, 20, 20), dt=12, di=8, seed=5)
     out = tmp_path / "run"

@@ -18,6 +18,7 @@ from fusion.heads.config import FitConfig
 from fusion.heads.grid import grid_configs, parse_loss, run_grid, summarise
 from fusion.heads.train import train_head
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = FitConfig(epochs=4, patience=2, batch_size=32)
 
 

@@ -19,13 +19,7 @@ from synthetic import stand_in_cache, token_split
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A shared 2-core machine: two threads contending with other work are far slower than one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(proj_dim=8, hidden=5)
 

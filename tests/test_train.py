@@ -18,13 +18,7 @@ from synthetic import gaussian_features, token_split, xor_features
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A shared 2-core machine: two threads contending with other work are far slower than one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = dict(proj_dim=32, hidden=32, batch_size=64)
 SMALL_SIZES = {"train": 300, "val": 100, "test": 100}
