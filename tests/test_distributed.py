@@ -126,3 +126,15 @@ def test_a_killed_rank_resumes_from_its_batches_when_the_job_is_run_again(datase
     second = [row for entry in read_log(second_log) for row in entry["rows"]]
     assert second and {entry["rank"] for entry in read_log(second_log)} >= {1}  # rank 1 had work left
     assert sorted(first + second) == sorted(set(first + second))  # no row was computed twice
+
+
+def test_a_worker_restarted_on_a_shared_store_stops_with_advice_instead_of_hanging(monkeypatch):
+    from fusion.errors import FusionError
+    from fusion.extract.distributed import distributed_context
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    with pytest.raises(FusionError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        with distributed_context():
+            pass
