@@ -73,7 +73,8 @@ def parse_label_file(path: Path, kind: str) -> list[tuple[str, list[Pair]]]:
     """(ID, annotator pairs) per row, in file order; LabelFileError names the file and line."""
     expected = 1 + ANNOTATORS[kind]
     text, _ = read_label_text(path)
-    lines = text.splitlines()
+    # Only CR/LF end lines: str.splitlines() also splits at \x0b, \x0c, \x85, U+2028..., shifting line numbers.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     header = lines[0].split("\t")
     if header[0].strip().lower() != "id":
         raise _error(path, 1, f"expected a header line starting with 'ID<TAB>', found {lines[0][:60]!r}")

@@ -101,7 +101,10 @@ def read_label_text(path: Path) -> tuple[str, Counter]:
     if b"\x00" in raw and not raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         line = raw[: raw.index(b"\x00")].count(b"\n") + 1
         raise LabelFileError(f"{path}: line {line}: binary data (NUL byte), not a text label file")
-    return decode_document(raw)
+    text, fallbacks = decode_document(raw)
+    if not text.strip():  # nothing but a byte-order mark
+        raise LabelFileError(f"{path}: line 1: empty file")
+    return text, fallbacks
 
 
 @dataclass
