@@ -306,7 +306,9 @@ def npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                 version = np.lib.format.read_magic(handle)
                 reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                     np.lib.format.read_array_header_2_0
-                shape, _, _ = reader(handle)
+                shape, _, dtype = reader(handle)
+            if dtype.hasobject:  # never written by us; np.load(allow_pickle=False) would refuse it at finalize
+                raise ValueError(f"{path}: {member} holds Python objects (a pickle), not numbers")
             shapes[member.removesuffix(".npy")] = tuple(shape)
     return shapes
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,13 +158,23 @@ def _from_pretrained(loader, name: str, what: str, trust_remote_code: bool, **kw
     try:
         # Try the local cache first: offline, the hub lookup would retry for half a minute before failing.
         return loader.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs)
+    except pickle.UnpicklingError as error:
+        raise _unsafe_pickle(what, name) from error
     except (OSError, ValueError) as cached_error:
         if local.is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise _missing(what, name, cached_error) from cached_error
     try:
         return loader.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except pickle.UnpicklingError as error:
+        raise _unsafe_pickle(what, name) from error
     except (OSError, ValueError) as error:
         raise _missing(what, name, error) from error
+
+
+def _unsafe_pickle(what: str, name: str) -> ModelLoadError:
+    """torch's weights-only unpickler refused a .bin file: it holds objects that would run code when loaded."""
+    return ModelLoadError(f"cannot load {what} {name!r}: its pickled weights (.bin) hold more than tensors and could "
+                          f"run code, so they were not loaded; use the model's safetensors weights")
 
 
 def _missing(what: str, name: str, error: Exception) -> ModelLoadError:
