@@ -215,10 +215,11 @@ def _ensure_plan(directory: Path, plan: Plan, rank: int) -> None:
     # finalize would copy it into the cache.
     wanted = json.loads(json.dumps(plan.attrs, default=json_default))
     for key in sorted((set(wanted) | set(existing.attrs)) - RUN_ATTRS):
-        if existing.attrs.get(key) != wanted.get(key):
-            raise CacheError(f"{path}: damaged plan (attribute {key} is {str(existing.attrs.get(key))[:40]!r}, "
-                             f"the settings say {str(wanted.get(key))[:40]!r}); delete {directory} and run "
-                             f"`fusion extract` again")
+        if key not in existing.attrs or key not in wanted or existing.attrs[key] != wanted[key]:
+            raise CacheError(f"{path}: damaged plan (attribute {key[:40]!r} is "
+                             f"{str(existing.attrs.get(key, 'absent'))[:40]!r}, the settings say "
+                             f"{str(wanted.get(key, 'absent'))[:40]!r}); delete {directory} and run `fusion extract` "
+                             f"again")
 
 
 def read_plan(directory: Path) -> Plan:
