@@ -21,14 +21,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
-PRELOAD = ["fusion.cli", "fusion.console", "fusion.extract.pipeline", "fault_helpers"]
+PRELOAD = ["fusion.cli", "fusion.console", "fusion.extract.pipeline", "fusion.heads.grid_run", "fusion.heads.runs",
+           "fault_helpers"]
 
 # Figures for the issue's closing note, printed at the end of each fault test module (visible with -s).
 FIGURES: Counter = Counter()
 
 
-def print_figures(module: str) -> None:
-    print(f"\n[fault figures] {module}: " + ", ".join(f"{k}={v}" for k, v in sorted(FIGURES.items())), flush=True)
+def print_figures(module: str, since: Counter | None = None) -> None:
+    """The module's own figures (those added since `since`, a copy of FIGURES taken at its start)."""
+    own = FIGURES - (since or Counter())
+    print(f"\n[fault figures] {module}: " + ", ".join(f"{k}={v}" for k, v in sorted(own.items())), flush=True)
 
 
 def cli_child(argv: list[str], log: str, hold_after_first_batch: str | None = None, die_at: str | None = None) -> None:

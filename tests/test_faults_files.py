@@ -30,8 +30,9 @@ DATASETS += ["skipped/id", "skipped/split", "skipped/reason"]
 
 @pytest.fixture(scope="module", autouse=True)
 def figures():
+    start = FIGURES.copy()
     yield
-    print_figures(__name__)
+    print_figures(__name__, start)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def damaged_plans(draw, text: str) -> str:
     return json.dumps(body)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_a_damaged_plan_is_refused_in_one_line_and_no_batch_is_lost(half_done, data):
     out, plan, text, batches = half_done
@@ -191,3 +192,99 @@ def test_extract_with_a_damaged_plan_or_final_file_stops_in_one_line_and_keeps_e
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "damaged plan" in err and str(directory) in err, err
     assert (directory / "batch-r0000-000000000000.npz").exists()
+
+
+# ---------------------------------------------------------------- run directories (stage 2)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    import torch
+    from synthetic import xor_features
+
+    from fusion.heads.checkpoint import save_run
+    from fusion.heads.config import FitConfig
+    from fusion.heads.train import train_head
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        features = xor_features({"train": 120, "val": 40, "test": 40})
+        result = train_head(features, FitConfig(head="dual_attn", epochs=2, proj_dim=16, hidden=16, batch_size=32))
+    finally:
+        torch.set_num_threads(threads)
+    run = save_run(tmp_path_factory.mktemp("run") / "run", result, cache_path="c.h5", fingerprint="f", dims=(6, 4))
+    return run, {name: (run / name).read_bytes() for name in ("config.json", "metrics.json", "head.safetensors")}
+
+
+def _load_run_outcome(run: Path, damaged: str) -> str:
+    from fusion.errors import RunError
+    from fusion.heads.checkpoint import load_run
+
+    try:
+        load_run(run)
+    except RunError as error:
+        message = str(error)
+        assert "\n" not in message and str(run) in message, message
+        return "refused"
+    return "loaded"
+
+
+@st.composite
+def damaged_bytes(draw, original: bytes) -> bytes:
+    data = bytearray(original)
+    kind = draw(st.sampled_from(["cut", "flip", "insert", "garbage"]))
+    if kind == "cut":
+        return bytes(data[:draw(st.integers(0, len(data) - 1))])
+    if kind == "garbage":
+        return draw(st.binary(max_size=300))
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(data) - 1))
+        if kind == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        else:
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+    return bytes(data)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), target=st.sampled_from(["config.json", "metrics.json", "head.safetensors",
+                                                "head.safetensors with its hash updated"]))
+def test_a_damaged_or_altered_run_directory_is_refused_with_the_reason(run_dir, data, target):
+    """Weights: any change is refused by the sha256 in config.json; with the hash updated too (a deliberate edit),
+    the safetensors parser and the shape checks still refuse anything malformed, in one line."""
+    import hashlib
+
+    run, originals = run_dir
+    name = target.split(" ")[0]
+    try:
+        if name == "config.json" and data.draw(st.booleans()):
+            damaged = data.draw(damaged_plans(originals[name].decode())).encode()  # JSON-aware damage
+        else:
+            damaged = data.draw(damaged_bytes(originals[name]))
+        (run / name).write_bytes(damaged)
+        if target.endswith("updated"):
+            config = json.loads(originals["config.json"])
+            config["head_sha256"] = hashlib.sha256(damaged).hexdigest()
+            (run / "config.json").write_text(json.dumps(config))
+        FIGURES["generated bad inputs tried"] += 1
+        outcome = _load_run_outcome(run, name)
+        if name == "head.safetensors" and not target.endswith("updated"):
+            assert outcome == "refused"
+        FIGURES[f"run files {outcome}"] += 1
+    finally:
+        for file, content in originals.items():
+            (run / file).write_bytes(content)
+
+
+def test_predict_with_an_altered_run_stops_in_one_line(run_dir, tmp_path, capsys):
+    run, originals = run_dir
+    weights = bytearray(originals["head.safetensors"])
+    weights[-3] ^= 0x40
+    (run / "head.safetensors").write_bytes(bytes(weights))
+    try:
+        assert main(["predict", "--run", str(run), "--text", "good day", "--image", str(tmp_path / "x.jpg")]) == 1
+    finally:
+        (run / "head.safetensors").write_bytes(originals["head.safetensors"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "head.safetensors: altered" in err, err

@@ -5,6 +5,7 @@ through the real `python -m fusion.cli`. Figures for the closing note are printe
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -24,14 +25,15 @@ from fusion.errors import CacheError
 
 ARRAYS = ("text", "image", "label", "id", "text_tokens", "text_mask", "image_tokens")
 KILLED = -signal.SIGKILL
-RANDOM_KILLS = 8
+RANDOM_KILLS = 6
+GRID_KILLS = 4
 
 
 @pytest.fixture(scope="module")
 def runner():
-    runner = CliRunner()
-    yield runner
-    print_figures(__name__)
+    start = FIGURES.copy()
+    yield CliRunner()
+    print_figures(__name__, start)
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +220,90 @@ def test_a_second_writer_of_the_same_cache_is_refused_and_the_first_finishes(run
     assert first.exitcode == 0, (tmp_path / "first.log").read_text()
     assert_finished_cleanly(out, cache)
     FIGURES["second writers refused"] += 1
+
+
+# ---------------------------------------------------------------- fusion grid
+
+
+def grid_argv(cache: Path, out: Path) -> list[str]:
+    return ["grid", "--cache", str(cache), "--heads", "basic,self_attn", "--lrs", "1e-2,1e-3", "--dropouts", "0",
+            "--losses", "ce,focal2", "--seeds", "2", "--epochs", "3", "--out", str(out)]
+
+
+def logged_keys(out: Path) -> list[str]:
+    from fusion.heads.grid import config_key_from_row, read_log
+
+    return [config_key_from_row(row) for row in read_log(out / "results.jsonl")]
+
+
+def test_grid_killed_at_random_moments_loses_and_repeats_no_configuration(runner, tmp_path):
+    from cache_fixtures import write_synthetic_cache
+
+    from fusion.heads.checkpoint import load_run
+    from fusion.heads.grid import config_key_from_row
+
+    cache = write_synthetic_cache(tmp_path / "c.h5", (60, 20, 20), dt=12, di=8, seed=4)
+    reference_out = tmp_path / "reference"
+    started = time.monotonic()
+    assert runner.run(grid_argv(cache, reference_out), log=tmp_path / "reference.log") == 0
+    whole_run = time.monotonic() - started
+    reference = {config_key_from_row(row): row
+                 for row in json.loads((reference_out / "results.json").read_text())["rows"]}
+    assert len(reference) == 16
+
+    out = tmp_path / "killed"
+    rng = random.Random(99)
+    killed = 0
+    for attempt in range(20):
+        if killed >= GRID_KILLS:
+            break
+        delay = rng.uniform(0.02, whole_run)
+        child = runner.start(grid_argv(cache, out), log=tmp_path / f"grid{attempt}.log")
+        wait_until(lambda: False, timeout=delay, alive=child.is_alive)
+        kill(child.pid)
+        child.join(60)
+        assert child.exitcode in (0, KILLED), (tmp_path / f"grid{attempt}.log").read_text()
+        if child.exitcode == KILLED:
+            killed += 1
+            FIGURES["grid kills survived"] += 1
+        keys = logged_keys(out) if out.exists() else []
+        assert len(keys) == len(set(keys)) and set(keys) <= set(reference), "a configuration logged twice"
+        if child.exitcode == 0:
+            whole_run *= 0.7
+    assert killed >= GRID_KILLS
+    assert runner.run(grid_argv(cache, out), log=tmp_path / "last.log") == 0, (tmp_path / "last.log").read_text()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    keys = [config_key_from_row(row) for row in rows]
+    assert sorted(keys) == sorted(reference), "a configuration lost or repeated"
+    for row in rows:  # vectorised passes over fewer configurations agree to float rounding
+        expected = reference[config_key_from_row(row)]
+        for block in ("val", "test"):
+            for metric in ("accuracy", "macro_f1", "weighted_f1"):
+                assert row[block][metric] == pytest.approx(expected[block][metric], abs=1e-6)
+    assert len(logged_keys(out)) == len(set(logged_keys(out)))
+    assert load_run(out / "best").config.head in ("basic", "self_attn")
+
+
+@pytest.mark.xfail(strict=True, reason="heads/grid.py append_rows writes after a torn last line without a newline, "
+                                       "so the recomputed row joins the fragment and is lost from the log again")
+def test_a_row_recomputed_after_a_torn_line_is_logged_durably(tmp_path):
+    import torch
+    from synthetic import xor_features
+
+    from fusion.heads.config import FitConfig
+    from fusion.heads.grid import grid_configs, read_log, run_grid
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        features = xor_features(seed=3)
+        configs = grid_configs(FitConfig(epochs=2, patience=2, batch_size=32), heads=["basic"], lrs=[1e-2],
+                               dropouts=[0.0, 0.2], losses=["ce"])
+        run_grid(features, configs, tmp_path)
+        log = tmp_path / "results.jsonl"
+        first, second = log.read_text().splitlines()
+        log.write_text(first + "\n" + second[: len(second) // 2])  # killed in the middle of the append
+        run_grid(features, configs, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(read_log(log)) == 2, "the recomputed row is not in the log: the next run trains it once more"
