@@ -79,6 +79,17 @@ def read_log(path: Path) -> list[dict]:
     return rows
 
 
+def drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a kill left without its newline, so the next append starts on a line of its own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as log:
+            log.truncate(data.rfind(b"\n") + 1)
+            os.fsync(log.fileno())
+
+
 def append_rows(path: Path, rows: list[dict]) -> None:
     with path.open("a", encoding="utf-8") as log:
         log.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
@@ -100,6 +111,7 @@ def run_grid(features, configs: list[FitConfig], out: Path, *,
     """Train every configuration not yet in `out/results.jsonl`; returns all rows of this grid (old and new)."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / RESULTS_LOG
+    drop_torn_tail(log)
     wanted = {config_key(c) for c in configs}
     rows = {config_key_from_row(r): r for r in read_log(log) if config_key_from_row(r) in wanted}
     groups = pending_groups(configs, set(rows))

@@ -15,7 +15,7 @@ from fusion.errors import FusionError
 from fusion.heads import grid as grid_module
 from fusion.heads.checkpoint import load_run
 from fusion.heads.config import FitConfig
-from fusion.heads.grid import grid_configs, parse_loss, run_grid, summarise
+from fusion.heads.grid import grid_configs, parse_loss, read_log, run_grid, summarise
 from fusion.heads.train import train_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,6 +73,7 @@ def test_a_torn_last_log_line_is_recomputed(tmp_path):
     log.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed in the middle of the append
     rows = run_grid(features, configs, tmp_path)
     assert len(rows) == 2 and all(row["val"] for row in rows)
+    assert len(read_log(log)) == 2  # the recomputed row starts a line of its own, so the next run sees it
 
 
 def test_selection_uses_validation_only():
