@@ -16,10 +16,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import struct
 import sys
 import time
+import zlib
 from collections import Counter
+from io import BytesIO
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 PRELOAD = ["fusion.cli", "fusion.console", "fusion.extract.pipeline", "fusion.heads.grid_run", "fusion.heads.runs",
            "fault_helpers"]
@@ -140,12 +146,6 @@ def wait_until(condition, *, timeout: float, alive=None, poll: float = 0.001) ->
     return False
 
 
-def kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
 
 # ---------------------------------------------------------------- damaged caches (run in a subprocess)
 
@@ -200,3 +200,51 @@ def damage_survey(source: str, flips: int, truncations: int, seed: int) -> None:
         faulthandler.cancel_dump_traceback_later()
         tally[f"{kind} {outcome}" if outcome in ("same", "refused") else f"{kind} at {offset}: {outcome}"] += 1
     print(json.dumps(tally), flush=True)
+
+
+# ---------------------------------------------------------------- images that lie about themselves
+
+
+def image_bytes(fmt: str, size=(20, 24)) -> bytes:
+    buffer = BytesIO()
+    pixels = np.random.default_rng(size[0]).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_claiming(width: int, height: int, colour_type: int = 2) -> bytes:
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def header_claiming(fmt: str, width: int, height: int) -> bytes:
+    """A small real image of `fmt` whose header is patched to claim width x height pixels."""
+    if fmt == "PNG":
+        return png_claiming(width, height)
+    data = bytearray(image_bytes(fmt, (16, 16)))
+    if fmt == "GIF":  # logical screen and the first image descriptor
+        data[6:10] = struct.pack("<HH", width, height)
+        descriptor = _gif_image_descriptor(data)
+        data[descriptor + 5:descriptor + 9] = struct.pack("<HH", width, height)
+    elif fmt == "BMP":
+        data[18:26] = struct.pack("<ii", width, height)
+    elif fmt == "JPEG":  # the baseline frame header: precision, then height and width
+        frame = data.index(b"\xff\xc0")
+        data[frame + 5:frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _gif_image_descriptor(data: bytes) -> int:
+    """Offset of the first image descriptor: after the header, the global colour table and any extensions."""
+    position = 13 + (3 * 2 ** ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    while data[position] == 0x21:  # extension: introducer, label, then sub-blocks up to a zero length
+        position += 2
+        while data[position]:
+            position += data[position] + 1
+        position += 1
+    assert data[position] == 0x2C, "no image descriptor where the GIF format puts it"
+    return position

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 from cache_fixtures import synthetic_plan, synthetic_rows, write_batches, write_synthetic_cache
 from dataset_writers import write_mvsa
