@@ -29,8 +29,9 @@ SOURCE_DIRS = [PACKAGE, PACKAGE / "extract", PACKAGE / "cache", PACKAGE / "heads
 
 @pytest.fixture(scope="module", autouse=True)
 def figures():
+    start = FIGURES.copy()
     yield
-    print_figures(__name__)
+    print_figures(__name__, start)
 
 
 # ---------------------------------------------------------------- the source itself
