@@ -182,7 +182,7 @@ def test_csv_root_must_be_the_file(tmp_path):
 
 
 def test_unknown_dataset_name():
-    assert set(DATASETS) == {"memotion", "mvsa-single", "mvsa-multi", "csv"}
+    assert set(DATASETS) == {"memotion", "mvsa-single", "mvsa-multi", "csv", "demo"}
     with pytest.raises(DatasetError, match="unknown dataset 'imdb'"):
         load_dataset("imdb", ".")
 
