@@ -45,10 +45,11 @@ def random_dinov2(folder: Path, *, seed: int = 0) -> str:
 
 def run_demo(out: Path, *, text_model: str | None = None, image_model: str | None = None, size: int = 1500,
              epochs: int = 30) -> int:
-    from fusion.cli import main
+    from fusion.cli import _quiet_transformers, main
     from fusion.console import console
     from fusion.extract.demo_data import write_demo_dataset
 
+    _quiet_transformers()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "data" / "MVSA_Single" / "labelResultAll.txt").exists():
         write_demo_dataset(out / "data", n=size)
