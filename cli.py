@@ -237,7 +237,7 @@ def demo(
     text_model: Optional[str] = typer.Option(None, help="Text encoder [default: the all-MiniLM-L6-v2 package]."),
     image_model: Optional[str] = typer.Option(None, help="Image encoder [default: a small random DINOv2]."),
     size: int = typer.Option(1500, min=50, help="Synthetic pairs to generate."),
-    epochs: int = typer.Option(30, min=1, help="Maximum epochs per grid configuration."),
+    epochs: int = typer.Option(15, min=1, help="Maximum epochs per grid configuration."),
 ) -> None:
     """The whole job offline on an embedded synthetic dataset: extract, grid, report."""
     from fusion.demo import run_demo
