@@ -176,14 +176,17 @@ def run_batches(config: ExtractConfig, data: DatasetSamples, encoders: Encoders,
 
 
 def shard_batches(token_ids: list[list[int]], batch_size: int, rank: int, world_size: int) -> list[list[int]]:
-    """This rank's batches: the length-sorted batches of the whole dataset, cut once, dealt out round-robin.
+    """This rank's batches: the length-sorted batches of the whole dataset, cut once, dealt out round-robin,
+    longest texts first.
 
     Cutting before sharding means a row meets the encoders in the same batch (same padding, same shapes, so
     bit-identical embeddings) whatever the number of ranks, and a run can resume under another world size;
     dealing round-robin gives every rank a similar mix of short and long texts, so no rank finishes last by far.
+    Longest first: memory peaks with the longest batch, so a run that will not fit fails in its first minute
+    rather than its last, and the progress bar's estimate errs on the long side.
     """
     lengths = np.array([len(ids) for ids in token_ids] or [0])
-    everything = length_sorted_batches(np.arange(len(token_ids)), lengths, batch_size)
+    everything = length_sorted_batches(np.arange(len(token_ids)), lengths, batch_size)[::-1]
     return everything[rank::world_size]
 
 
