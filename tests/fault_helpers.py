@@ -248,3 +248,22 @@ def _gif_image_descriptor(data: bytes) -> int:
         position += 1
     assert data[position] == 0x2C, "no image descriptor where the GIF format puts it"
     return position
+
+
+def damage(draw, original: bytes, *, max_edits: int, garbage_size: int) -> bytes:
+    """A hypothesis-drawn damaged copy of `original`: cut short, bits flipped, bytes inserted, or replaced by garbage."""
+    from hypothesis import strategies as st
+
+    data = bytearray(original)
+    kind = draw(st.sampled_from(["cut", "flip", "insert", "garbage"]))
+    if kind == "cut":
+        return bytes(data[:draw(st.integers(0, len(data) - 1))])
+    if kind == "garbage":
+        return draw(st.binary(max_size=garbage_size))
+    for _ in range(draw(st.integers(1, max_edits))):
+        at = draw(st.integers(0, len(data) - 1))
+        if kind == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        else:
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+    return bytes(data)

@@ -13,7 +13,7 @@ import h5py
 import pytest
 from cache_fixtures import synthetic_plan, synthetic_rows, write_batches, write_synthetic_cache
 from dataset_writers import write_mvsa
-from fault_helpers import FIGURES, print_figures
+from fault_helpers import FIGURES, damage, print_figures
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -231,19 +231,7 @@ def _load_run_outcome(run: Path, damaged: str) -> str:
 
 @st.composite
 def damaged_bytes(draw, original: bytes) -> bytes:
-    data = bytearray(original)
-    kind = draw(st.sampled_from(["cut", "flip", "insert", "garbage"]))
-    if kind == "cut":
-        return bytes(data[:draw(st.integers(0, len(data) - 1))])
-    if kind == "garbage":
-        return draw(st.binary(max_size=300))
-    for _ in range(draw(st.integers(1, 4))):
-        at = draw(st.integers(0, len(data) - 1))
-        if kind == "flip":
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        else:
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-    return bytes(data)
+    return damage(draw, original, max_edits=4, garbage_size=300)
 
 
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])

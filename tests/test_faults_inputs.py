@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from dataset_writers import write_generic_csv, write_image, write_memotion, write_mvsa, write_truncated
-from fault_helpers import FIGURES, header_claiming, image_bytes, png_claiming, print_figures
+from fault_helpers import FIGURES, damage, header_claiming, image_bytes, png_claiming, print_figures
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -162,19 +162,7 @@ FORMATS = ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"]
 
 @st.composite
 def damaged_image(draw):
-    data = bytearray(image_bytes(draw(st.sampled_from(FORMATS))))
-    kind = draw(st.sampled_from(["cut", "flip", "insert", "garbage"]))
-    if kind == "cut":
-        return bytes(data[:draw(st.integers(0, len(data) - 1))])
-    if kind == "garbage":
-        return draw(st.binary(max_size=200))
-    for _ in range(draw(st.integers(1, 6))):
-        at = draw(st.integers(0, len(data) - 1))
-        if kind == "flip":
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        else:
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-    return bytes(data)
+    return damage(draw, image_bytes(draw(st.sampled_from(FORMATS))), max_edits=6, garbage_size=200)
 
 
 @pytest.fixture(scope="module")
