@@ -170,7 +170,8 @@ def prepared_batches(config: ExtractConfig, encoders, limit: int | None = None) 
     prepared = []
     for indices, pixels, skipped in loader:
         assert not skipped, skipped
-        input_ids, mask = pad_token_ids([token_ids[i] for i in indices], encoders.tokenizer.pad_token_id)
+        input_ids, mask = pad_token_ids([token_ids[i] for i in indices], encoders.tokenizer.pad_token_id,
+                                        encoders.pad_multiple)
         prepared.append(tuple(t.to(encoders.device) for t in (input_ids, mask, pixels.to(encoders.dtype))))
     return prepared
 

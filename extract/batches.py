@@ -57,8 +57,9 @@ def image_loader(image_paths: Sequence, processor, batches: list[list[int]], *, 
                       prefetch_factor=2 if workers else None)
 
 
-def pad_token_ids(token_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(ids) for ids in token_ids)
+def pad_token_ids(token_ids: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded to the batch's longest text, rounded up to `multiple` (see Encoders.pad_multiple)."""
+    longest = -(-max(len(ids) for ids in token_ids) // multiple) * multiple
     input_ids = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
     for row, ids in enumerate(token_ids):

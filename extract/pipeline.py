@@ -212,7 +212,9 @@ def embed_batch(encoders: Encoders, token_ids: list[list[int]], batch, with_toke
         return {}
     order = np.argsort(indices)
     indices = [indices[i] for i in order]
-    input_ids, attention_mask = pad_token_ids([token_ids[i] for i in indices], encoders.tokenizer.pad_token_id)
+    input_ids, attention_mask = pad_token_ids([token_ids[i] for i in indices], encoders.tokenizer.pad_token_id,
+                                              encoders.pad_multiple)
+    longest = int(attention_mask.sum(1).max())  # token arrays are stored without the rounding's extra padding
     device, non_blocking = encoders.device, encoders.device.type == "cuda"
     # Copied as they come (pinned by the loader, so the copy overlaps), reordered on the device.
     pixels = pixels.to(device, encoders.dtype, non_blocking=non_blocking)[torch.from_numpy(order).to(device)]
@@ -222,7 +224,8 @@ def embed_batch(encoders: Encoders, token_ids: list[list[int]], batch, with_toke
         image, image_tokens = image_embeddings(encoders, pixels)
     arrays = {"text": to_float16(text), "image": to_float16(image)}
     if with_tokens:
-        arrays.update(text_tokens=to_float16(text_tokens), text_mask=attention_mask.bool().numpy(),
+        arrays.update(text_tokens=to_float16(text_tokens[:, :longest]),
+                      text_mask=attention_mask[:, :longest].bool().numpy(),
                       image_tokens=to_float16(image_tokens))
     return arrays
 

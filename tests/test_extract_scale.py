@@ -125,3 +125,30 @@ def test_images_are_decoded_in_worker_processes(tmp_path):
     decoded_by = Counter(int(value) for _, pixels, _ in loader for value in pixels.flatten().tolist())
     assert sum(decoded_by.values()) == 6 and os.getpid() not in decoded_by
     assert collate([(0, None, "empty file")]) == ([], None, {0: "empty file"})
+
+
+def test_bf16_on_cpu_pads_texts_to_multiples_of_8_but_stores_tokens_unpadded(dataset, tiny_models, tmp_path,
+                                                                             monkeypatch):
+    fp32_out, bf16_out = tmp_path / "fp32.h5", tmp_path / "bf16.h5"
+    extract(config_for(dataset.root, fp32_out, tiny_models))
+    seen = []
+    original = torch.nn.Module.__call__
+
+    def spy(module, *args, **kwargs):
+        if "input_ids" in kwargs:
+            seen.append(kwargs["input_ids"].shape[1])
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", spy)
+    extract(config_for(dataset.root, bf16_out, tiny_models, precision="bf16"))
+    monkeypatch.undo()
+    assert seen and all(length % 8 == 0 for length in seen)
+    full, half = read_cache(fp32_out, tokens=True), read_cache(bf16_out, tokens=True)
+    for split in full.splits:
+        a, b = full.splits[split], half.splits[split]
+        assert b.text_mask.shape == a.text_mask.shape  # the width of the longest real text, as in fp32
+        np.testing.assert_array_equal(b.text_mask, a.text_mask)
+        for name in ("text", "image"):
+            x, y = getattr(a, name).astype(np.float64), getattr(b, name).astype(np.float64)
+            cosine = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+            assert cosine.min() > 0.999
