@@ -82,20 +82,24 @@ def test_progress_totals_of_all_ranks_add_up_to_the_plan(dataset, tiny_models, t
     assert sum(totals.values()) == summary.rows_total and out.exists()
 
 
-def test_bf16_on_cpu_computes_in_bf16_over_fp32_weights(tiny_models, dataset):
+def test_bf16_on_cpu_is_autocast_with_matrix_weights_cast_once(tiny_models):
     fp32 = load_encoders(str(tiny_models[0]), str(tiny_models[1]), device="cpu", precision="fp32")
     bf16 = load_encoders(str(tiny_models[0]), str(tiny_models[1]), device="cpu", precision="bf16")
-    assert bf16.dtype == torch.float32 and next(bf16.text_model.parameters()).dtype == torch.float32
-    assert bf16.autocast_dtype == torch.bfloat16 and fp32.autocast_dtype is None
+    assert bf16.dtype == torch.float32 and bf16.autocast_dtype == torch.bfloat16 and fp32.autocast_dtype is None
+    dtypes = {type(m).__name__: m.weight.dtype for m in bf16.text_model.modules() if hasattr(m, "weight")}
+    assert dtypes["Linear"] == torch.bfloat16 and dtypes["LayerNorm"] == dtypes["Embedding"] == torch.float32
     torch.manual_seed(0)
     input_ids, mask = torch.randint(5, 60, (4, 12)), torch.ones(4, 12, dtype=torch.long)
     pixels = torch.randn(4, 3, 28, 28)
     with torch.inference_mode():
-        pairs = [(text_embeddings(fp32, input_ids, mask)[0], text_embeddings(bf16, input_ids, mask)[0]),
-                 (image_embeddings(fp32, pixels)[0], image_embeddings(bf16, pixels)[0])]
-    for full, half in pairs:
-        assert not torch.equal(full, half.float())  # bf16 arithmetic really happened
-        assert torch.nn.functional.cosine_similarity(full, half.float(), dim=1).min() > 0.999
+        ours = [text_embeddings(bf16, input_ids, mask)[0], image_embeddings(bf16, pixels)[0]]
+        full = [text_embeddings(fp32, input_ids, mask)[0], image_embeddings(fp32, pixels)[0]]
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # plain autocast over the fp32 weights
+            plain = [text_embeddings(fp32, input_ids, mask)[0], image_embeddings(fp32, pixels)[0]]
+    for mine, autocast, reference in zip(ours, plain, full):
+        assert torch.equal(mine, autocast)  # casting once gives the very numbers autocast gives
+        assert not torch.equal(mine.float(), reference)  # bf16 arithmetic really happened
+        assert torch.nn.functional.cosine_similarity(mine.float(), reference, dim=1).min() > 0.999
 
 
 def test_fp16_on_cpu_is_refused_in_one_line(dataset, tiny_models, tmp_path, capsys):
