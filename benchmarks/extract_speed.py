@@ -300,10 +300,21 @@ def main(argv=None) -> None:
         run_benchmark(args, workdir, Path(tempfile.mkdtemp(dir=temp)))
 
 
+def bf16_units() -> str:
+    """What bf16 can gain on this CPU: AMX tiles (many times fp32) or avx512_bf16 dot products (at most 2x)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "unknown"
+    found = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]
+    return ", ".join(found) or "none (bf16 is emulated)"
+
+
 def run_benchmark(args, workdir: Path, work: Path) -> None:
     load = OtherLoad()
     print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-          f"device {args.device}; load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"device {args.device}, CPU bf16 units: {bf16_units()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     models = write_models(workdir)
     root = write_dataset(workdir / f"data-{args.n}", args.n)
     precisions = args.precisions.split(",")
