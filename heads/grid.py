@@ -115,7 +115,6 @@ def run_grid(features, configs: list[FitConfig], out: Path, *,
     wanted = {config_key(c) for c in configs}
     rows = {config_key_from_row(r): r for r in read_log(log) if config_key_from_row(r) in wanted}
     groups = pending_groups(configs, set(rows))
-    done_passes = 0
     if on_pass:
         on_pass(len(rows), len(configs))
     for group in groups:
@@ -126,7 +125,6 @@ def run_grid(features, configs: list[FitConfig], out: Path, *,
             row["pass_seconds"] = time.perf_counter() - started
         append_rows(log, new_rows)
         rows.update((config_key_from_row(row), row) for row in new_rows)
-        done_passes += 1
         if on_pass:
             on_pass(len(rows), len(configs))
     return [rows[config_key(c)] for c in configs]
