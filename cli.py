@@ -36,6 +36,10 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+STREAM_HELP = ("With --tokens: read each minibatch's sequences from the cache instead of loading them "
+               "[default: stream when they would take over half the available memory].")
+
+
 @app.command()
 def extract(
     dataset: str = typer.Option(..., help="Dataset format: memotion, mvsa-single, mvsa-multi, csv, or demo."),
@@ -131,16 +135,17 @@ def fit(
                                                     "[default: the dataset's own, macro F1 for Memotion, weighted F1 for MVSA]."),
     seed: int = typer.Option(0, help="Seed of initialisation, shuffling and dropout."),
     tokens: bool = typer.Option(False, "--tokens", help="Train on token sequences (needs a --tokens cache)."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help=STREAM_HELP),
     out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/CACHE-HEAD]."),
 ) -> None:
     """Train one fusion head on a cache; writes config.json, metrics.json and head.safetensors."""
     from fusion.console import console, epoch_progress, metrics_table
     from fusion.heads.checkpoint import save_run
     from fusion.heads.config import FitConfig
-    from fusion.heads.runs import default_metric, load_features
+    from fusion.heads.runs import default_metric
     from fusion.heads.train import train_head
 
-    features, meta = load_features(cache, tokens=tokens)
+    features, meta = _load_features(cache, tokens, stream)
     config = FitConfig(head=head, lr=lr, dropout=dropout, loss=loss, gamma=gamma, epochs=epochs, patience=patience,
                        batch_size=batch_size, metric=metric or default_metric(meta["dataset"]), seed=seed)
     with epoch_progress(f"fit {head}", config.epochs) as on_epoch:
@@ -171,14 +176,16 @@ def grid(
     study: str = typer.Option("fusion-grid", help="Optuna study name (with --storage)."),
     sampler: str = typer.Option("grid", help="With --storage: grid (the whole grid) or tpe (sampled)."),
     trials: Optional[int] = typer.Option(None, min=1, help="With --sampler tpe: trials in this process."),
+    tokens: bool = typer.Option(False, "--tokens", help="Train on token sequences (needs a --tokens cache)."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help=STREAM_HELP),
 ) -> None:
     """Train the paper's hyper-parameter grid (144 configurations by default); resumable."""
     from fusion.heads.config import FitConfig
     from fusion.heads.grid import grid_configs
     from fusion.heads.grid_run import run_grid_command
-    from fusion.heads.runs import default_metric, load_features
+    from fusion.heads.runs import default_metric
 
-    features, meta = load_features(cache)
+    features, meta = _load_features(cache, tokens, stream)
     base = FitConfig(epochs=epochs, patience=patience, batch_size=batch_size,
                      metric=metric or default_metric(meta["dataset"]))
     configs = grid_configs(base, heads=_split_list(heads), lrs=_split_list(lrs, float),
@@ -186,6 +193,19 @@ def grid(
                            seeds=range(seeds))
     run_grid_command(features, meta, configs, out or Path("runs") / f"{Path(cache).stem}-grid",
                      storage=storage, study=study, sampler=sampler, trials=trials)
+
+
+def _load_features(cache: Path, tokens: bool, stream: Optional[bool]):
+    from fusion.console import console
+    from fusion.heads.runs import LOAD_SHARE, load_features, token_memory
+
+    if tokens and stream is None:
+        needed, available = token_memory(cache)
+        stream = needed > LOAD_SHARE * available
+        if stream:
+            console.print(f"token sequences take {needed / 2**30:.1f} GiB as float32, over half of the "
+                          f"{available / 2**30:.1f} GiB available: each minibatch is read from the cache")
+    return load_features(cache, tokens=tokens, stream=bool(stream))
 
 
 @app.command()

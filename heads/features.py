@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -40,6 +41,18 @@ class SplitFeatures:
 
     def __len__(self) -> int:
         return self.label.shape[0]
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.text.dim, self.image.dim
+
+    @property
+    def tokens_per_row(self) -> int:
+        return self.text.tokens.shape[1] + self.image.tokens.shape[1]
+
+    def batches(self, selections: Iterable[Tensor | slice]) -> Iterator["SplitFeatures"]:
+        """rows() of each selection in turn (a split on disk reads ahead while the caller computes)."""
+        return (self.rows(selection) for selection in selections)
 
     def latents_only(self) -> "SplitFeatures":
         """Token 0 of each modality: all that heads without cross-modal attention read (views, no copy)."""

@@ -1,16 +1,23 @@
-"""Glue between a cache file and stage 2: features in memory, the cache's identity recorded with every result."""
+"""Glue between a cache file and stage 2: features in memory (or token sequences streamed from disk), the cache's
+identity recorded with every result."""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
-from fusion.cache.reader import CacheData, read_cache
+from fusion.cache.reader import CacheData, TokenRows, read_cache
 from fusion.heads.features import features_from_cache
+from fusion.heads.streamed import StreamedSplit
 
 # The metric each dataset is reported with in the literature (shared/DATASETS.md).
 DATASET_METRICS = {"memotion": "macro_f1", "mvsa-single": "weighted_f1", "mvsa-multi": "weighted_f1"}
 CACHE_KEYS = ("dataset", "text_model", "image_model", "text_model_revision", "image_model_revision", "max_length",
               "image_size", "precision", "split_seed", "tokens", "text_dim", "image_dim")
+# Token sequences are loaded when their float32 copy takes at most this share of the memory available now; the rest
+# is left for the models' activations, Adam's state and everything else on the machine.
+LOAD_SHARE = 0.5
 
 
 def default_metric(dataset: str) -> str:
@@ -24,7 +31,48 @@ def cache_meta(data: CacheData) -> dict:
     return meta
 
 
-def load_features(path: Path, *, tokens: bool = False):
-    """The whole cache read once into float32 tensors; returns (features by split, cache meta)."""
-    data = read_cache(Path(path), tokens=tokens)
-    return features_from_cache(data, tokens=tokens), cache_meta(data)
+def load_features(path: Path, *, tokens: bool = False, stream: bool = False):
+    """Features by split and the cache's meta. Pooled features are read whole into float32 tensors; with tokens,
+    the sequences too, unless `stream`: then they stay on disk and each minibatch reads its rows."""
+    path = Path(path)
+    if not (tokens and stream):
+        data = read_cache(path, tokens=tokens)
+        return features_from_cache(data, tokens=tokens), cache_meta(data)
+    reader = TokenRows(path)  # closed with the file object when the splits are dropped
+    data = read_cache(path)
+    pooled = features_from_cache(data)
+    return {name: StreamedSplit(reader, name, split) for name, split in pooled.items()}, cache_meta(data)
+
+
+def token_memory(path: Path) -> tuple[int, int]:
+    """(bytes the token sequences take as float32 tensors, bytes of memory available now)."""
+    with TokenRows(Path(path)) as reader:
+        needed = sum(4 * math.prod(shape) for split in reader.shapes.values()
+                     for name, shape in split.items() if name != "text_mask")
+    return needed, available_memory()
+
+
+def available_memory() -> int:
+    """What can be allocated without swapping: MemAvailable, or less when a cgroup (a container, a batch job) caps
+    this process lower."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    meminfo = _read_numbers("/proc/meminfo", "MemAvailable:")
+    if meminfo is not None:
+        available = meminfo * 1024
+    limit, used = _read_numbers("/sys/fs/cgroup/memory.max"), _read_numbers("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        available = min(available, max(limit - used, 0))
+    return available
+
+
+def _read_numbers(path: str, key: str = "") -> int | None:
+    """The number after `key` on its line of a /proc or /sys file; None when absent or unlimited ("max")."""
+    try:
+        with open(path, encoding="ascii") as file:
+            for line in file:
+                if line.startswith(key):
+                    value = line[len(key):].split()[0]
+                    return int(value) if value.isdigit() else None
+    except OSError:
+        pass
+    return None

@@ -1,4 +1,5 @@
-"""Training heads on in-memory features, many configurations in one vectorised pass. Pure: no I/O, no printing.
+"""Training heads on cached features, many configurations in one vectorised pass. No printing; the only I/O is a
+streamed token split reading its minibatches (heads/streamed.py).
 
 How the vectorisation works
 - Configs are grouped by (head, seed, batch_size, proj_dim, hidden); each group is ONE pass whose M models have their
@@ -223,8 +224,7 @@ class _Pass:
         self.proj_dim = first.proj_dim
         self.batch_size = first.batch_size
         self.noise_dims = (fused_dim(self.spec, first.proj_dim), first.hidden)
-        train = features["train"]
-        self.shapes = param_shapes(self.spec, train.text.dim, train.image.dim, first.proj_dim, first.hidden)
+        self.shapes = param_shapes(self.spec, *features["train"].dims, first.proj_dim, first.hidden)
         stack = ParamStack.from_models(self.shapes, [init_params(self.shapes, c.head, c.seed) for c in configs])
         self.adam = BatchedAdam(stack, [c.lr for c in configs])
         self.best = {name: p.detach().clone() for name, p in stack.params.items()}
@@ -260,8 +260,8 @@ class _Pass:
         params = list(stack.params.values())
         order = torch.randperm(len(train), generator=self.order)
         total = torch.zeros(len(self.active))
-        for start in range(0, len(train), self.batch_size):
-            batch = train.rows(order[start:start + self.batch_size])
+        for batch in train.batches(order[start:start + self.batch_size] for start in range(0, len(train),
+                                                                                          self.batch_size)):
             noise = None if rates is None else tuple(torch.rand(len(batch), d, generator=self.noise)
                                                      for d in self.noise_dims)
             logits = head_forward(self.spec, stack.params, batch.text, batch.image, rates, noise)
@@ -278,8 +278,7 @@ class _Pass:
         _, gammas, alphas = self._model_inputs(positions)
         chunk = _eval_chunk(split, len(positions), self.proj_dim)
         loss_sum, predictions = torch.zeros(len(positions)), []
-        for start in range(0, len(split), chunk):
-            rows = split.rows(slice(start, start + chunk))
+        for rows in split.batches(slice(start, start + chunk) for start in range(0, len(split), chunk)):
             logits = head_forward(self.spec, params, rows.text, rows.image)
             loss_sum += focal_loss_per_sample(logits, rows.label, gammas, alphas).sum(dim=-1)
             predictions.append(logits.argmax(dim=-1))
@@ -335,16 +334,17 @@ class _Pass:
 
 
 def _eval_chunk(split: SplitFeatures, models: int, proj_dim: int) -> int:
-    """Rows per evaluation chunk: all tokens of a chunk, projected for every model, stay near 128 MB."""
-    tokens = split.text.tokens.shape[1] + split.image.tokens.shape[1]
-    return max(1, min(4096, (1 << 25) // (models * tokens * proj_dim)))
+    """Rows per evaluation chunk: a chunk's tokens, as read and as projected for every model, stay near 128 MB
+    (32M float32 values)."""
+    per_row = split.tokens_per_row * (models * proj_dim + max(split.dims))
+    return max(1, min(4096, (1 << 25) // per_row))
 
 
 def _check_features(features: dict[str, SplitFeatures]) -> None:
     for split in ("train", "val"):
         if split not in features or len(features[split]) == 0:
             raise FusionError(f"training needs a non-empty {split} split")
-    dims = {(f.text.dim, f.image.dim) for f in features.values()}
+    dims = {split.dims for split in features.values()}
     if len(dims) != 1:
         raise FusionError(f"the splits' feature dimensions differ: {sorted(dims)}")
     for name, split in features.items():

@@ -19,7 +19,7 @@ import fusion
 from fusion.cache.fingerprint import fingerprint
 from fusion.cache.info import cache_info
 from fusion.cache.partial import PartialCache, Plan, batch_name, partial_dir
-from fusion.cache.reader import is_complete_cache, iter_token_chunks, read_cache, read_skipped
+from fusion.cache.reader import TokenRows, is_complete_cache, read_cache, read_skipped
 from fusion.cache.writer import finalize
 from fusion.errors import CacheError, CacheLockedError
 from fusion.labels import LABELS, SPLITS
@@ -77,10 +77,37 @@ def test_tokens_pad_to_longest_text_with_mask_false_on_padding(tmp_path):
         arrays = data.splits[split]
         assert not arrays.text_tokens[~arrays.text_mask].any()
         np.testing.assert_array_equal(arrays.text_tokens[:, 0], arrays.text)
-        chunks = list(iter_token_chunks(out, split, chunk_rows=4))
-        assert [chunk.start for chunk in chunks] == list(range(0, len(arrays.text), 4))
-        np.testing.assert_array_equal(np.concatenate([c.text_tokens for c in chunks]), arrays.text_tokens)
-        np.testing.assert_array_equal(np.concatenate([c.image_tokens for c in chunks]), arrays.image_tokens)
+
+
+def test_token_rows_reads_any_rows_in_the_order_asked(tmp_path):
+    out = write_synthetic_cache(tmp_path / "c.h5", (15, 6, 6), tokens=True, dt=DT, di=DI, batch_size=3)
+    data = read_cache(out, tokens=True)
+    rng = np.random.default_rng(0)
+    with TokenRows(out) as reader:
+        for split in SPLITS:
+            arrays = data.splits[split]
+            order = rng.permutation(len(arrays.text))
+            for index in (order, order[:1], slice(1, 4)):
+                rows = reader.rows(split, index)
+                for name in ("text_tokens", "text_mask", "image_tokens"):
+                    np.testing.assert_array_equal(rows[name], getattr(arrays, name)[index])
+    with pytest.raises(CacheError, match="closed"):
+        reader.rows("train", slice(0, 1))
+
+
+def test_token_rows_names_a_damaged_row(tmp_path):
+    out = write_synthetic_cache(tmp_path / "c.h5", (6, 2, 2), tokens=True, dt=DT, di=DI)
+    with h5py.File(out, "r") as h5:
+        offset = h5["train/image_tokens"].id.get_chunk_info(2).byte_offset
+    with open(out, "r+b") as file:
+        file.seek(offset + 3)
+        byte = file.read(1)
+        file.seek(offset + 3)
+        file.write(bytes([byte[0] ^ 0x40]))
+    with TokenRows(out) as reader:
+        reader.rows("train", np.array([0, 1]))
+        with pytest.raises(CacheError, match="train/image_tokens.*checksum mismatch"):
+            reader.rows("train", np.array([3, 2]))
 
 
 def test_resume_after_some_batches_gives_the_rest(tmp_path):

@@ -258,3 +258,21 @@ def test_end_to_end_from_a_real_cache_file(tmp_path, tokens):
     run = load_run(save_run(tmp_path / "run", result, cache={"path": str(path), "fingerprint": "x"}))
     torch.testing.assert_close(run.head(features["test"].text, features["test"].image),
                                _test_logits(result, features))
+
+
+def test_streamed_tokens_train_exactly_as_tokens_in_memory(tmp_path):
+    """The minibatches read from disk are the rows the in-memory split would gather: same losses, same weights."""
+    from cache_fixtures import write_synthetic_cache
+    from fusion.heads.runs import load_features
+    from fusion.heads.streamed import StreamedSplit
+
+    path = write_synthetic_cache(tmp_path / "cache.h5", (61, 23, 19), dt=16, di=24, tokens=True)
+    in_memory, _ = load_features(path, tokens=True)
+    streamed, _ = load_features(path, tokens=True, stream=True)
+    assert all(isinstance(split, StreamedSplit) for split in streamed.values())
+    configs = [FitConfig(head=head, epochs=3, lr=lr, dropout=dropout, batch_size=16, proj_dim=8, hidden=8)
+               for head in ("dual_attn", "basic") for lr, dropout in ((1e-2, 0.0), (1e-3, 0.5))]
+    for expected, actual in zip(train_many(in_memory, configs), train_many(streamed, configs)):
+        assert actual.history == expected.history and actual.test == expected.test
+        for name, tensor in expected.state_dict.items():
+            assert torch.equal(actual.state_dict[name], tensor), name
