@@ -4,6 +4,10 @@ config.json holds the FitConfig fields (asdict) at its top level plus META_KEYS:
 path and fingerprint, and the cache's description under "cache", e.g. its models and max_length for prediction), the
 feature dimensions, the fusion version and the sha256 of head.safetensors, which load_run checks, so an altered
 weights file is refused. Weights are safetensors only: loading never unpickles anything.
+
+The optional key "tokens" says whether the head was trained on the cache's token sequences (`fusion fit --tokens`),
+so prediction feeds it the same inputs; the cache's own "tokens" attribute only says the cache has them. Runs
+written before the key existed have none and were trained on pooled vectors.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from fusion.heads.train import FitResult
 
 CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE = "config.json", "metrics.json", "head.safetensors"
 META_KEYS = ("cache_path", "cache_fingerprint", "cache", "text_dim", "image_dim", "fusion_version", "head_sha256")
+OPTIONAL_KEYS = {"tokens": False}  # key -> the value of a run written before the key existed
 
 
 @dataclass
@@ -36,21 +41,28 @@ class LoadedRun:
     head: Head  # in eval mode
     config: FitConfig
     metrics: dict
-    meta: dict  # the META_KEYS values
+    meta: dict  # the META_KEYS and OPTIONAL_KEYS values
 
     @property
     def cache(self) -> dict:
         """The description of the cache the head was trained on (models, max_length, ...); {} when none was given."""
         return self.meta["cache"]
 
+    @property
+    def tokens(self) -> bool:
+        """True when the head was trained on token sequences, not only on pooled vectors."""
+        return self.meta["tokens"]
+
 
 def save_run(out_dir: Path | str, result: FitResult, *, cache_path: Path | str | None = None,
-             fingerprint: str | None = None, dims: tuple[int, int] | None = None, cache: dict | None = None) -> Path:
+             fingerprint: str | None = None, dims: tuple[int, int] | None = None, cache: dict | None = None,
+             tokens: bool = False) -> Path:
     """Write a run directory for `result`; returns the directory.
 
     cache: the cache's description (fusion.heads.runs.cache_meta: dataset, models, "path", "fingerprint", ...),
     stored whole; cache_path, fingerprint and dims (text_dim, image_dim) default to its values, and dims otherwise
     to the projection weights' input sizes (0 for the modality an ablation does not use).
+    tokens: the features were token sequences (fit --tokens), which prediction must then rebuild.
     The weights go first and config.json (which records their sha256) last, so a directory with a config.json is
     complete; each file is replaced atomically.
     """
@@ -66,7 +78,7 @@ def save_run(out_dir: Path | str, result: FitResult, *, cache_path: Path | str |
     text_dim, image_dim = dims if dims is not None else _dims(result, cache)
     config = {**asdict(result.config), "cache_path": None if cache_path is None else str(cache_path),
               "cache_fingerprint": fingerprint if fingerprint is not None else cache.get("fingerprint"),
-              "cache": cache, "text_dim": int(text_dim), "image_dim": int(image_dim),
+              "cache": cache, "text_dim": int(text_dim), "image_dim": int(image_dim), "tokens": bool(tokens),
               "fusion_version": fusion.__version__, "head_sha256": hashlib.sha256(weights).hexdigest()}
     write_bytes_atomic(out / CONFIG_FILE, _json_bytes(config))
     return out
@@ -125,7 +137,7 @@ def _read_json(path: Path) -> dict:
 
 def _parse_config(path: Path, values: dict) -> tuple[FitConfig, dict]:
     names = {field.name for field in fields(FitConfig)}
-    unknown = sorted(set(values) - names - set(META_KEYS))
+    unknown = sorted(set(values) - names - set(META_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
         raise RunError(f"{path}: unknown key(s) {', '.join(unknown)}")
     missing = sorted(set(META_KEYS) - set(values))
@@ -135,7 +147,9 @@ def _parse_config(path: Path, values: dict) -> tuple[FitConfig, dict]:
         config = config_from_dict({key: value for key, value in values.items() if key in names})
     except (ConfigError, TypeError) as error:
         raise RunError(f"{path}: {error}") from None
-    meta = {key: values[key] for key in META_KEYS}
+    meta = {key: values[key] for key in META_KEYS} | {key: values.get(key, old) for key, old in OPTIONAL_KEYS.items()}
+    if not isinstance(meta["tokens"], bool):
+        raise RunError(f"{path}: tokens must be true or false, got {meta['tokens']!r}")
     for key in ("text_dim", "image_dim"):  # 0: a modality the head does not use, of unknown size
         if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
             raise RunError(f"{path}: {key} must be a non-negative integer, got {meta[key]!r}")

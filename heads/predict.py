@@ -2,6 +2,10 @@
 
     fusion predict --run runs/mvsa-single-self_attn --image meme.jpg --text "not bad at all"
     fusion predict --run runs/mvsa-single-self_attn --csv new_posts.csv
+
+The head sees what training saw: texts padded and cut as extraction does, embeddings rounded to float16 as the cache
+stores them, and for a dual_attn head fitted with --tokens the whole token and patch sequences (the other heads read
+token 0 only, the pooled embedding, whatever they were fitted on).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from fusion.extract.batches import pad_token_ids
 from fusion.extract.encoders import Encoders, image_embeddings, load_encoders, text_embeddings
 from fusion.extract.images import ImageUnreadable, load_rgb
 from fusion.extract.textio import read_csv
-from fusion.heads.features import pooled_modality
-from fusion.heads.models import predict_proba
+from fusion.heads.features import Modality, _token_modality, pooled_modality
+from fusion.heads.models import Head, predict_proba
 from fusion.labels import LABELS
 
 
@@ -52,16 +56,22 @@ def run_encoders(cache: dict, *, device: str = "auto") -> Encoders:
         raise ModelLoadError(f"this run needs the encoders its cache was made with: {error}") from None
 
 
-def predict_posts(head, encoders: Encoders, posts: list[Post], *, max_length: int,
-                  batch_size: int = 32) -> list[Prediction]:
-    """Unreadable images are reported per post; the other posts are still predicted."""
+def predict_posts(head: Head, encoders: Encoders, posts: list[Post], *, max_length: int, batch_size: int = 32,
+                  tokens: bool = False) -> list[Prediction]:
+    """Unreadable images are reported per post; the other posts are still predicted.
+
+    tokens: the head was fitted on token sequences (LoadedRun.tokens); a dual_attn head is then given them too.
+    """
+    sequences = tokens and head.spec.fusion == "dual_attn"
     predictions: list[Prediction] = []
     for start in range(0, len(posts), batch_size):
-        predictions.extend(_predict_batch(head, encoders, posts[start:start + batch_size], max_length))
+        batch = posts[start:start + batch_size]
+        predictions.extend(_predict_batch(head, encoders, batch, max_length=max_length, sequences=sequences))
     return predictions
 
 
-def _predict_batch(head, encoders: Encoders, posts: list[Post], max_length: int) -> list[Prediction]:
+def _predict_batch(head: Head, encoders: Encoders, posts: list[Post], *, max_length: int,
+                   sequences: bool) -> list[Prediction]:
     pixels, readable, failures = [], [], {}
     for position, post in enumerate(posts):
         try:
@@ -71,22 +81,42 @@ def _predict_batch(head, encoders: Encoders, posts: list[Post], max_length: int)
             continue
         pixels.append(encoders.image_processor(images=image, return_tensors="pt")["pixel_values"][0])
         readable.append(position)
-    probabilities = _probabilities(head, encoders, [posts[i].text for i in readable], pixels, max_length)
+    texts = [posts[i].text for i in readable]
+    probabilities = _probabilities(head, encoders, texts, pixels, max_length=max_length, sequences=sequences)
     by_position = dict(zip(readable, probabilities))
     return [_prediction(post, by_position.get(i), failures.get(i)) for i, post in enumerate(posts)]
 
 
-def _probabilities(head, encoders: Encoders, texts: list[str], pixels: list, max_length: int) -> list:
+def _probabilities(head: Head, encoders: Encoders, texts: list[str], pixels: list, *, max_length: int,
+                   sequences: bool) -> list:
     if not texts:
         return []
     token_ids = encoders.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    input_ids, attention_mask = pad_token_ids(token_ids, encoders.tokenizer.pad_token_id)
+    # Padded as extraction pads them (to a multiple of 8 under CPU bf16), so the encoders meet the same shapes.
+    input_ids, attention_mask = pad_token_ids(token_ids, encoders.tokenizer.pad_token_id, encoders.pad_multiple)
     with torch.inference_mode():
-        text, _ = text_embeddings(encoders, input_ids.to(encoders.device), attention_mask.to(encoders.device))
-        image, _ = image_embeddings(encoders, torch.stack(pixels).to(encoders.device, encoders.dtype))
-        # The head was trained on float16 embeddings read from the cache: round the same way.
-        text, image = (x.float().cpu().half().float() for x in (text, image))
-        return list(predict_proba(head, pooled_modality(text), pooled_modality(image)))
+        text, text_tokens = text_embeddings(encoders, input_ids.to(encoders.device),
+                                            attention_mask.to(encoders.device))
+        image, image_tokens = image_embeddings(encoders, torch.stack(pixels).to(encoders.device, encoders.dtype))
+        if not sequences:
+            return list(predict_proba(head, pooled_modality(_as_cached(text)), pooled_modality(_as_cached(image))))
+        text_modality, image_modality = _token_modalities(text, text_tokens, attention_mask, image, image_tokens)
+        return list(predict_proba(head, text_modality, image_modality))
+
+
+def _token_modalities(text, text_tokens, attention_mask, image, image_tokens) -> tuple[Modality, Modality]:
+    """The sequences as fit --tokens read them from the cache (features_from_cache): text cut to the batch's longest
+    text (padding kept as the encoder left it, as extraction stores it; the mask hides it), token 0 = pooled."""
+    longest = int(attention_mask.sum(1).max())
+    text_modality = _token_modality(_as_cached(text_tokens[:, :longest]), attention_mask[:, :longest].bool(),
+                                    _as_cached(text))
+    image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool)
+    return text_modality, _token_modality(_as_cached(image_tokens), image_mask, _as_cached(image))
+
+
+def _as_cached(values: torch.Tensor) -> torch.Tensor:
+    """Rounded to float16 as the cache stores embeddings (the head was trained on those), back as float32 on the CPU."""
+    return values.to(torch.float16).cpu().float()
 
 
 def _prediction(post: Post, probabilities, error: str | None) -> Prediction:

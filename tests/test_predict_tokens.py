@@ -1,0 +1,100 @@
+"""`fusion predict` on a head fitted with --tokens: the same token sequences as the cache it was trained on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from dataset_writers import write_mvsa
+
+from fusion.cache.reader import read_cache
+from fusion.cli import main
+from fusion.errors import RunError
+from fusion.extract.encoders import load_encoders
+from fusion.heads.checkpoint import load_run, save_run
+from fusion.heads.config import FitConfig
+from fusion.heads.models import predict_proba
+from fusion.heads.predict import Post, predict_posts
+from fusion.heads.runs import load_features
+from fusion.heads.train import train_head
+from fusion.labels import LABELS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def token_run(tmp_path_factory, tiny_models):
+    """A dual_attn head fitted on the token sequences of a really extracted cache, and that cache's features."""
+    folder = tmp_path_factory.mktemp("tokens")
+    expected = write_mvsa(folder / "data", kind="single", n_per_class=6, dirty=False)
+    bert, dinov2 = tiny_models
+    cache = folder / "c.h5"
+    assert main(["extract", "--dataset", "mvsa-single", "--root", str(expected.root), "--out", str(cache),
+                 "--text-model", str(bert), "--image-model", str(dinov2), "--device", "cpu", "--workers", "0",
+                 "--tokens", "--batch-size", "4"]) == 0
+    features, meta = load_features(cache, tokens=True)
+    result = train_head(features, FitConfig(head="dual_attn", epochs=2, batch_size=8, seed=0))
+    run = save_run(folder / "run", result, cache=meta, tokens=True)
+    return expected, cache, features, run
+
+
+def _cached_posts(expected, cache, split: str) -> list[Post]:
+    """The dataset's own posts (image file and text as the reader gives them) of the cache's rows of `split`."""
+    ids = read_cache(cache).splits[split].id
+    return [Post(image=expected.root / "data" / f"{id_}.jpg", text=expected.texts[id_]) for id_ in ids]
+
+
+def _probabilities(predictions) -> torch.Tensor:
+    assert all(p.error is None for p in predictions)
+    return torch.tensor([[p.probabilities[name] for name in LABELS] for p in predictions])
+
+
+def test_predict_feeds_a_token_trained_dual_attn_head_the_sequences_it_was_trained_on(token_run):
+    expected, cache, features, run = token_run
+    loaded = load_run(run)
+    assert loaded.tokens is True
+    encoders = load_encoders(loaded.cache["text_model"], loaded.cache["image_model"], device="cpu")
+    posts = _cached_posts(expected, cache, "train")
+    max_length = int(loaded.cache["max_length"])
+    # Batches of 5 group the posts otherwise than extraction did (4, sorted by length): padding must not matter.
+    predicted = _probabilities(predict_posts(loaded.head, encoders, posts, max_length=max_length, batch_size=5,
+                                             tokens=True))
+    train = features["train"]
+    assert train.text.tokens.shape[1] > 1 and len(posts) == len(train)
+    trained_on = predict_proba(loaded.head, train.text, train.image)
+    torch.testing.assert_close(predicted, trained_on.float(), atol=1e-3, rtol=0)
+    pooled_only = _probabilities(predict_posts(loaded.head, encoders, posts, max_length=max_length, batch_size=5))
+    assert (pooled_only - trained_on).abs().max() > 1e-2  # what predict gave before: not what the head learnt on
+
+
+def test_a_head_that_reads_token_0_only_is_given_pooled_vectors(token_run, tiny_models):
+    expected, cache, _, _ = token_run
+    features, meta = load_features(cache)
+    head = load_run(save_run(cache.parent / "basic", train_head(features, FitConfig(head="basic", epochs=1)),
+                             cache=meta, tokens=True)).head
+    encoders = load_encoders(meta["text_model"], meta["image_model"], device="cpu")
+    posts = _cached_posts(expected, cache, "val")
+    predicted = _probabilities(predict_posts(head, encoders, posts, max_length=int(meta["max_length"]), tokens=True))
+    torch.testing.assert_close(predicted, predict_proba(head, features["val"].text, features["val"].image),
+                               atol=1e-3, rtol=0)
+
+
+def test_runs_written_before_the_tokens_key_load_as_pooled(token_run, tmp_path):
+    run = shutil.copytree(token_run[3], tmp_path / "old")
+    config = json.loads((run / "config.json").read_text())
+    del config["tokens"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert load_run(run).tokens is False
+
+
+def test_a_tokens_value_that_is_not_a_boolean_is_refused_in_one_line(token_run, tmp_path):
+    run = shutil.copytree(token_run[3], tmp_path / "bad")
+    config = json.loads((run / "config.json").read_text())
+    config["tokens"] = "yes"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError) as raised:
+        load_run(run)
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1 and "tokens" in message and "'yes'" in message
