@@ -100,17 +100,29 @@ def _print_extract_notes(summary) -> None:
 def cache_info(
     file: Path = typer.Argument(..., help="A cache file (or its .partial folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    verify: bool = typer.Option(False, "--verify", help="Also read every byte and check every chunk's checksum."),
 ) -> None:
     """What a cache holds: dataset, models, dims, counts per split and class, skipped samples, fingerprint."""
-    from fusion.cache.info import cache_info as read_info
+    from fusion.cache.info import cache_info as read_info, verify_cache
     from fusion.console import cache_info_tables, console
 
     info = read_info(file)
+    if verify:
+        info["verified"] = verify_cache(file)
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
-        return
-    for table in cache_info_tables(info):
-        console.print(table)
+    else:
+        for table in cache_info_tables(info):
+            console.print(table)
+    damaged = info.get("verified", {}).get("damaged")
+    if damaged:
+        for name, reason in damaged.items():
+            print(f"fusion: {file}: {name}: {reason}", file=sys.stderr)
+        raise typer.Exit(1)
+    if verify and not as_json:
+        checked = info["verified"]
+        console.print(f"verified: {checked['datasets']} datasets, {checked['bytes'] / 2**20:.1f} MiB read, every "
+                      f"checksum matches")
 
 
 def _split_list(value: str, cast=str) -> list:
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (tests call it with an argv list)."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="fusion", standalone_mode=False)
+        code = command.main(args=argv, prog_name="fusion", standalone_mode=False)
     except FusionError as error:
         if os.environ.get("FUSION_DEBUG") == "1":
             raise
@@ -283,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         print("fusion: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0
+    # Without standalone mode click returns a typer.Exit's code instead of raising it (commands return None).
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

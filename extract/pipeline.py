@@ -17,7 +17,7 @@ import dataclasses
 import datetime as dt
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -72,7 +72,6 @@ class ExtractSummary:
     rows_computed: int
     seconds: float
     already_complete: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def samples_per_second(self) -> float:

@@ -97,13 +97,7 @@ def test_token_rows_reads_any_rows_in_the_order_asked(tmp_path):
 
 def test_token_rows_names_a_damaged_row(tmp_path):
     out = write_synthetic_cache(tmp_path / "c.h5", (6, 2, 2), tokens=True, dt=DT, di=DI)
-    with h5py.File(out, "r") as h5:
-        offset = h5["train/image_tokens"].id.get_chunk_info(2).byte_offset
-    with open(out, "r+b") as file:
-        file.seek(offset + 3)
-        byte = file.read(1)
-        file.seek(offset + 3)
-        file.write(bytes([byte[0] ^ 0x40]))
+    _flip_a_byte_in_chunk(out, "train/image_tokens", 2)
     with TokenRows(out) as reader:
         reader.rows("train", np.array([0, 1]))
         with pytest.raises(CacheError, match="train/image_tokens.*checksum mismatch"):
@@ -354,6 +348,34 @@ def test_cache_info_reports_an_incomplete_file_instead_of_refusing(cache_file):
     edit(cache_file, lambda h5: h5.attrs.modify("complete", False))
     info = cache_info(cache_file)
     assert info["complete"] is False and info["splits"]["train"]["count"] == 11
+
+
+def _flip_a_byte_in_chunk(path: Path, dataset: str, chunk: int) -> None:
+    with h5py.File(path, "r") as h5:
+        offset = h5[dataset].id.get_chunk_info(chunk).byte_offset
+    with open(path, "r+b") as file:
+        file.seek(offset + 3)
+        byte = file.read(1)
+        file.seek(offset + 3)
+        file.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_cache_info_verify_reads_every_chunk_and_names_each_damaged_dataset(tmp_path, capsys):
+    from fusion.cli import main
+
+    out = write_synthetic_cache(tmp_path / "c.h5", (8, 3, 3), tokens=True, dt=DT, di=DI)
+    assert main(["cache", "info", str(out), "--verify"]) == 0
+    assert "every checksum matches" in capsys.readouterr().out
+    _flip_a_byte_in_chunk(out, "train/image_tokens", 2)
+    _flip_a_byte_in_chunk(out, "test/text_tokens", 0)
+    assert main(["cache", "info", str(out)]) == 0  # metadata and labels only: the damage is not seen
+    capsys.readouterr()
+    assert main(["cache", "info", str(out), "--verify", "--json"]) == 1
+    captured = capsys.readouterr()
+    damaged = json.loads(captured.out)["verified"]["damaged"]
+    assert sorted(damaged) == ["test/text_tokens", "train/image_tokens"]
+    assert all("checksum mismatch" in reason for reason in damaged.values())
+    assert len(captured.err.strip().splitlines()) == 2 and "train/image_tokens: checksum mismatch" in captured.err
 
 
 def test_finalize_leaves_nothing_half_written_when_a_batch_is_damaged(tmp_path):
