@@ -163,7 +163,7 @@ def fit(
     with epoch_progress(f"fit {head}", config.epochs) as on_epoch:
         result = train_head(features, config, on_epoch=on_epoch)
     run_dir = out or Path("runs") / f"{Path(cache).stem}-{head}"
-    save_run(run_dir, result, cache=meta)
+    save_run(run_dir, result, cache=meta, tokens=tokens)
     console.print(metrics_table(f"{head} on {meta['dataset']} (best epoch {result.best_epoch} of "
                                 f"{result.epochs_run}, selected on val {config.metric})",
                                 {"val": result.val, "test": result.test}))
@@ -204,7 +204,7 @@ def grid(
                            dropouts=_split_list(dropouts, float), losses=_split_list(losses),
                            seeds=range(seeds))
     run_grid_command(features, meta, configs, out or Path("runs") / f"{Path(cache).stem}-grid",
-                     storage=storage, study=study, sampler=sampler, trials=trials)
+                     storage=storage, study=study, sampler=sampler, trials=trials, tokens=tokens)
 
 
 def _load_features(cache: Path, tokens: bool, stream: Optional[bool]):
@@ -239,7 +239,8 @@ def predict(
     _quiet_transformers()
     encoders = run_encoders(loaded.cache, device=device)
     posts = posts_from_csv(csv) if csv else [Post(image=image, text=text)]
-    predictions = predict_posts(loaded.head, encoders, posts, max_length=int(loaded.cache.get("max_length", 128)))
+    predictions = predict_posts(loaded.head, encoders, posts, max_length=int(loaded.cache.get("max_length", 128)),
+                                tokens=loaded.tokens)
     if as_json:
         for p in predictions:
             print(json.dumps({"image": str(p.post.image), "row": p.post.row, "label": p.label,

@@ -1,7 +1,8 @@
 """Reading a cache: every way a file can be wrong becomes one CacheError line naming the file and the problem.
 
 Stage 2 loads a whole cache into memory (a split is tens of MB); the token arrays of a cache larger than memory are
-read a minibatch at a time through `TokenRows`. Reads go through `_read`, which turns HDF5's checksum failure into words a user can act on.
+read a minibatch at a time through `TokenRows`. Reads go through `read_dataset` (or `TokenRows.rows`), which turn
+HDF5's checksum failure into words a user can act on.
 """
 
 from __future__ import annotations

@@ -104,13 +104,15 @@ def features_from_cache(data, *, tokens: bool = False) -> dict[str, SplitFeature
 def _token_split(arrays, split: str) -> SplitFeatures:
     if arrays.text_tokens is None or arrays.image_tokens is None or arrays.text_mask is None:
         raise CacheError(f"split {split} has no token sequences: extract the cache with --tokens")
-    text = _token_modality(arrays.text_tokens, arrays.text_mask, arrays.text)
+    text = token_modality(arrays.text_tokens, arrays.text_mask, arrays.text)
     image_mask = np.ones(arrays.image_tokens.shape[:2], dtype=bool)
-    image = _token_modality(arrays.image_tokens, image_mask, arrays.image)
+    image = token_modality(arrays.image_tokens, image_mask, arrays.image)
     return SplitFeatures(text, image, torch.as_tensor(np.asarray(arrays.label), dtype=torch.long))
 
 
-def _token_modality(tokens, mask, pooled) -> Modality:
+def token_modality(tokens, mask, pooled) -> Modality:
+    """(N, L, D) cached tokens (float16 or float32), their (N, L) mask and (N, D) pooled embeddings -> a float32
+    Modality whose token 0 is the pooled embedding and always counts as real."""
     sequence = torch.as_tensor(np.asarray(tokens), dtype=torch.float32)
     sequence[:, 0] = torch.as_tensor(np.asarray(pooled), dtype=torch.float32)
     valid = torch.as_tensor(np.asarray(mask), dtype=torch.bool).clone()

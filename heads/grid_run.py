@@ -16,7 +16,8 @@ from fusion.heads.train import train_head
 
 
 def run_grid_command(features, meta: dict, configs: list[FitConfig], out: Path, *, storage: str | None,
-                     study: str, sampler: str, trials: int | None) -> list[dict]:
+                     study: str, sampler: str, trials: int | None, tokens: bool = False) -> list[dict]:
+    """tokens: the features are token sequences (recorded with the best run, so predict feeds it the same)."""
     from fusion.console import console, grid_tables, progress_bar
 
     out.mkdir(parents=True, exist_ok=True)
@@ -42,7 +43,7 @@ def run_grid_command(features, meta: dict, configs: list[FitConfig], out: Path, 
     summaries = summarise(rows, metric)
     best = summaries[0]
     chosen = config_from_dict({**best.config, "seed": best.seeds[0]})
-    save_run(out / "best", train_head(features, chosen), cache=meta)
+    save_run(out / "best", train_head(features, chosen), cache=meta, tokens=tokens)
     for table in grid_tables(summaries, best_per_head(summaries), metric):
         console.print(table)
     console.print(f"{len(rows)} results in {out / 'results.csv'}; the configuration chosen on validation is in "

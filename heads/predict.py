@@ -20,7 +20,7 @@ from fusion.extract.batches import pad_token_ids
 from fusion.extract.encoders import Encoders, image_embeddings, load_encoders, text_embeddings
 from fusion.extract.images import ImageUnreadable, load_rgb
 from fusion.extract.textio import read_csv
-from fusion.heads.features import Modality, _token_modality, pooled_modality
+from fusion.heads.features import Modality, pooled_modality, token_modality
 from fusion.heads.models import Head, predict_proba
 from fusion.labels import LABELS
 
@@ -108,10 +108,10 @@ def _token_modalities(text, text_tokens, attention_mask, image, image_tokens) ->
     """The sequences as fit --tokens read them from the cache (features_from_cache): text cut to the batch's longest
     text (padding kept as the encoder left it, as extraction stores it; the mask hides it), token 0 = pooled."""
     longest = int(attention_mask.sum(1).max())
-    text_modality = _token_modality(_as_cached(text_tokens[:, :longest]), attention_mask[:, :longest].bool(),
+    text_modality = token_modality(_as_cached(text_tokens[:, :longest]), attention_mask[:, :longest].bool(),
                                     _as_cached(text))
     image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool)
-    return text_modality, _token_modality(_as_cached(image_tokens), image_mask, _as_cached(image))
+    return text_modality, token_modality(_as_cached(image_tokens), image_mask, _as_cached(image))
 
 
 def _as_cached(values: torch.Tensor) -> torch.Tensor:

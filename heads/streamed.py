@@ -18,7 +18,7 @@ import numpy as np
 from torch import Tensor
 
 from fusion.cache.reader import TokenRows
-from fusion.heads.features import SplitFeatures, _token_modality
+from fusion.heads.features import SplitFeatures, token_modality
 
 READ_AHEAD = 2  # minibatches in flight: one being read while one waits, so a slow read rarely stalls training
 
@@ -49,9 +49,9 @@ class StreamedSplit:
         arrays = self.reader.rows(self.split, index if isinstance(index, slice) else index.numpy())
         pooled = self.pooled.rows(index)
         image_mask = np.ones(arrays["image_tokens"].shape[:2], dtype=bool)
-        return SplitFeatures(_token_modality(arrays["text_tokens"], arrays["text_mask"], pooled.text.tokens[:, 0]),
-                             _token_modality(arrays["image_tokens"], image_mask, pooled.image.tokens[:, 0]),
-                             pooled.label)
+        text = token_modality(arrays["text_tokens"], arrays["text_mask"], pooled.text.tokens[:, 0])
+        image = token_modality(arrays["image_tokens"], image_mask, pooled.image.tokens[:, 0])
+        return SplitFeatures(text, image, pooled.label)
 
     def batches(self, selections: Iterable[Tensor | slice]) -> Iterator[SplitFeatures]:
         selections = iter(selections)

@@ -70,3 +70,13 @@ def test_fit_streams_by_itself_when_tokens_would_not_fit(tmp_path, capsys, monke
     assert "read from the cache" not in capsys.readouterr().out
     loaded = json.loads((tmp_path / "run2" / "metrics.json").read_text())
     assert streamed["history"] == loaded["history"] and streamed["test"] == loaded["test"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["tokens"] is True
+
+
+def test_grid_on_tokens_streams_and_records_tokens_with_its_best_run(tmp_path, capsys):
+    cache = write_synthetic_cache(tmp_path / "c.h5", (40, 12, 12), dt=12, di=8, tokens=True)
+    out = tmp_path / "grid"
+    assert main(["grid", "--cache", str(cache), "--tokens", "--stream", "--heads", "dual_attn,basic", "--lrs",
+                 "1e-2,1e-3", "--dropouts", "0", "--losses", "ce", "--epochs", "2", "--out", str(out)]) == 0
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 4
+    assert json.loads((out / "best" / "config.json").read_text())["tokens"] is True
