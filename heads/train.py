@@ -2,7 +2,8 @@
 streamed token split reading its minibatches (heads/streamed.py).
 
 How the vectorisation works
-- Configs are grouped by (head, seed, batch_size, proj_dim, hidden); each group is ONE pass whose M models have their
+- Configs are grouped by (head, seed, batch_size, proj_dim, hidden); each group is ONE pass (several when its
+  models' activations would outgrow the memory budget: see models_per_pass) whose M models have their
   parameters stacked with a leading model dimension (heads/layers.py): the shared first layer is one GEMM of width
   M*256, the rest batched matmuls. Per model: learning rate, dropout rate, loss (focal gamma, alpha), epochs,
   patience and metric.
@@ -32,6 +33,7 @@ from fusion.heads.losses import focal_loss, focal_loss_per_sample
 from fusion.heads.metrics import classification_metrics, confusion_counts
 from fusion.heads.models import HEADS, fused_dim, head_forward, init_params, param_shapes
 from fusion.errors import FusionError
+from fusion.memory import available_memory
 
 
 @dataclass
@@ -53,19 +55,37 @@ def train_head(features: dict[str, SplitFeatures], config: FitConfig, on_epoch=N
 
 
 def train_many(features: dict[str, SplitFeatures], configs: list[FitConfig], on_epoch=None, *,
-               threads: int | None = None) -> list[FitResult]:
+               threads: int | None = None, memory_budget: int | None = None) -> list[FitResult]:
     """Train every config (results in the same order), vectorised across configs; on_epoch(epoch, index, metrics).
 
     threads: torch's intra-op thread count for the call (restored afterwards); None leaves it alone.
+    memory_budget: bytes a pass's activations may take (default: half the memory available now); a group whose
+    models would need more trains in several passes, which changes no result.
     """
     _check_features(features)
+    budget = available_memory() // 2 if memory_budget is None else memory_budget
     results: list[FitResult | None] = [None] * len(configs)
     with _num_threads(threads):
-        for indices in group_configs(configs).values():
-            group = [configs[i] for i in indices]
-            for index, result in zip(indices, _Pass(features, group, indices, on_epoch).run()):
-                results[index] = result
+        for group in group_configs(configs).values():
+            size = models_per_pass(configs[group[0]], features, budget)
+            for indices in (group[start:start + size] for start in range(0, len(group), size)):
+                passed = [configs[i] for i in indices]
+                for index, result in zip(indices, _Pass(features, passed, indices, on_epoch).run()):
+                    results[index] = result
     return results
+
+
+def models_per_pass(config: FitConfig, features: dict[str, SplitFeatures], budget: int) -> int:
+    """How many models of `config`'s architecture fit `budget`: a training step keeps about ACTIVATION_COPIES
+    (batch, tokens, width) float32 tensors alive per model. Pooled features are 2 tokens a row, so only dual_attn on
+    token sequences (hundreds) comes near the budget: 48 such models at batch 256 would want ~30 GB."""
+    tokens = features["train"].tokens_per_row if HEADS[config.head].fusion == "dual_attn" else 2
+    per_model = ACTIVATION_COPIES * config.batch_size * tokens * max(config.proj_dim, config.hidden) * 4
+    return max(1, budget // per_model)
+
+
+# Measured: a dual_attn step on token sequences peaks at ~4.5 (batch, tokens, proj_dim) float32 tensors per model.
+ACTIVATION_COPIES = 6
 
 
 def group_configs(configs: list[FitConfig]) -> dict[tuple, list[int]]:

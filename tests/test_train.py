@@ -75,6 +75,30 @@ def test_train_many_equals_training_each_alone(tokens):
                                    atol=1e-4)
 
 
+def test_a_group_over_the_memory_budget_trains_in_several_passes_to_the_same_results(monkeypatch):
+    import fusion.heads.train as train
+
+    features = {s: token_split(n, 4, 3, seed=i) for i, (s, n) in enumerate(SMALL_SIZES.items())}
+    configs = [replace(c, head="dual_attn") for c in _mixed_configs()[:4]]  # one group: same head, seed, sizes
+    per_model = train.ACTIVATION_COPIES * FAST["batch_size"] * features["train"].tokens_per_row * FAST["proj_dim"] * 4
+    assert train.models_per_pass(configs[0], features, 2 * per_model) == 2
+    assert train.models_per_pass(replace(configs[0], head="basic"), features, 2 * per_model) > 2  # 2 tokens a row
+    passes, real_pass = [], train._Pass
+
+    def counted(features, group, *rest):
+        passes.append(len(group))
+        return real_pass(features, group, *rest)
+
+    monkeypatch.setattr(train, "_Pass", counted)
+    split = train_many(features, configs, memory_budget=2 * per_model)
+    whole = train_many(features, configs, memory_budget=1 << 40)
+    assert passes == [2, 2, 4]
+    for first, second in zip(split, whole):
+        assert (first.best_epoch, first.epochs_run) == (second.best_epoch, second.epochs_run)
+        _assert_same_metrics(first.val, second.val)
+        _assert_same_metrics(first.test, second.test)
+
+
 def _assert_same_metrics(first: dict, second: dict) -> None:
     """Metrics from predictions equal; losses equal up to float rounding (batched GEMMs sum in another order)."""
     assert {k: v for k, v in first.items() if k != "loss"} == {k: v for k, v in second.items() if k != "loss"}
