@@ -215,7 +215,7 @@ def _load_features(cache: Path, tokens: bool, stream: Optional[bool]):
         needed, available = token_memory(cache)
         stream = needed > LOAD_SHARE * available
         if stream:
-            console.print(f"token sequences take {needed / 2**30:.1f} GiB as float32, over half of the "
+            console.print(f"loading the token sequences would take {needed / 2**30:.1f} GiB, over half of the "
                           f"{available / 2**30:.1f} GiB available: each minibatch is read from the cache")
     return load_features(cache, tokens=tokens, stream=bool(stream))
 

@@ -247,13 +247,22 @@ def _reason(error: Exception) -> str:
 
 def _check_finite(path: Path, name: str, values: np.ndarray, *, rows: np.ndarray | None = None) -> None:
     """rows: the file's row number of each value row (default 0, 1, ...), for the message."""
-    if not len(values):
+    if not len(values) or not _any_non_finite(values):
         return
     bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise CacheError(f"{path}: {name} has NaN or Inf in {int(bad.sum())} row(s) (first: row "
                          f"{first if rows is None else int(rows[first])})")
+
+
+def _any_non_finite(values: np.ndarray) -> bool:
+    """float16 is Inf or NaN exactly when its 5 exponent bits are all set: an integer test, ~4x faster than
+    np.isfinite, which numpy does not vectorise for float16 (streamed training checks every minibatch)."""
+    if values.dtype == np.float16:
+        exponent = np.uint16(0x7C00)
+        return bool(((values.view(np.uint16) & exponent) == exponent).any())
+    return not np.isfinite(values).all()
 
 
 def decode_strings(values: np.ndarray) -> np.ndarray:

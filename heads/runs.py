@@ -45,8 +45,9 @@ def load_features(path: Path, *, tokens: bool = False, stream: bool = False):
 
 
 def token_memory(path: Path) -> tuple[int, int]:
-    """(bytes the token sequences take as float32 tensors, bytes of memory available now)."""
+    """(bytes loading the token sequences takes at its peak, bytes of memory available now). The peak holds the
+    float16 arrays as read and their float32 tensors, 2 + 4 bytes a value (benchmarks/token_stream.py measures it)."""
     with TokenRows(Path(path)) as reader:
-        needed = sum(4 * math.prod(shape) for split in reader.shapes.values()
+        needed = sum((2 + 4) * math.prod(shape) for split in reader.shapes.values()
                      for name, shape in split.items() if name != "text_mask")
     return needed, available_memory()

@@ -102,6 +102,11 @@ def test_token_rows_names_a_damaged_row(tmp_path):
         reader.rows("train", np.array([0, 1]))
         with pytest.raises(CacheError, match="train/image_tokens.*checksum mismatch"):
             reader.rows("train", np.array([3, 2]))
+    with h5py.File(out, "r+") as h5:  # a NaN written through HDF5 has a valid checksum: the value check finds it
+        h5["val/text_tokens"][1, 0, 3] = np.inf
+    with TokenRows(out) as reader:
+        with pytest.raises(CacheError, match=r"val/text_tokens has NaN or Inf in 1 row\(s\) \(first: row 1\)"):
+            reader.rows("val", np.array([0, 1]))
 
 
 def test_resume_after_some_batches_gives_the_rest(tmp_path):
