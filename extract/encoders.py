@@ -119,10 +119,12 @@ def weight_dtypes(device: torch.device, precision: str) -> tuple[torch.dtype, to
     """(dtype of the inputs and of most weights, autocast dtype or None) for a precision on a device.
 
     On CPU, bf16 runs under autocast: the matrix products and attention use the bf16 units (avx512_bf16 / AMX)
-    while layer norms, softmax and residual sums stay fp32. Measured on this project's Zen 4 CPU it is 2-3x faster
-    than fp32 for BERT-base + DINOv2-small and closer to fp32 (cosine > 0.9999) than a model cast wholly to bf16,
-    which is slower still (PyTorch's bf16 elementwise and layer-norm CPU kernels are slow). fp16 on CPU has no
-    matrix units to use and runs 2-3x slower than fp32, so it is refused.
+    while layer norms, softmax and residual sums stay fp32. Measured for BERT-base + DINOv2-small on this project's
+    Zen 4 CPU (avx512_bf16, no AMX; profiled over benchmarks/extract_speed.py's batches): the matrix products run 2.0x
+    faster than fp32, but PyTorch's CPU flash-attention kernel gains nothing from bf16, so the encoders run 1.6-1.9x
+    faster. A model cast wholly to bf16 is only ~3% faster than autocast and 5x further from fp32 (lowest cosine
+    0.9999 against 0.99998, random and real MiniLM weights alike). fp16 on CPU has no matrix units to use and runs
+    2-3x slower than fp32, so it is refused.
     """
     dtype = PRECISIONS[precision]
     if device.type == "cpu" and dtype == torch.float16:
