@@ -25,6 +25,7 @@ import functools
 import json
 import multiprocessing
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
 from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -219,33 +221,15 @@ def rss_child(args) -> None:
     config = extract_config(args, models, Path(args.rss_child), Path(args.rss_out), args.rss_precision)
     in_loop = []
     extract(config, lambda done, total: in_loop.append(resident_mb()))
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so this process would report the
+    # benchmark's own peak (its models and batches), the same for N and 4N. The decode workers are forked from
+    # here, so their ru_maxrss starts at this process's size: an upper bound only.
+    peak_kb = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
     workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(json.dumps({"peak": peak_kb / 1024, "loop": max(in_loop), "workers": workers_kb / 1024}))
 
 
 # ------------------------------------------------------------------ the run
-
-
-class OtherLoad:
-    """CPU seconds used on the machine by everything but this process tree, over the run (other developers)."""
-
-    def __init__(self):
-        self.started, self.busy, self.ours = time.perf_counter(), self._busy(), self._ours()
-
-    @staticmethod
-    def _busy() -> float:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-    @staticmethod
-    def _ours() -> float:
-        return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                   for f in ("ru_utime", "ru_stime"))
-
-    def cores(self) -> float:
-        others = (self._busy() - self.busy) - (self._ours() - self.ours)
-        return max(0.0, others / (time.perf_counter() - self.started))
 
 
 def measure_precision(args, models, root: Path, work: Path, precision: str) -> dict:

@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
 
 TEXT_LENGTH, TEXT_DIM = 128, 768     # bert-base-uncased, max_length 128
 PATCHES, IMAGE_DIM = 257, 384        # dinov2-small at 224 px: CLS + (224 / 14)^2 patches
@@ -273,27 +274,6 @@ def child(args) -> None:
 
 
 # ------------------------------------------------------------------ the run
-
-
-class OtherLoad:
-    """CPU seconds used on the machine by everything but this process tree, over the run (other developers)."""
-
-    def __init__(self):
-        self.started, self.busy, self.ours = time.perf_counter(), self._busy(), self._ours()
-
-    @staticmethod
-    def _busy() -> float:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-    @staticmethod
-    def _ours() -> float:
-        return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                   for f in ("ru_utime", "ru_stime"))
-
-    def cores(self) -> float:
-        others = (self._busy() - self.busy) - (self._ours() - self.ours)
-        return max(0.0, others / (time.perf_counter() - self.started))
 
 
 def run_child(args, mode: str, cache: Path, warm: Path) -> dict:
