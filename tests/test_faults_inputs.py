@@ -223,7 +223,9 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from fault_helpers import header_claiming
 from fusion.extract.images import ImageUnreadable, load_rgb
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kb():  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would start at pytest's own peak
+    return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0])
+before = peak_kb()
 started = time.monotonic()
 reasons = []
 for fmt, size in [("PNG", (60000, 60000)), ("GIF", (60000, 60000)), ("BMP", (60000, 60000)),
@@ -235,7 +237,7 @@ for fmt, size in [("PNG", (60000, 60000)), ("GIF", (60000, 60000)), ("BMP", (600
         reasons.append("DECODED")
     except ImageUnreadable as error:
         reasons.append(str(error))
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+grown = peak_kb() - before
 print(time.monotonic() - started, grown // 1024, "|".join(reasons))
 """
 
