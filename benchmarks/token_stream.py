@@ -109,11 +109,13 @@ def synthetic_rows(batch: np.ndarray, seed: int) -> dict[str, np.ndarray]:
 
 
 def token_bytes(path: Path) -> tuple[int, int]:
-    """(bytes of the token sequences as float32 tensors, as float16 in the file): token_memory's count."""
-    from fusion.heads.runs import token_memory
+    """(bytes of the token sequences as float32 tensors, as float16 in the file), masks left out."""
+    from fusion.cache.reader import TokenRows
 
-    float32 = token_memory(path)[0]
-    return float32, float32 // 2
+    with TokenRows(path) as reader:
+        values = sum(int(np.prod(shape)) for split in reader.shapes.values() for name, shape in split.items()
+                     if name != "text_mask")
+    return 4 * values, 2 * values
 
 
 # ------------------------------------------------------------------ page cache
