@@ -101,25 +101,23 @@ class TokenRows:
         """TOKENS arrays of `split` at `index` (row numbers in any order, or a slice), in that order."""
         if self._h5 is None:
             raise CacheError(f"{self.path}: token reader is closed")
-        arrays = {}
-        for name in TOKENS:
-            dataset = self._h5[split][name]
-            try:
-                arrays[name] = dataset[index] if isinstance(index, slice) else _gather(dataset, index)
-            except (OSError, ValueError) as error:
-                raise CacheError(f"{self.path}: cannot read {split}/{name}: {_reason(error)}") from error
         rows = np.arange(*index.indices(self.shapes[split]["text_tokens"][0])) if isinstance(index, slice) else index
+        arrays = {name: self._gather(split, name, rows) for name in TOKENS}
         for name in ("text_tokens", "image_tokens"):
             _check_finite(self.path, f"{split}/{name}", arrays[name], rows=rows)
         return arrays
 
-
-def _gather(dataset: h5py.Dataset, index: np.ndarray) -> np.ndarray:
-    """Rows one by one into one buffer: h5py's list selection builds a point selection that is ~20x slower."""
-    out = np.empty((len(index), *dataset.shape[1:]), dtype=dataset.dtype)
-    for position, row in enumerate(np.asarray(index).tolist()):
-        dataset.read_direct(out, np.s_[row], np.s_[position])
-    return out
+    def _gather(self, split: str, name: str, rows: np.ndarray) -> np.ndarray:
+        """Row by row into one buffer (h5py's list selection builds a point selection that is ~20x slower), so a
+        damaged chunk is named by its row."""
+        dataset = self._h5[split][name]
+        out = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
+        for position, row in enumerate(np.asarray(rows).tolist()):
+            try:
+                dataset.read_direct(out, np.s_[row], np.s_[position])
+            except (OSError, ValueError) as error:
+                raise CacheError(f"{self.path}: cannot read {split}/{name} row {row}: {_reason(error)}") from error
+        return out
 
 
 @contextmanager

@@ -80,3 +80,21 @@ def test_grid_on_tokens_streams_and_records_tokens_with_its_best_run(tmp_path, c
                  "1e-2,1e-3", "--dropouts", "0", "--losses", "ce", "--epochs", "2", "--out", str(out)]) == 0
     assert len(json.loads((out / "results.json").read_text())["rows"]) == 4
     assert json.loads((out / "best" / "config.json").read_text())["tokens"] is True
+
+
+def test_a_damaged_row_met_while_streaming_stops_fit_with_one_line(tmp_path, capsys):
+    import h5py
+
+    cache = write_synthetic_cache(tmp_path / "c.h5", (40, 12, 12), dt=12, di=8, tokens=True)
+    with h5py.File(cache, "r") as h5:
+        offset = h5["train/image_tokens"].id.get_chunk_info(17).byte_offset
+    with open(cache, "r+b") as file:
+        file.seek(offset + 2)
+        byte = file.read(1)
+        file.seek(offset + 2)
+        file.write(bytes([byte[0] ^ 0x10]))
+    assert main(["fit", "--cache", str(cache), "--head", "dual_attn", "--tokens", "--stream", "--epochs", "1",
+                 "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train/image_tokens row 17: checksum mismatch" in err
+    assert not (tmp_path / "run").exists()
