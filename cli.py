@@ -36,15 +36,15 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-STREAM_HELP = ("With --tokens: read each minibatch's sequences from the cache instead of loading them "
-               "[default: stream when they would take over half the available memory].")
+STREAM_HELP = "With --tokens: read each minibatch's sequences from the cache instead of loading them."
+STREAM_DEFAULT = "stream when loading would take over half the available memory"
 
 
 @app.command()
 def extract(
     dataset: str = typer.Option(..., help="Dataset format: memotion, mvsa-single, mvsa-multi, csv, or demo."),
     root: Path = typer.Option(..., help="Dataset folder as downloaded (csv: the CSV file)."),
-    out: Optional[Path] = typer.Option(None, help="Cache file to write [default: caches/DATASET.h5]."),
+    out: Optional[Path] = typer.Option(None, help="Cache file to write.", show_default="caches/DATASET.h5"),
     text_model: str = typer.Option("bert-base-uncased", help="Hugging Face name or local folder."),
     image_model: str = typer.Option("facebook/dinov2-small", help="Hugging Face name or local folder."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -143,12 +143,13 @@ def fit(
     epochs: int = typer.Option(30, min=1, help="Maximum epochs (early stopping on validation)."),
     patience: int = typer.Option(5, min=1, help="Epochs without improvement before stopping."),
     batch_size: int = typer.Option(256, min=1, help="Minibatch size."),
-    metric: Optional[str] = typer.Option(None, help="Validation metric: macro_f1, weighted_f1 or accuracy "
-                                                    "[default: the dataset's own, macro F1 for Memotion, weighted F1 for MVSA]."),
+    metric: Optional[str] = typer.Option(None, help="Validation metric: macro_f1, weighted_f1 or accuracy.",
+                                         show_default="the dataset's own: macro F1 for Memotion, weighted F1 for MVSA"),
     seed: int = typer.Option(0, help="Seed of initialisation, shuffling and dropout."),
     tokens: bool = typer.Option(False, "--tokens", help="Train on token sequences (needs a --tokens cache)."),
-    stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help=STREAM_HELP),
-    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/CACHE-HEAD]."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help=STREAM_HELP,
+                                         show_default=STREAM_DEFAULT),
+    out: Optional[Path] = typer.Option(None, help="Run directory.", show_default="runs/CACHE-HEAD"),
 ) -> None:
     """Train one fusion head on a cache; writes config.json, metrics.json and head.safetensors."""
     from fusion.console import console, epoch_progress, metrics_table
@@ -181,15 +182,17 @@ def grid(
     epochs: int = typer.Option(30, min=1, help="Maximum epochs per configuration."),
     patience: int = typer.Option(5, min=1, help="Early-stopping patience."),
     batch_size: int = typer.Option(256, min=1, help="Minibatch size."),
-    metric: Optional[str] = typer.Option(None, help="Selection metric on validation [default: the dataset's own]."),
-    out: Optional[Path] = typer.Option(None, help="Grid directory [default: runs/CACHE-grid]."),
+    metric: Optional[str] = typer.Option(None, help="Selection metric on validation.",
+                                         show_default="the dataset's own"),
+    out: Optional[Path] = typer.Option(None, help="Grid directory.", show_default="runs/CACHE-grid"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage (journal:PATH or a database URL) shared by "
                                                      "several machines."),
     study: str = typer.Option("fusion-grid", help="Optuna study name (with --storage)."),
     sampler: str = typer.Option("grid", help="With --storage: grid (the whole grid) or tpe (sampled)."),
     trials: Optional[int] = typer.Option(None, min=1, help="With --sampler tpe: trials in this process."),
     tokens: bool = typer.Option(False, "--tokens", help="Train on token sequences (needs a --tokens cache)."),
-    stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help=STREAM_HELP),
+    stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help=STREAM_HELP,
+                                         show_default=STREAM_DEFAULT),
 ) -> None:
     """Train the paper's hyper-parameter grid (144 configurations by default); resumable."""
     from fusion.heads.config import FitConfig
@@ -267,8 +270,8 @@ def report(run: Path = typer.Option(..., help="A run directory or a grid directo
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), help="Where the demo writes its data, cache and runs."),
-    text_model: Optional[str] = typer.Option(None, help="Text encoder [default: the all-MiniLM-L6-v2 package]."),
-    image_model: Optional[str] = typer.Option(None, help="Image encoder [default: a small random DINOv2]."),
+    text_model: Optional[str] = typer.Option(None, help="Text encoder.", show_default="the all-MiniLM-L6-v2 package"),
+    image_model: Optional[str] = typer.Option(None, help="Image encoder.", show_default="a small random DINOv2"),
     size: int = typer.Option(1500, min=50, help="Synthetic pairs to generate."),
     epochs: int = typer.Option(15, min=1, help="Maximum epochs per grid configuration."),
 ) -> None:
