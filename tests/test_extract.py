@@ -178,3 +178,26 @@ def test_limit_keeps_every_split(tmp_path, tiny_models):
     cache = read_cache(out)
     sizes = {split: len(arrays.label) for split, arrays in cache.splits.items()}
     assert all(size >= 1 for size in sizes.values()) and sum(sizes.values()) <= 14
+
+
+def test_a_local_model_folder_is_identified_by_its_weights(tmp_path, tiny_models):
+    """Its revision is a digest of the weight files, so a cache made with other weights of the same name differs."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fusion.extract.encoders import load_encoders
+
+    bert, dinov2 = tiny_models
+    copy = tmp_path / "bert"
+    shutil.copytree(bert, copy)
+    same = load_encoders(str(copy), str(dinov2), device="cpu")
+    assert same.text_revision == load_encoders(str(bert), str(dinov2), device="cpu").text_revision
+    assert same.text_revision.startswith("sha256:") and same.image_revision.startswith("sha256:")
+    weights = next(copy.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, weights, metadata={"format": "pt"})
+    changed = load_encoders(str(copy), str(dinov2), device="cpu")
+    assert changed.text_revision != same.text_revision and changed.image_revision == same.image_revision
