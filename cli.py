@@ -214,6 +214,9 @@ def _load_features(cache: Path, tokens: bool, stream: Optional[bool]):
     from fusion.console import console
     from fusion.heads.runs import LOAD_SHARE, load_features, token_memory
 
+    if stream and not tokens:
+        raise FusionError("--stream applies to token sequences (add --tokens); pooled features are always loaded, "
+                          "they take tens of MB")
     if tokens and stream is None:
         needed, available = token_memory(cache)
         stream = needed > LOAD_SHARE * available

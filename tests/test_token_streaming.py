@@ -68,6 +68,8 @@ def test_fit_streams_by_itself_when_tokens_would_not_fit(tmp_path, capsys, monke
     assert main(["fit", "--cache", str(cache), "--head", "dual_attn", "--tokens", "--epochs", "2",
                  "--out", str(tmp_path / "run2")]) == 0
     assert "read from the cache" not in capsys.readouterr().out
+    assert main(["fit", "--cache", str(cache), "--stream", "--out", str(tmp_path / "run3")]) == 1
+    assert "add --tokens" in capsys.readouterr().err
     loaded = json.loads((tmp_path / "run2" / "metrics.json").read_text())
     assert streamed["history"] == loaded["history"] and streamed["test"] == loaded["test"]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["tokens"] is True
