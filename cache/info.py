@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from fusion.cache.partial import PartialState, partial_dir, scan_partial
-from fusion.cache.reader import (FORMAT_VERSION, SKIPPED, check_layout, decode_strings, open_cache, python_value,
-                                 read_dataset, require_datasets)
+from fusion.cache.reader import (FORMAT_VERSION, SKIPPED, check_layout, decode_strings, hdf5_reason, open_cache,
+                                 python_value, read_dataset, require_datasets)
 from fusion.errors import CacheError
 from fusion.labels import LABELS, SPLITS
 
@@ -55,16 +56,16 @@ def verify_cache(path: Path, block_bytes: int = 64 << 20) -> dict:
     datasets, damaged, read = 0, {}, 0
     with open_cache(path) as h5:
         names: list[str] = []
-        h5.visititems(lambda name, item: names.append(name) if hasattr(item, "dtype") else None)
+        h5.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
         for name in names:
             dataset = h5[name]
             datasets += 1
             rows = max(1, block_bytes // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))))
             try:
                 for start in range(0, dataset.shape[0] if dataset.ndim else 1, rows):
-                    read += read_dataset(h5, path, name, np.s_[start:start + rows] if dataset.ndim else ()).nbytes
-            except CacheError as error:
-                damaged[name] = str(error).split(f"cannot read {name}: ", 1)[-1]
+                    read += dataset[np.s_[start:start + rows] if dataset.ndim else ()].nbytes
+            except OSError as error:
+                damaged[name] = hdf5_reason(error)
     return {"datasets": datasets, "bytes": read, "damaged": damaged}
 
 

@@ -116,7 +116,7 @@ class TokenRows:
             try:
                 dataset.read_direct(out, np.s_[row], np.s_[position])
             except (OSError, ValueError) as error:
-                raise CacheError(f"{self.path}: cannot read {split}/{name} row {row}: {_reason(error)}") from error
+                raise CacheError(f"{self.path}: cannot read {split}/{name} row {row}: {hdf5_reason(error)}") from error
         return out
 
 
@@ -135,7 +135,7 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
     try:
         h5 = h5py.File(path, "r")
     except OSError as error:
-        raise CacheError(f"{path}: cannot open it ({_reason(error)}); the file is truncated or damaged, "
+        raise CacheError(f"{path}: cannot open it ({hdf5_reason(error)}); the file is truncated or damaged, "
                          f"run `fusion extract` again") from error
     with h5:
         try:
@@ -143,7 +143,7 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
             # Damaged metadata surfaces from h5py as any of these (a failed metadata checksum, an offset out of
             # bounds, an undecodable attribute); our own checks raise CacheError, which passes through.
-            reason = _reason(error)
+            reason = hdf5_reason(error)
             hint = "" if "fusion extract" in reason else "; run `fusion extract` again"
             raise CacheError(f"{path}: damaged cache file ({reason}){hint}") from error
 
@@ -230,10 +230,11 @@ def read_dataset(h5: h5py.File, path: Path, name: str, selection=()) -> np.ndarr
     try:
         return h5[name][selection]
     except OSError as error:
-        raise CacheError(f"{path}: cannot read {name}: {_reason(error)}") from error
+        raise CacheError(f"{path}: cannot read {name}: {hdf5_reason(error)}") from error
 
 
-def _reason(error: Exception) -> str:
+def hdf5_reason(error: Exception) -> str:
+    """An h5py error in words a user can act on (its first line; a failed checksum named as such)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     # fletcher32 is the only filter a cache uses, so a failing filter means the stored checksum does not match.
     if "filter returned failure" in text or "Fletcher32" in text:
