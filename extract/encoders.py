@@ -129,8 +129,8 @@ def weight_dtypes(device: torch.device, precision: str) -> tuple[torch.dtype, to
     Zen 4 CPU (avx512_bf16, no AMX; profiled over benchmarks/extract_speed.py's batches): the matrix products run 2.0x
     faster than fp32, but PyTorch's CPU flash-attention kernel gains nothing from bf16, so the encoders run 1.6-1.9x
     faster. A model cast wholly to bf16 is only ~3% faster than autocast and 2-5x further from fp32 (lowest cosine
-    0.99991-0.99995 against 0.99995-0.99999, random and real MiniLM weights). fp16 on CPU has no matrix units to use and runs
-    2-3x slower than fp32, so it is refused.
+    0.99991-0.99995 against 0.99995-0.99999, random and real MiniLM weights). fp16 on CPU has no matrix units to
+    use and runs 2-3x slower than fp32, so it is refused.
     """
     dtype = PRECISIONS[precision]
     if device.type == "cpu" and dtype == torch.float16:
