@@ -104,10 +104,16 @@ def features_from_cache(data, *, tokens: bool = False) -> dict[str, SplitFeature
 def _token_split(arrays, split: str) -> SplitFeatures:
     if arrays.text_tokens is None or arrays.image_tokens is None or arrays.text_mask is None:
         raise CacheError(f"split {split} has no token sequences: extract the cache with --tokens")
-    text = token_modality(arrays.text_tokens, arrays.text_mask, arrays.text)
-    image_mask = np.ones(arrays.image_tokens.shape[:2], dtype=bool)
-    image = token_modality(arrays.image_tokens, image_mask, arrays.image)
-    return SplitFeatures(text, image, torch.as_tensor(np.asarray(arrays.label), dtype=torch.long))
+    return token_features(arrays.text_tokens, arrays.text_mask, arrays.image_tokens, arrays.text, arrays.image,
+                          arrays.label)
+
+
+def token_features(text_tokens, text_mask, image_tokens, text, image, label) -> SplitFeatures:
+    """Cached sequences (numpy or torch) with the pooled text and image embeddings put in as their token 0."""
+    label = label.long() if isinstance(label, Tensor) else torch.as_tensor(np.asarray(label), dtype=torch.long)
+    image_mask = np.ones(image_tokens.shape[:2], dtype=bool)
+    return SplitFeatures(token_modality(text_tokens, text_mask, text), token_modality(image_tokens, image_mask, image),
+                         label)
 
 
 def token_modality(tokens, mask, pooled) -> Modality:

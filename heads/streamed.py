@@ -14,11 +14,10 @@ from itertools import islice
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
-import numpy as np
 from torch import Tensor
 
 from fusion.cache.reader import TokenRows
-from fusion.heads.features import SplitFeatures, token_modality
+from fusion.heads.features import SplitFeatures, token_features
 
 READ_AHEAD = 2  # minibatches in flight: one being read while one waits, so a slow read rarely stalls training
 
@@ -48,10 +47,8 @@ class StreamedSplit:
     def rows(self, index: Tensor | slice) -> SplitFeatures:
         arrays = self.reader.rows(self.split, index if isinstance(index, slice) else index.numpy())
         pooled = self.pooled.rows(index)
-        image_mask = np.ones(arrays["image_tokens"].shape[:2], dtype=bool)
-        text = token_modality(arrays["text_tokens"], arrays["text_mask"], pooled.text.tokens[:, 0])
-        image = token_modality(arrays["image_tokens"], image_mask, pooled.image.tokens[:, 0])
-        return SplitFeatures(text, image, pooled.label)
+        return token_features(arrays["text_tokens"], arrays["text_mask"], arrays["image_tokens"],
+                              pooled.text.tokens[:, 0], pooled.image.tokens[:, 0], pooled.label)
 
     def batches(self, selections: Iterable[Tensor | slice]) -> Iterator[SplitFeatures]:
         selections = iter(selections)
