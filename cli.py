@@ -212,14 +212,13 @@ def grid(
 
 def _load_features(cache: Path, tokens: bool, stream: Optional[bool]):
     from fusion.console import console
-    from fusion.heads.runs import LOAD_SHARE, load_features, token_memory
+    from fusion.heads.runs import load_features, should_stream
 
     if stream and not tokens:
         raise FusionError("--stream applies to token sequences (add --tokens); pooled features are always loaded, "
                           "they take tens of MB")
     if tokens and stream is None:
-        needed, available = token_memory(cache)
-        stream = needed > LOAD_SHARE * available
+        stream, needed, available = should_stream(cache)
         if stream:
             console.print(f"loading the token sequences would take {needed / 2**30:.1f} GiB, over half of the "
                           f"{available / 2**30:.1f} GiB available: each minibatch is read from the cache")

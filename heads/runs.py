@@ -44,10 +44,11 @@ def load_features(path: Path, *, tokens: bool = False, stream: bool = False):
     return {name: StreamedSplit(reader, name, split) for name, split in pooled.items()}, cache_meta(data)
 
 
-def token_memory(path: Path) -> tuple[int, int]:
-    """(bytes loading the token sequences takes at its peak, bytes of memory available now). The peak holds the
-    float16 arrays as read and their float32 tensors, 2 + 4 bytes a value (benchmarks/token_stream.py measures it)."""
+def should_stream(path: Path) -> tuple[bool, int, int]:
+    """(stream?, bytes loading the token sequences takes at its peak, bytes of memory available now). The peak holds
+    the float16 arrays as read and their float32 tensors, 2 + 4 bytes a value (benchmarks/token_stream.py)."""
     with TokenRows(Path(path)) as reader:
         needed = sum((2 + 4) * math.prod(shape) for split in reader.shapes.values()
                      for name, shape in split.items() if name != "text_mask")
-    return needed, available_memory()
+    available = available_memory()
+    return needed > LOAD_SHARE * available, needed, available
