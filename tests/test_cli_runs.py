@@ -8,6 +8,7 @@ import shutil
 import pytest
 from cache_fixtures import write_synthetic_cache
 from dataset_writers import write_mvsa
+from tiny_models import extract_argv
 
 from fusion.cli import main
 from fusion.heads.checkpoint import load_run
@@ -45,10 +46,8 @@ def test_fit_on_a_damaged_cache_fails_in_one_line(tmp_path, capsys):
 def trained_run(tmp_path_factory, tiny_models):
     folder = tmp_path_factory.mktemp("run")
     expected = write_mvsa(folder / "data", kind="single", n_per_class=6, dirty=False)
-    bert, dinov2 = tiny_models
     cache = folder / "c.h5"
-    assert main(["extract", "--dataset", "mvsa-single", "--root", str(expected.root), "--out", str(cache),
-                 "--text-model", str(bert), "--image-model", str(dinov2), "--device", "cpu", "--workers", "0"]) == 0
+    assert main(extract_argv(expected.root, cache, tiny_models)) == 0
     run = folder / "run"
     assert main(["fit", "--cache", str(cache), "--head", "self_attn", "--epochs", "3", "--out", str(run)]) == 0
     return expected, run

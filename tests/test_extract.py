@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from dataset_writers import write_generic_csv, write_memotion, write_mvsa
+from tiny_models import extract_argv
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from fusion.cache.reader import read_cache
@@ -18,9 +19,7 @@ from fusion.labels import LABELS
 
 
 def run_extract(root, out, models, *extra: str, dataset="mvsa-single") -> int:
-    bert, dinov2 = models
-    return main(["extract", "--dataset", dataset, "--root", str(root), "--out", str(out), "--text-model", str(bert),
-                 "--image-model", str(dinov2), "--device", "cpu", "--batch-size", "3", "--workers", "0", *extra])
+    return main(extract_argv(root, out, models, "--batch-size", "3", *extra, dataset=dataset))
 
 
 @pytest.fixture(scope="module")

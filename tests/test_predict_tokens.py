@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from dataset_writers import write_mvsa
+from tiny_models import extract_argv
 
 from fusion.cache.reader import read_cache
 from fusion.cli import main
@@ -29,11 +30,8 @@ def token_run(tmp_path_factory, tiny_models):
     """A dual_attn head fitted on the token sequences of a really extracted cache, and that cache's features."""
     folder = tmp_path_factory.mktemp("tokens")
     expected = write_mvsa(folder / "data", kind="single", n_per_class=6, dirty=False)
-    bert, dinov2 = tiny_models
     cache = folder / "c.h5"
-    assert main(["extract", "--dataset", "mvsa-single", "--root", str(expected.root), "--out", str(cache),
-                 "--text-model", str(bert), "--image-model", str(dinov2), "--device", "cpu", "--workers", "0",
-                 "--tokens", "--batch-size", "4"]) == 0
+    assert main(extract_argv(expected.root, cache, tiny_models, "--tokens", "--batch-size", "4")) == 0
     features, meta = load_features(cache, tokens=True)
     result = train_head(features, FitConfig(head="dual_attn", epochs=2, batch_size=8, seed=0))
     run = save_run(folder / "run", result, cache=meta, tokens=True)

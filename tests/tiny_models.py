@@ -38,3 +38,11 @@ def write_tiny_dinov2(folder: Path, *, hidden: int = 24, image_size: int = 28, s
                       do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
                       image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
     return folder
+
+
+def extract_argv(root: Path, out: Path, models: tuple[Path, Path], *extra: str,
+                 dataset: str = "mvsa-single") -> list[str]:
+    """`fusion extract` arguments for a test dataset with the tiny encoders, on the CPU, decoding in-process."""
+    bert, dinov2 = models
+    return ["extract", "--dataset", dataset, "--root", str(root), "--out", str(out), "--text-model", str(bert),
+            "--image-model", str(dinov2), "--device", "cpu", "--workers", "0", *extra]
