@@ -28,14 +28,6 @@ app.add_typer(cache_app, name="cache")
 
 
 
-def _quiet_transformers() -> None:
-    """Hide transformers' own progress bars and advisory warnings; ours say what matters."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
 STREAM_HELP = "With --tokens: read each minibatch's sequences from the cache instead of loading them."
 STREAM_DEFAULT = "stream when loading would take over half the available memory"
 
@@ -58,11 +50,12 @@ def extract(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off: never run code from data)."),
 ) -> None:
     """Run the frozen encoders once over a dataset and write the embeddings cache (resumable)."""
-    from fusion.console import console, extract_summary_table, progress_bar
+    from fusion.app.console import console, extract_summary_table, progress_bar
     from fusion.extract.distributed import distributed_context
+    from fusion.extract.encoders import quiet_transformers
     from fusion.extract.pipeline import ExtractConfig, extract as run_extract
 
-    _quiet_transformers()
+    quiet_transformers()
     config = ExtractConfig(dataset=dataset, root=root, out=out or Path("caches") / f"{dataset}.h5",
                            text_model=text_model, image_model=image_model, device=device, precision=precision,
                            batch_size=batch_size, tokens=tokens, limit=limit, max_length=max_length,
@@ -82,7 +75,7 @@ def extract(
 def _print_extract_notes(summary) -> None:
     from collections import Counter
 
-    from fusion.console import console
+    from fusion.app.console import console
 
     reasons = Counter(reason for _, _, reason in summary.skipped)
     console.print(f"skipped: {len(summary.skipped)}" + "".join(f"\n  {n} x {r}" for r, n in reasons.most_common()))
@@ -104,7 +97,7 @@ def cache_info(
 ) -> None:
     """What a cache holds: dataset, models, dims, counts per split and class, skipped samples, fingerprint."""
     from fusion.cache.info import cache_info as read_info, verify_cache
-    from fusion.console import cache_info_tables, console
+    from fusion.app.console import cache_info_tables, console
 
     info = read_info(file)
     if verify:
@@ -152,7 +145,7 @@ def fit(
     out: Optional[Path] = typer.Option(None, help="Run directory.", show_default="runs/CACHE-HEAD"),
 ) -> None:
     """Train one fusion head on a cache; writes config.json, metrics.json and head.safetensors."""
-    from fusion.console import console, epoch_progress, metrics_table
+    from fusion.app.console import console, epoch_progress, metrics_table
     from fusion.heads.checkpoint import save_run
     from fusion.heads.config import FitConfig
     from fusion.heads.runs import default_metric
@@ -197,7 +190,7 @@ def grid(
     """Train the paper's hyper-parameter grid (144 configurations by default); resumable."""
     from fusion.heads.config import FitConfig
     from fusion.heads.grid import grid_configs
-    from fusion.heads.grid_run import run_grid_command
+    from fusion.app.grid_command import run_grid_command
     from fusion.heads.runs import default_metric
 
     features, meta = _load_features(cache, tokens, stream)
@@ -211,7 +204,7 @@ def grid(
 
 
 def _load_features(cache: Path, tokens: bool, stream: Optional[bool]):
-    from fusion.console import console
+    from fusion.app.console import console
     from fusion.heads.runs import load_features, should_stream
 
     if stream and not tokens:
@@ -235,13 +228,15 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ) -> None:
     """Label new posts with a trained run: its encoders, then its head."""
-    from fusion.console import console, predictions_table
+    from fusion.app.console import console, predictions_table
     from fusion.heads.checkpoint import load_run
-    from fusion.heads.predict import Post, posts_from_csv, predict_posts, require_inputs, run_encoders
+    from fusion.app.predict import Post, posts_from_csv, predict_posts, require_inputs, run_encoders
 
     require_inputs(image, text, csv)
+    from fusion.extract.encoders import quiet_transformers
+
     loaded = load_run(run)
-    _quiet_transformers()
+    quiet_transformers()
     encoders = run_encoders(loaded.cache, device=device)
     posts = posts_from_csv(csv) if csv else [Post(image=image, text=text)]
     predictions = predict_posts(loaded.head, encoders, posts, max_length=int(loaded.cache.get("max_length", 128)),
@@ -260,8 +255,8 @@ def predict(
 @app.command()
 def report(run: Path = typer.Option(..., help="A run directory or a grid directory.")) -> None:
     """Write figures (per-class F1 by epoch, losses, confusion matrix, grid heatmaps) and report.md."""
-    from fusion.console import console
-    from fusion.heads.report import write_report
+    from fusion.app.console import console
+    from fusion.app.report import write_report
 
     written = write_report(run)
     console.print(f"report: {written.markdown}")
@@ -278,9 +273,17 @@ def demo(
     epochs: int = typer.Option(15, min=1, help="Maximum epochs per grid configuration."),
 ) -> None:
     """The whole job offline on an embedded synthetic dataset: extract, grid, report."""
-    from fusion.demo import run_demo
+    from fusion.app.console import console
+    from fusion.app.demo import demo_steps
+    from fusion.extract.encoders import quiet_transformers
 
-    run_demo(out, text_model=text_model, image_model=image_model, size=size, epochs=epochs)
+    quiet_transformers()
+    for argv in demo_steps(out, text_model=text_model, image_model=image_model, size=size, epochs=epochs):
+        console.rule(f"fusion {argv[0]}")
+        code = main(argv)
+        if code:
+            raise typer.Exit(code)  # the step's own error is printed above
+    console.print(f"\nreport: {out / 'grid' / 'report.md'} (figures beside it)")
 
 
 def main(argv: list[str] | None = None) -> int:

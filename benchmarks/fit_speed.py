@@ -32,7 +32,8 @@ from fusion.heads.config import FitConfig
 from fusion.heads.features import split_features
 from fusion.heads.losses import focal_loss
 from fusion.heads.metrics import classification_metrics
-from fusion.heads.models import HEADS, build_head, list_heads
+from fusion.heads.models import build_head
+from fusion.heads.registry import HEADS, list_heads
 from fusion.heads.train import train_head, train_many
 
 SIZES = {"train": 13_624, "val": 1_700, "test": 1_700}

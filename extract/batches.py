@@ -27,11 +27,15 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image = load_rgb(self.image_paths[index])
+            return index, image_pixels(self.image_paths[index], self.processor), None
         except ImageUnreadable as error:
             return index, None, str(error)
-        pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
-        return index, pixels, None
+
+
+def image_pixels(path, processor) -> torch.Tensor:
+    """One image file decoded (with the bomb and format checks of images.load_rgb) and preprocessed for the encoder;
+    ImageUnreadable says why not."""
+    return processor(images=load_rgb(path), return_tensors="pt")["pixel_values"][0]
 
 
 def length_sorted_batches(pending: np.ndarray, lengths: np.ndarray, batch_size: int) -> list[list[int]]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from fusion.errors import ModelLoadError
@@ -87,6 +88,12 @@ def _field(size, key: str):
 def _jsonable(config: dict) -> dict:
     return {k: v if isinstance(v, (str, int, float, bool, list, dict, type(None))) else str(v)
             for k, v in sorted(config.items())}
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' own progress bars and advisory warnings; fusion's messages say what matters."""
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def resolve_device(device: str) -> torch.device:

@@ -31,11 +31,12 @@ from fusion.cache.partial import PartialCache, Plan
 from fusion.cache.reader import is_complete_cache
 from fusion.cache.writer import finalize, remove_leftover_partial
 from fusion.errors import CacheError
-from fusion.extract.batches import image_loader, length_sorted_batches, pad_token_ids
+from fusion.extract.batches import image_loader, length_sorted_batches
 from fusion.extract.datasets import load_dataset
+from fusion.extract.embedding import embed_posts
 from fusion.extract.distributed import barrier, sum_over_ranks
 from fusion.extract.encoders import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IMAGE_POOLING, TEXT_POOLING, Encoders,
-                                     fit_max_length, image_embeddings, load_encoders, text_embeddings)
+                                     fit_max_length, load_encoders)
 from fusion.extract.samples import DatasetSamples, Sample
 from fusion.labels import LABELS, SPLITS
 
@@ -205,33 +206,15 @@ def tokenize(encoders: Encoders, samples: list[Sample], max_length: int) -> list
 
 
 def embed_batch(encoders: Encoders, token_ids: list[list[int]], batch, with_tokens: bool) -> dict[str, np.ndarray]:
-    """One batch through both encoders; rows in ascending index order, skipped rows left out."""
+    """One loader batch through both encoders; rows in ascending index order, skipped rows left out."""
     indices, pixels, _ = batch
     if not indices:
         return {}
     order = np.argsort(indices)
-    indices = [indices[i] for i in order]
-    input_ids, attention_mask = pad_token_ids([token_ids[i] for i in indices], encoders.tokenizer.pad_token_id,
-                                              encoders.pad_multiple)
-    longest = int(attention_mask.sum(1).max())  # token arrays are stored without the rounding's extra padding
-    device, non_blocking = encoders.device, encoders.device.type == "cuda"
     # Copied as they come (pinned by the loader, so the copy overlaps), reordered on the device.
-    pixels = pixels.to(device, encoders.dtype, non_blocking=non_blocking)[torch.from_numpy(order).to(device)]
-    with torch.inference_mode():
-        text, text_tokens = text_embeddings(encoders, input_ids.to(device, non_blocking=non_blocking),
-                                            attention_mask.to(device, non_blocking=non_blocking))
-        image, image_tokens = image_embeddings(encoders, pixels)
-    arrays = {"text": to_float16(text), "image": to_float16(image)}
-    if with_tokens:
-        arrays.update(text_tokens=to_float16(text_tokens[:, :longest]),
-                      text_mask=attention_mask[:, :longest].bool().numpy(),
-                      image_tokens=to_float16(image_tokens))
-    return arrays
-
-
-def to_float16(tensor: torch.Tensor) -> np.ndarray:
-    """Rounded on the device (the same round-to-nearest-even as numpy), so half as many bytes cross to the host."""
-    return tensor.to(torch.float16).cpu().numpy()
+    pixels = pixels.to(encoders.device, non_blocking=encoders.device.type == "cuda")
+    pixels = pixels[torch.from_numpy(order).to(encoders.device)]
+    return embed_posts(encoders, [token_ids[indices[i]] for i in order], pixels, with_tokens=with_tokens)
 
 
 def summarise(config: ExtractConfig, data: DatasetSamples, plan: Plan, *, rows_computed: int, started: float,

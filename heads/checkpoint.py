@@ -28,8 +28,9 @@ import fusion
 from fusion.atomic import write_bytes_atomic
 from fusion.errors import RunError
 from fusion.heads.config import ConfigError, FitConfig, config_from_dict
-from fusion.heads.models import HEADS, Head, build_head, param_shapes
-from fusion.heads.train import FitResult
+from fusion.heads.models import Head, build_head, param_shapes
+from fusion.heads.registry import HEADS
+from fusion.heads.result import FitResult
 
 CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE = "config.json", "metrics.json", "head.safetensors"
 META_KEYS = ("cache_path", "cache_fingerprint", "cache", "text_dim", "image_dim", "fusion_version", "head_sha256")

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, fields
 
 from fusion.errors import FusionError
+from fusion.heads.registry import HEADS
 
 LOSSES = ("ce", "focal")
 METRICS = ("macro_f1", "weighted_f1", "accuracy")
@@ -107,8 +108,6 @@ def _check_alpha(config: FitConfig, value) -> None:
 
 def _check_choice(name: str, value: str) -> None:
     if name == "head":
-        from fusion.heads.models import HEADS  # the registry imports this module, so look it up at call time
-
         choices = tuple(HEADS)
     else:
         choices = {"loss": LOSSES, "metric": METRICS}[name]

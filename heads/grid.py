@@ -23,7 +23,8 @@ from pathlib import Path
 
 from fusion.errors import FusionError
 from fusion.heads.config import FitConfig
-from fusion.heads.train import FitResult, train_many
+from fusion.heads.result import FitResult
+from fusion.heads.train import train_many
 
 PAPER_HEADS = ("basic", "self_attn", "dual_attn")
 PAPER_LRS = (1e-2, 1e-3, 1e-4, 1e-5)

@@ -14,36 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from fusion.heads.config import FitConfig
+from fusion.heads.registry import HEADS, NUM_CLASSES, HeadSpec, fused_dim
 from fusion.heads.features import Modality, pooled_modality
 from fusion.heads.layers import cross_attention, dropout, linear_init, pair_self_attention, shared_linear, stacked_linear
-
-NUM_CLASSES = 3
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    name: str
-    modalities: tuple[str, ...]  # which projections exist ("text", "image")
-    fusion: str  # "concat" | "self_attn" | "dual_attn" | "single"
-    description: str
-
-
-HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in (
-    HeadSpec("basic", ("text", "image"), "concat", "[T ; V] (Eq. 6) -> MLP"),
-    HeadSpec("self_attn", ("text", "image"), "self_attn", "self-attention over [T, V] (Eq. 7) -> MLP"),
-    HeadSpec("dual_attn", ("text", "image"), "dual_attn", "cross-modal attention each way (Eqs. 8-10), then Eq. 7"),
-    HeadSpec("text_only", ("text",), "single", "ablation: T -> MLP"),
-    HeadSpec("image_only", ("image",), "single", "ablation: V -> MLP"),
-)}
-
-
-def list_heads() -> list[str]:
-    return list(HEADS)
-
-
-def fused_dim(spec: HeadSpec, proj_dim: int) -> int:
-    return proj_dim * len(spec.modalities)
-
 
 def param_shapes(spec: HeadSpec, text_dim: int, image_dim: int, proj_dim: int, hidden: int) -> dict[str, tuple]:
     """Every parameter's name and single-model shape, in a fixed order (the init draws follow it)."""

@@ -13,7 +13,8 @@ from fusion.heads.features import Modality, features_from_cache
 from fusion.heads.layers import dropout
 from fusion.heads.losses import cross_entropy, focal_loss
 from fusion.heads.metrics import classification_metrics
-from fusion.heads.models import HEADS, build_head, head_forward, init_params, list_heads, param_shapes, predict_proba
+from fusion.heads.models import build_head, head_forward, init_params, param_shapes, predict_proba
+from fusion.heads.registry import HEADS, list_heads
 from fusion.errors import CacheError
 from synthetic import stand_in_cache, token_split
 

@@ -17,7 +17,7 @@ from fusion.extract.encoders import load_encoders
 from fusion.heads.checkpoint import load_run, save_run
 from fusion.heads.config import FitConfig
 from fusion.heads.models import predict_proba
-from fusion.heads.predict import Post, predict_posts
+from fusion.app.predict import Post, predict_posts
 from fusion.heads.runs import load_features
 from fusion.heads.train import train_head
 from fusion.labels import LABELS

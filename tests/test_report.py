@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fusion.errors import RunError
-from fusion.heads.report import PUBLISHED, Report, is_paper_encoder, write_report
+from fusion.app.report import PUBLISHED, Report, is_paper_encoder, write_report
 
 LABELS = ("negative", "neutral", "positive")
 

@@ -13,7 +13,8 @@ from fusion.heads.config import FitConfig
 from fusion.heads.features import SplitFeatures
 from fusion.heads.metrics import classification_metrics
 from fusion.heads.models import build_head, predict_proba
-from fusion.heads.train import BatchedAdam, ParamStack, train_head, train_many
+from fusion.heads.optim import BatchedAdam, ParamStack
+from fusion.heads.train import train_head, train_many
 from synthetic import gaussian_features, token_split, xor_features
 
 

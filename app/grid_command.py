@@ -18,7 +18,7 @@ from fusion.heads.train import train_head
 def run_grid_command(features, meta: dict, configs: list[FitConfig], out: Path, *, storage: str | None,
                      study: str, sampler: str, trials: int | None, tokens: bool = False) -> list[dict]:
     """tokens: the features are token sequences (recorded with the best run, so predict feeds it the same)."""
-    from fusion.console import console, grid_tables, progress_bar
+    from fusion.app.console import console, grid_tables, progress_bar
 
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "grid.json", json.dumps({"cache": meta, "configs": [dataclasses.asdict(c)

@@ -13,14 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fusion.errors import FusionError, ModelLoadError
-from fusion.extract.batches import pad_token_ids
-from fusion.extract.encoders import Encoders, image_embeddings, load_encoders, text_embeddings
-from fusion.extract.images import ImageUnreadable, load_rgb
+from fusion.extract.batches import image_pixels
+from fusion.extract.embedding import embed_posts
+from fusion.extract.encoders import Encoders, load_encoders
+from fusion.extract.images import ImageUnreadable
 from fusion.extract.textio import read_csv
-from fusion.heads.features import Modality, pooled_modality, token_modality
+from fusion.heads.features import pooled_modality, token_features
 from fusion.heads.models import Head, predict_proba
 from fusion.labels import LABELS
 
@@ -75,11 +77,10 @@ def _predict_batch(head: Head, encoders: Encoders, posts: list[Post], *, max_len
     pixels, readable, failures = [], [], {}
     for position, post in enumerate(posts):
         try:
-            image = load_rgb(post.image)
+            pixels.append(image_pixels(post.image, encoders.image_processor))
         except ImageUnreadable as error:
             failures[position] = f"{post.image}: {error}"
             continue
-        pixels.append(encoders.image_processor(images=image, return_tensors="pt")["pixel_values"][0])
         readable.append(position)
     texts = [posts[i].text for i in readable]
     probabilities = _probabilities(head, encoders, texts, pixels, max_length=max_length, sequences=sequences)
@@ -92,31 +93,13 @@ def _probabilities(head: Head, encoders: Encoders, texts: list[str], pixels: lis
     if not texts:
         return []
     token_ids = encoders.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    # Padded as extraction pads them (to a multiple of 8 under CPU bf16), so the encoders meet the same shapes.
-    input_ids, attention_mask = pad_token_ids(token_ids, encoders.tokenizer.pad_token_id, encoders.pad_multiple)
-    with torch.inference_mode():
-        text, text_tokens = text_embeddings(encoders, input_ids.to(encoders.device),
-                                            attention_mask.to(encoders.device))
-        image, image_tokens = image_embeddings(encoders, torch.stack(pixels).to(encoders.device, encoders.dtype))
-        if not sequences:
-            return list(predict_proba(head, pooled_modality(_as_cached(text)), pooled_modality(_as_cached(image))))
-        text_modality, image_modality = _token_modalities(text, text_tokens, attention_mask, image, image_tokens)
-        return list(predict_proba(head, text_modality, image_modality))
-
-
-def _token_modalities(text, text_tokens, attention_mask, image, image_tokens) -> tuple[Modality, Modality]:
-    """The sequences as fit --tokens read them from the cache (features_from_cache): text cut to the batch's longest
-    text (padding kept as the encoder left it, as extraction stores it; the mask hides it), token 0 = pooled."""
-    longest = int(attention_mask.sum(1).max())
-    text_modality = token_modality(_as_cached(text_tokens[:, :longest]), attention_mask[:, :longest].bool(),
-                                    _as_cached(text))
-    image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool)
-    return text_modality, token_modality(_as_cached(image_tokens), image_mask, _as_cached(image))
-
-
-def _as_cached(values: torch.Tensor) -> torch.Tensor:
-    """Rounded to float16 as the cache stores embeddings (the head was trained on those), back as float32 on the CPU."""
-    return values.to(torch.float16).cpu().float()
+    arrays = embed_posts(encoders, token_ids, torch.stack(pixels), with_tokens=sequences)
+    if not sequences:
+        return list(predict_proba(head, pooled_modality(arrays["text"]), pooled_modality(arrays["image"])))
+    # The sequences as fit --tokens reads them from the cache: token 0 replaced by the pooled embedding.
+    features = token_features(arrays["text_tokens"], arrays["text_mask"], arrays["image_tokens"], arrays["text"],
+                              arrays["image"], np.zeros(len(texts)))
+    return list(predict_proba(head, features.text, features.image))
 
 
 def _prediction(post: Post, probabilities, error: str | None) -> Prediction:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusion.errors import FusionError, ModelLoadError
+from fusion.errors import ModelLoadError
 
 DEMO_HEADS = "basic,self_attn,dual_attn,text_only,image_only"
 # The paper's grid minus lr 1e-5, which cannot move a head in the few hundred steps 1,100 training pairs allow; with
@@ -47,13 +47,13 @@ def random_dinov2(folder: Path, *, seed: int = 0) -> str:
     return str(folder)
 
 
-def run_demo(out: Path, *, text_model: str | None = None, image_model: str | None = None, size: int = 1500,
-             epochs: int = DEMO_EPOCHS) -> int:
-    from fusion.cli import _quiet_transformers, main
-    from fusion.console import console
+def demo_steps(out: Path, *, text_model: str | None = None, image_model: str | None = None, size: int = 1500,
+               epochs: int = DEMO_EPOCHS) -> list[list[str]]:
+    """Writes the synthetic data and the random DINOv2 when missing, says what is real, and returns the `fusion`
+    commands of the demo (extract, grid, report) for the CLI to run in turn."""
+    from fusion.app.console import console
     from fusion.extract.demo_data import write_demo_dataset
 
-    _quiet_transformers()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "data" / "MVSA_Single" / "labelResultAll.txt").exists():
         write_demo_dataset(out / "data", n=size)
@@ -64,14 +64,8 @@ def run_demo(out: Path, *, text_model: str | None = None, image_model: str | Non
                   f"  image encoder: {image if image_model else 'small DINOv2 with RANDOM weights (no DINOv2 weights install offline)'}\n"
                   "  so the figures below are not comparable with the paper's bert-base-uncased + dinov2-small.")
     cache, grid_dir = out / "demo.h5", out / "grid"
-    steps = [["extract", "--dataset", "demo", "--root", str(out / "data"), "--out", str(cache),
-              "--text-model", text, "--image-model", image, "--batch-size", "64"],
-             ["grid", "--cache", str(cache), "--heads", DEMO_HEADS, "--lrs", DEMO_LRS, "--epochs", str(epochs),
-              "--out", str(grid_dir)],
-             ["report", "--run", str(grid_dir)]]
-    for argv in steps:
-        console.rule(f"fusion {' '.join(argv[:1])}")
-        if main(argv):
-            raise FusionError(f"the demo stopped at `fusion {argv[0]}` (its error is above)")
-    console.print(f"\nreport: {grid_dir / 'report.md'} (figures beside it)")
-    return 0
+    return [["extract", "--dataset", "demo", "--root", str(out / "data"), "--out", str(cache),
+             "--text-model", text, "--image-model", image, "--batch-size", "64"],
+            ["grid", "--cache", str(cache), "--heads", DEMO_HEADS, "--lrs", DEMO_LRS, "--epochs", str(epochs),
+             "--out", str(grid_dir)],
+            ["report", "--run", str(grid_dir)]]
