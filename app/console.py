@@ -10,6 +10,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
+from fusion.heads.config import loss_label
 from fusion.labels import LABELS, SPLITS
 
 console = Console()
@@ -148,7 +149,7 @@ def grid_tables(summaries, best_by_head, metric: str, top: int = 10) -> list[Tab
             t.add_column(column, justify="right" if column not in ("head", "loss") else "left", no_wrap=True)
         for s in rows:
             c = s.config
-            loss = "ce" if c["loss"] == "ce" else f"focal{c['gamma']:g}"
+            loss = loss_label(c["loss"], c["gamma"])
             spread = f" ± {s.val_std:.4f}" if len(s.seeds) > 1 else ""
             t.add_row(c["head"], f"{c['lr']:g}", f"{c['dropout']:g}", loss, f"{s.val_mean:.4f}{spread}",
                       f"{s.test['accuracy']:.4f}", f"{s.test['weighted_f1']:.4f}", f"{s.test['macro_f1']:.4f}")

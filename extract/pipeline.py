@@ -27,7 +27,7 @@ import transformers
 
 import fusion
 from fusion.cache.fingerprint import fingerprint
-from fusion.cache.partial import PartialCache, Plan
+from fusion.cache.partial import FORMAT_VERSION, PartialCache, Plan, partial_dir
 from fusion.cache.reader import is_complete_cache
 from fusion.cache.writer import finalize, remove_leftover_partial
 from fusion.errors import CacheError
@@ -40,7 +40,6 @@ from fusion.extract.encoders import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IM
 from fusion.extract.samples import DatasetSamples, Sample
 from fusion.labels import LABELS, SPLITS
 
-FORMAT_VERSION = 1
 LOADING_SKIP = "skipped while reading the dataset"
 
 
@@ -107,10 +106,6 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
         finalize([partial_dir(config.out)], config.out)
     barrier()  # and the final file exists before any rank reports
     return summarise(config, data, plan, rows_computed=computed, started=started)
-
-
-def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
 
 
 def limit_samples(data: DatasetSamples, limit: int | None) -> DatasetSamples:
