@@ -43,13 +43,18 @@ def progress_bar(description: str, unit: str):
 
     def update(done: int, total: int) -> None:
         if not state["started"]:
-            # The first report is the resumed count: start the rate from there, not from zero.
+            # Drawn from the first report on, so an error found before any work (a wrong --root, a model that
+            # will not load) is the only thing printed; that report is the resumed count, and the rate starts there.
+            progress.start()
             progress.reset(task, total=total, completed=done)
             state["started"] = True
         progress.update(task, completed=done, total=total)
 
-    with progress:
+    try:
         yield update
+    finally:
+        if state["started"]:
+            progress.stop()
 
 
 def extract_summary_table(summary) -> Table:
