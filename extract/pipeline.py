@@ -212,8 +212,8 @@ def embed_batch(encoders: Encoders, token_ids: list[list[int]], batch, with_toke
     return embed_posts(encoders, [token_ids[indices[i]] for i in order], pixels, with_tokens=with_tokens)
 
 
-def summarise_extraction(config: ExtractConfig, data: DatasetSamples, plan: Plan, *, rows_computed: int, started: float,
-              already_complete: bool = False) -> ExtractSummary:
+def summarise_extraction(config: ExtractConfig, data: DatasetSamples, plan: Plan, *, rows_computed: int,
+                         started: float, already_complete: bool = False) -> ExtractSummary:
     counts = {split: {name: 0 for name in LABELS} for split in SPLITS}
     skipped = list(data.skipped)
     if config.out.exists():
