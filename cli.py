@@ -48,6 +48,8 @@ def extract(
     workers: int = typer.Option(max(1, min(8, (os.cpu_count() or 2) // 2)), min=0, help="Image-decoding workers."),
     seed: int = typer.Option(0, help="Seed of the train/val/test split."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off: never run code from data)."),
+    split_file: Optional[Path] = typer.Option(None, help="CSV/TSV of id,split (train/val/test) fixing the splits, "
+                                                         "e.g. a published split; rows it does not name are left out."),
 ) -> None:
     """Run the frozen encoders once over a dataset and write the embeddings cache (resumable)."""
     from fusion.app.console import console, extract_summary_table, progress_bar
@@ -59,7 +61,8 @@ def extract(
     config = ExtractConfig(dataset=dataset, root=root, out=out or Path("caches") / f"{dataset}.h5",
                            text_model=text_model, image_model=image_model, device=device, precision=precision,
                            batch_size=batch_size, tokens=tokens, limit=limit, max_length=max_length,
-                           split_seed=seed, workers=workers, trust_remote_code=trust_remote_code)
+                           split_seed=seed, workers=workers, trust_remote_code=trust_remote_code,
+                           split_file=split_file)
     config.out.parent.mkdir(parents=True, exist_ok=True)
     with distributed_context() as (rank, world_size):
         with progress_bar(f"extract {dataset}" + (f" rank {rank}" if world_size > 1 else ""), "samples") as update:
@@ -77,6 +80,11 @@ def _print_extract_notes(summary) -> None:
 
     from fusion.app.console import console
 
+    if summary.split_source:
+        console.print(f"splits: {summary.split_source['split_source']}")
+    if summary.split_counts:
+        console.print(f"split file: {summary.split_counts['ids_in_file_not_in_data']} ids not in the data, "
+                      f"{summary.split_counts['rows_in_data_not_in_file']} data rows not in the file (left out)")
     reasons = Counter(reason for _, _, reason in summary.skipped)
     console.print(f"skipped: {len(summary.skipped)}" + "".join(f"\n  {n} x {r}" for r, n in reasons.most_common()))
     if summary.cleaning:
