@@ -20,6 +20,8 @@ from scipy.stats import bootstrap
 from fusion.heads.metrics import CLASS_IDS
 
 METRICS = ("accuracy", "macro_f1", "weighted_f1")
+# Resamples (and BCa's leave-one-out jackknife rows) scored at once: bounds memory at BATCH x rows per array.
+BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -62,27 +64,33 @@ def batched_metric(y_true, y_pred, metric: str, axis: int = -1) -> np.ndarray:
 
 def metric_ci(y_true, y_pred, metric: str, *, resamples: int = 2000, seed: int = 0, level: float = 0.95,
               method: str = "BCa") -> Interval:
-    """`metric` on the test rows and its bootstrap confidence interval (rows resampled with replacement)."""
-    y_true, y_pred = _labels(y_true), _labels(y_pred)
+    """`metric` on the test rows and its bootstrap confidence interval (rows resampled with replacement).
 
-    def statistic(truth, pred, axis=-1):
-        return batched_metric(truth, pred, metric, axis)
+    y_pred may be (seeds, rows): one model trained with several seeds. The value is then the mean over seeds of the
+    metric, and each resample scores every seed on the same rows."""
+    y_true, predictions = _labels(y_true), _predictions(y_pred, "y_pred")
 
-    return _interval((y_true, y_pred), statistic, resamples=resamples, seed=seed, level=level, method=method)
+    def statistic(truth, *preds, axis=-1):
+        return _seed_mean(truth, preds, metric, axis)
+
+    return _interval((y_true, *predictions), statistic, resamples=resamples, seed=seed, level=level, method=method)
 
 
 def paired_difference(y_true, pred_a, pred_b, metric: str, *, resamples: int = 2000, seed: int = 0,
                       level: float = 0.95, method: str = "BCa") -> Interval:
     """metric(a) − metric(b) and its paired bootstrap interval: each resample scores both models on the same rows, so
-    the interval reflects the models' disagreement, not the test set's difficulty twice over."""
-    y_true, pred_a, pred_b = _labels(y_true), _labels(pred_a), _labels(pred_b)
-    if not len(pred_a) == len(pred_b) == len(y_true):
-        raise ValueError(f"y_true, pred_a and pred_b differ in length ({len(y_true)}, {len(pred_a)}, {len(pred_b)})")
+    the interval reflects the models' disagreement, not the test set's difficulty twice over. Either side may be
+    (seeds, rows), as in metric_ci: its seed-mean metric is compared."""
+    y_true, a, b = _labels(y_true), _predictions(pred_a, "pred_a"), _predictions(pred_b, "pred_b")
 
-    def statistic(truth, a, b, axis=-1):
-        return batched_metric(truth, a, metric, axis) - batched_metric(truth, b, metric, axis)
+    def statistic(truth, *preds, axis=-1):
+        return _seed_mean(truth, preds[:len(a)], metric, axis) - _seed_mean(truth, preds[len(a):], metric, axis)
 
-    return _interval((y_true, pred_a, pred_b), statistic, resamples=resamples, seed=seed, level=level, method=method)
+    return _interval((y_true, *a, *b), statistic, resamples=resamples, seed=seed, level=level, method=method)
+
+
+def _seed_mean(truth, predictions, metric: str, axis: int):
+    return sum(batched_metric(truth, pred, metric, axis) for pred in predictions) / len(predictions)
 
 
 def seed_spread(values) -> tuple[float, float]:
@@ -98,15 +106,23 @@ def _labels(values) -> np.ndarray:
     return values.astype(np.int64)
 
 
+def _predictions(values, name: str) -> list[np.ndarray]:
+    values = np.asarray(values)
+    if values.ndim not in (1, 2) or values.shape[-1] == 0 or len(values) == 0:
+        raise ValueError(f"{name} must be (rows,) or (seeds, rows) labels, got shape {values.shape}")
+    return list(np.atleast_2d(values).astype(np.int64))
+
+
 def _interval(data: tuple, statistic, *, resamples: int, seed: int, level: float, method: str) -> Interval:
-    if len(data[0]) != len(data[1]):
-        raise ValueError(f"y_true and y_pred differ in length ({len(data[0])} vs {len(data[1])})")
+    lengths = {len(array) for array in data}
+    if len(lengths) > 1:
+        raise ValueError(f"labels and predictions differ in length ({', '.join(map(str, sorted(lengths)))} rows)")
     value = float(statistic(*data))
     with warnings.catch_warnings():
         # A statistic that never varies (two identical models, a perfect classifier) gives BCa nothing to
         # correct: scipy warns and returns nan, and the interval is then the value itself.
         warnings.simplefilter("ignore")
-        result = bootstrap(data, statistic, n_resamples=resamples, vectorized=True, paired=True,
+        result = bootstrap(data, statistic, n_resamples=resamples, vectorized=True, paired=True, batch=BATCH,
                            confidence_level=level, method=method, rng=np.random.default_rng(seed))
     low, high = result.confidence_interval
     if np.isnan(low) or np.isnan(high):

@@ -129,3 +129,21 @@ def test_seed_spread_and_bad_input():
         metric_ci([0, 1, 2], [0, 1], "accuracy")
     with pytest.raises(ValueError, match="differ in length"):
         paired_difference([0, 1], [0, 1], [0], "accuracy")
+    with pytest.raises(ValueError, match="must be"):
+        metric_ci([0, 1], [[[0, 1]]], "accuracy")
+
+
+def test_several_seeds_give_the_seed_mean_and_resample_the_same_rows_for_each():
+    rng = np.random.default_rng(9)
+    y_true, first = _noisy_predictions(rng, 250, accuracy=0.7)
+    seeds = np.stack([first, np.where(rng.random(250) < 0.2, rng.choice((0, 1, 2), size=250), first)])
+    ours = metric_ci(y_true, seeds, "weighted_f1", resamples=3000, seed=1, method="percentile")
+    assert ours.value == pytest.approx(np.mean([_sklearn("weighted_f1", y_true, p) for p in seeds]))
+    mean = lambda t, a, b: (_from_confusion("weighted_f1", t, a) + _from_confusion("weighted_f1", t, b)) / 2  # noqa
+    low, high = _percentile_loop(rng, (y_true, *seeds), mean, resamples=2000)
+    assert ours.low == pytest.approx(low, abs=0.012) and ours.high == pytest.approx(high, abs=0.012)
+    other = np.where(rng.random((3, 250)) < 0.3, rng.choice((0, 1, 2), size=(3, 250)), y_true)
+    difference = paired_difference(y_true, seeds, other, "accuracy", resamples=500)
+    expected = np.mean([np.mean(p == y_true) for p in seeds]) - np.mean([np.mean(p == y_true) for p in other])
+    assert difference.value == pytest.approx(expected)
+    assert paired_difference(y_true, seeds, seeds[::-1], "accuracy") == Interval(0.0, 0.0, 0.0)
