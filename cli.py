@@ -294,6 +294,43 @@ def demo(
     console.print(f"\nreport: {out / 'grid' / 'report.md'} (figures beside it)")
 
 
+@app.command()
+def reproduce(
+    data: Path = typer.Option(..., help="Folder holding MVSA_Single/, MVSA/ (or MVSA_Multi/), memotion_dataset_7k/."),
+    out: Path = typer.Option(Path("reproduction"), help="Where caches, grids, reproduction.md and figures go."),
+    seeds: int = typer.Option(3, min=1, help="Seeds per configuration."),
+    text_model: str = typer.Option("bert-base-uncased", help="Hugging Face name or local folder."),
+    image_model: str = typer.Option("facebook/dinov2-small", help="Hugging Face name or local folder."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (extraction)."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 for the encoders."),
+    workers: int = typer.Option(max(1, min(8, (os.cpu_count() or 2) // 2)), min=0, help="Image-decoding workers."),
+    heads: str = typer.Option("basic,self_attn,dual_attn,text_only,image_only", help="Heads and ablations."),
+    lrs: str = typer.Option("1e-2,1e-3,1e-4,1e-5", help="Learning rates."),
+    dropouts: str = typer.Option("0,0.2,0.5", help="Dropout rates."),
+    losses: str = typer.Option("ce,focal2,focal3,focal4", help="ce and focalGAMMA."),
+    epochs: int = typer.Option(30, min=1, help="Maximum epochs per configuration."),
+    patience: int = typer.Option(5, min=1, help="Early-stopping patience."),
+    resamples: int = typer.Option(2000, min=100, help="Bootstrap resamples for the intervals."),
+) -> None:
+    """The paper's study in one command: extract each dataset found, train the grid and ablations with several seeds,
+    write reproduction.md with intervals beside the published numbers (resumable)."""
+    from fusion.app.console import console, progress_bar
+    from fusion.app.reproduce import ReproduceConfig, reproduce as run_reproduce
+    from fusion.app.reproduction import write_reproduction
+    from fusion.extract.encoders import quiet_transformers
+
+    quiet_transformers()
+    config = ReproduceConfig(data=data, out=out, seeds=seeds, text_model=text_model, image_model=image_model,
+                             device=device, precision=precision, workers=workers, heads=tuple(_split_list(heads)),
+                             lrs=tuple(_split_list(lrs, float)), dropouts=tuple(_split_list(dropouts, float)),
+                             losses=tuple(_split_list(losses)), epochs=epochs, patience=patience, resamples=resamples)
+    reproduction = run_reproduce(config, progress_bar)
+    markdown, figures = write_reproduction(reproduction)
+    for name, why in reproduction.skipped.items():
+        console.print(f"skipped {name}: {why}")
+    console.print(f"reproduction: {markdown} ({len(figures)} figures)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (tests call it with an argv list)."""
     command = typer.main.get_command(app)

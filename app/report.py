@@ -104,7 +104,7 @@ def _load_grid(grid_dir: Path) -> dict[str, Any]:
     return results
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     """A figure on its own Agg canvas: no pyplot, so no global backend or figure registry is touched."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -114,7 +114,7 @@ def _new_figure(width: float, height: float):
     return FigureCanvasAgg(Figure(figsize=(width, height), dpi=110, layout="constrained")).figure
 
 
-def _save(figure, path: Path) -> Path:
+def save_png(figure, path: Path) -> Path:
     # No 'Software' stamp: the same data gives the same bytes.
     write_atomic(path, lambda handle: figure.savefig(handle, format="png", metadata={"Software": None}))
     return path
@@ -122,7 +122,7 @@ def _save(figure, path: Path) -> Path:
 
 def plot_per_class_f1(history: list[dict], best_epoch: float, path: Path) -> Path:
     """The paper's Figure 3: does each class, the minority ones too, get learned epoch by epoch?"""
-    figure = _new_figure(7.4, 4.0)
+    figure = new_figure(7.4, 4.0)
     axes = figure.add_subplot()
     epochs = [entry["epoch"] for entry in history]
     for name, colour in zip(LABELS, ("tab:red", "tab:gray", "tab:green")):
@@ -135,7 +135,7 @@ def plot_per_class_f1(history: list[dict], best_epoch: float, path: Path) -> Pat
     axes.grid(alpha=0.3)
     # Outside the axes: inside, it hides the late epochs the figure is about.
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_losses(history: list[dict], best_epoch: float, path: Path) -> Path | None:
@@ -144,7 +144,7 @@ def plot_losses(history: list[dict], best_epoch: float, path: Path) -> Path | No
               for name in ("train_loss", "val_loss")}
     if not any(series.values()):
         return None
-    figure = _new_figure(6.4, 4.0)
+    figure = new_figure(6.4, 4.0)
     axes = figure.add_subplot()
     for name, points in series.items():
         if points:
@@ -153,12 +153,12 @@ def plot_losses(history: list[dict], best_epoch: float, path: Path) -> Path | No
     axes.set(xlabel="epoch", ylabel="loss", title="Training and validation loss")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_confusion(matrix: list[list[float]], path: Path, title: str) -> Path:
     """Counts with row percentages: the row share shows recall even when the classes are unbalanced."""
-    figure = _new_figure(4.8, 4.2)
+    figure = new_figure(4.8, 4.2)
     axes = figure.add_subplot()
     image = axes.imshow(matrix, cmap="Blues")
     largest = max(max(row) for row in matrix) or 1
@@ -171,7 +171,7 @@ def plot_confusion(matrix: list[list[float]], path: Path, title: str) -> Path:
     axes.set_yticks(range(3), LABELS)
     axes.set(xlabel="predicted", ylabel="true", title=title)
     figure.colorbar(image, ax=axes, shrink=0.8, label="count")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_grid(cells: dict[str, dict[tuple[float, float], float]], metric: str, path: Path) -> Path:
@@ -180,7 +180,7 @@ def plot_grid(cells: dict[str, dict[tuple[float, float], float]], metric: str, p
     dropouts = sorted({d for head in cells.values() for _, d in head})
     values = [v for head in cells.values() for v in head.values()]
     rows, columns = math.ceil(len(cells) / 3), min(3, len(cells))
-    figure = _new_figure(1.2 + 1.2 * len(dropouts) * columns, 0.9 + 0.6 * len(lrs) * rows + 0.4)
+    figure = new_figure(1.2 + 1.2 * len(dropouts) * columns, 0.9 + 0.6 * len(lrs) * rows + 0.4)
     panels = figure.subplots(rows, columns, squeeze=False)
     for axes, head in zip(panels.flat, sorted(cells)):
         grid = [[cells[head].get((lr, d), math.nan) for d in dropouts] for lr in lrs]
@@ -196,7 +196,7 @@ def plot_grid(cells: dict[str, dict[tuple[float, float], float]], metric: str, p
         axes.set_axis_off()
     figure.colorbar(image, ax=panels, shrink=0.8, label=f"validation {METRIC_NAMES[metric]}")
     figure.suptitle(f"Validation {METRIC_NAMES[metric]}: best over losses, mean over seeds")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def _run_figures(run: Run) -> list[Path]:
