@@ -52,7 +52,7 @@ def _header_lines(reproduction: Reproduction) -> list[str]:
              f"- Grid: {grid}.",
              "- Each head's configuration is chosen on validation alone (weighted F1 for MVSA, macro F1 for Memotion, "
              "mean over seeds); test numbers are mean ± sd over seeds [95% confidence interval of the seed mean: "
-             "bootstrap over the test rows, 2,000 resamples, seed 0, BCa from scipy.stats.bootstrap].",
+             f"bootstrap over the test rows, {config.resamples:,} resamples, seed 0, BCa from scipy.stats.bootstrap].",
              f"- Datasets: {', '.join(r.name for r in reproduction.results) or 'none found'}.", ""]
     if reproduction.skipped:
         lines += ["Skipped:", ""] + [f"- {name}: {why}" for name, why in reproduction.skipped.items()] + [""]
