@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from fusion.extract.splitfile import MEMOTION_HOLDOUT
+
 SEED_TABLE_1 = "Seed paper, Table 1"
 SEED_MEMOTION = "Seed paper, Memotion figure"
 CLMLF = "CLMLF (NAACL Findings 2022)"
@@ -79,3 +81,14 @@ def split_note(cache: dict) -> str:
     where = f" This run's split: {source}." if source else ""
     return ("The published numbers used their authors' own splits, so they are not like for like with this run "
             f"(they would be with the same split file, `fusion extract --split-file`).{where}")
+
+
+def split_lines(cache: dict) -> list[str]:
+    """Where the train/val/test split came from; in bold when Memotion's test is not the official one."""
+    source = cache.get("split_source") or "not recorded (a cache written before split sources were kept)"
+    lines = [f"- Splits: {source}."]
+    if cache.get("split_kind") == MEMOTION_HOLDOUT:
+        lines.append("- **Memotion test = a 10% holdout of the training pool, because the official test files "
+                     "(2000_testdata.csv, Meme_groundTruth.csv) were absent: these test numbers are not on the "
+                     "official SemEval-2020 Task 8 test set.**")
+    return lines

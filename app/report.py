@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fusion.app.published import PUBLISHED, split_note
+from fusion.app.published import PUBLISHED, split_lines, split_note
 from fusion.app.stats import Interval, metric_ci
 from fusion.atomic import write_atomic, write_text_atomic
 from fusion.errors import FusionError, RunError
-from fusion.extract.splitfile import MEMOTION_HOLDOUT
 from fusion.heads.checkpoint import PREDICTIONS_FILE, read_json
 from fusion.heads.config import loss_label
 from fusion.heads.grid import Summary, best_per_head, summarise
@@ -243,17 +242,6 @@ def _encoder_lines(cache: dict[str, Any]) -> list[str]:
             f"fingerprint `{str(cache.get('fingerprint', '?'))[:12]}`)", f"- Encoders: text `{text}`, image `{image}`.",
             f"- These are the paper's encoders {paper}." if same else f"- **These are not the paper's encoders** "
             f"{paper}: any comparison with published numbers is not like for like."] + split_lines(cache) + [""]
-
-
-def split_lines(cache: dict[str, Any]) -> list[str]:
-    """Where the train/val/test split came from; in bold when Memotion's test is not the official one."""
-    source = cache.get("split_source") or "not recorded (a cache written before split sources were kept)"
-    lines = [f"- Splits: {source}."]
-    if cache.get("split_kind") == MEMOTION_HOLDOUT:
-        lines.append("- **Memotion test = a 10% holdout of the training pool, because the official test files "
-                     "(2000_testdata.csv, Meme_groundTruth.csv) were absent: these test numbers are not on the "
-                     "official SemEval-2020 Task 8 test set.**")
-    return lines
 
 
 def with_interval(value: float, interval: Interval | None) -> str:

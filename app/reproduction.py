@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fusion.app.published import Published, published_for, split_note
-from fusion.app.report import (METRIC_NAMES, comparison_lines, is_paper_encoder, new_figure, save_png, split_lines,
-                               test_cell, PAPER_IMAGE_MODEL, PAPER_TEXT_MODEL)
+from fusion.app.published import Published, published_for, split_lines, split_note
+from fusion.app.report import (METRIC_NAMES, PAPER_IMAGE_MODEL, PAPER_TEXT_MODEL, comparison_lines, is_paper_encoder,
+                               new_figure, save_png, test_cell)
 from fusion.app.reproduce import DatasetResult, Reproduction
 from fusion.atomic import write_text_atomic
 from fusion.heads.config import loss_label

@@ -4,6 +4,7 @@ in the cache, and the default sources (stratified, official Memotion test, Memot
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 from dataset_writers import write_generic_csv, write_memotion, write_mvsa
@@ -109,3 +110,12 @@ def test_extract_with_a_split_file_writes_exactly_those_splits(tmp_path, tiny_mo
     assert main(extract_argv(expected.root, plain, tiny_models)) == 0
     other = read_cache(plain)
     assert other.attrs["split_kind"] == "stratified" and other.attrs["fingerprint"] != cache.attrs["fingerprint"]
+
+
+def test_cache_info_names_the_split_source(tmp_path, tiny_models, capsys):
+    expected = write_mvsa(tmp_path / "data", kind="single", n_per_class=4, seed=1)
+    out = tmp_path / "cache.h5"
+    assert main(extract_argv(expected.root, out, tiny_models, "--seed", "3")) == 0
+    capsys.readouterr()
+    assert main(["cache", "info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["split_source"] == "seeded stratified 8:1:1 (seed 3)"
