@@ -48,6 +48,8 @@ def extract(
     workers: int = typer.Option(max(1, min(8, (os.cpu_count() or 2) // 2)), min=0, help="Image-decoding workers."),
     seed: int = typer.Option(0, help="Seed of the train/val/test split."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off: never run code from data)."),
+    split_file: Optional[Path] = typer.Option(None, help="CSV/TSV of id,split (train/val/test) fixing the splits, "
+                                                         "e.g. a published split; rows it does not name are left out."),
 ) -> None:
     """Run the frozen encoders once over a dataset and write the embeddings cache (resumable)."""
     from fusion.app.console import console, extract_summary_table, progress_bar
@@ -59,7 +61,8 @@ def extract(
     config = ExtractConfig(dataset=dataset, root=root, out=out or Path("caches") / f"{dataset}.h5",
                            text_model=text_model, image_model=image_model, device=device, precision=precision,
                            batch_size=batch_size, tokens=tokens, limit=limit, max_length=max_length,
-                           split_seed=seed, workers=workers, trust_remote_code=trust_remote_code)
+                           split_seed=seed, workers=workers, trust_remote_code=trust_remote_code,
+                           split_file=split_file)
     config.out.parent.mkdir(parents=True, exist_ok=True)
     with distributed_context() as (rank, world_size):
         with progress_bar(f"extract {dataset}" + (f" rank {rank}" if world_size > 1 else ""), "samples") as update:
@@ -77,6 +80,11 @@ def _print_extract_notes(summary) -> None:
 
     from fusion.app.console import console
 
+    if summary.split_source:
+        console.print(f"splits: {summary.split_source['split_source']}")
+    if summary.split_counts:
+        console.print(f"split file: {summary.split_counts['ids_in_file_not_in_data']} ids not in the data, "
+                      f"{summary.split_counts['rows_in_data_not_in_file']} data rows not in the file (left out)")
     reasons = Counter(reason for _, _, reason in summary.skipped)
     console.print(f"skipped: {len(summary.skipped)}" + "".join(f"\n  {n} x {r}" for r, n in reasons.most_common()))
     if summary.cleaning:
@@ -286,6 +294,43 @@ def demo(
         if code:
             raise typer.Exit(code)  # the step's own error is printed above
     console.print(f"\nreport: {out / 'grid' / 'report.md'} (figures beside it)")
+
+
+@app.command()
+def reproduce(
+    data: Path = typer.Option(..., help="Folder holding MVSA_Single/, MVSA/ (or MVSA_Multi/), memotion_dataset_7k/."),
+    out: Path = typer.Option(Path("reproduction"), help="Where caches, grids, reproduction.md and figures go."),
+    seeds: int = typer.Option(3, min=1, help="Seeds per configuration."),
+    text_model: str = typer.Option("bert-base-uncased", help="Hugging Face name or local folder."),
+    image_model: str = typer.Option("facebook/dinov2-small", help="Hugging Face name or local folder."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (extraction)."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 for the encoders."),
+    workers: int = typer.Option(max(1, min(8, (os.cpu_count() or 2) // 2)), min=0, help="Image-decoding workers."),
+    heads: str = typer.Option("basic,self_attn,dual_attn,text_only,image_only", help="Heads and ablations."),
+    lrs: str = typer.Option("1e-2,1e-3,1e-4,1e-5", help="Learning rates."),
+    dropouts: str = typer.Option("0,0.2,0.5", help="Dropout rates."),
+    losses: str = typer.Option("ce,focal2,focal3,focal4", help="ce and focalGAMMA."),
+    epochs: int = typer.Option(30, min=1, help="Maximum epochs per configuration."),
+    patience: int = typer.Option(5, min=1, help="Early-stopping patience."),
+    resamples: int = typer.Option(2000, min=100, help="Bootstrap resamples for the intervals."),
+) -> None:
+    """The paper's study in one command: extract each dataset found, train the grid and ablations with several seeds,
+    write reproduction.md with intervals beside the published numbers (resumable)."""
+    from fusion.app.console import console, progress_bar
+    from fusion.app.reproduce import ReproduceConfig, reproduce as run_reproduce
+    from fusion.app.reproduction import write_reproduction
+    from fusion.extract.encoders import quiet_transformers
+
+    quiet_transformers()
+    config = ReproduceConfig(data=data, out=out, seeds=seeds, text_model=text_model, image_model=image_model,
+                             device=device, precision=precision, workers=workers, heads=tuple(_split_list(heads)),
+                             lrs=tuple(_split_list(lrs, float)), dropouts=tuple(_split_list(dropouts, float)),
+                             losses=tuple(_split_list(losses)), epochs=epochs, patience=patience, resamples=resamples)
+    reproduction = run_reproduce(config, progress_bar)
+    markdown, figures = write_reproduction(reproduction)
+    for name, why in reproduction.skipped.items():
+        console.print(f"skipped {name}: {why}")
+    console.print(f"reproduction: {markdown} ({len(figures)} figures)")
 
 
 def main(argv: list[str] | None = None) -> int:

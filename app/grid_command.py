@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from fusion.app.uncertainty import bootstrap_rows, grid_uncertainty
 from fusion.atomic import write_text_atomic
 from fusion.heads.checkpoint import save_run
 from fusion.heads.config import FitConfig, config_from_dict
@@ -39,7 +40,9 @@ def run_grid_command(features, meta: dict, configs: list[FitConfig], out: Path, 
     else:
         with progress_bar("grid", "configs") as update:
             rows = run_grid(features, configs, out, on_pass=update)
-    write_results(out, rows, metric=metric, cache=meta)
+    labels = bootstrap_rows(features.get("test"))
+    write_results(out, rows, metric=metric, cache=meta,
+                  extra={"test_labels": labels, "uncertainty": grid_uncertainty(rows, labels, metric)})
     summaries = summarise(rows, metric)
     best = summaries[0]
     chosen = config_from_dict({**best.config, "seed": best.seeds[0]})

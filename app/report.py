@@ -2,9 +2,11 @@
 
     report = write_report(Path("runs/fit"))   # Report(markdown=runs/fit/report.md, figures=[...png])
 
-A run directory holds config.json and metrics.json; a grid directory holds results.json and best/ (a run directory).
-Test metrics are shown beside the published numbers for memotion, mvsa-single and mvsa-multi. matplotlib is imported
-inside the functions only, so the rest of fusion works without it.
+A run directory holds config.json and metrics.json (and test_predictions.json, from which test metrics get 95%
+bootstrap intervals: app/stats.py); a grid directory holds results.json (with the bootstrap intervals and paired
+comparisons that `fusion grid` computed, app/uncertainty.py) and best/ (a run directory). Test metrics are shown
+beside the published numbers (app/published.py) for memotion, mvsa-single and mvsa-multi, with the split they were
+measured on. matplotlib is imported inside the functions only, so the rest of fusion works without it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
+from fusion.app.published import PUBLISHED, split_lines, split_note
+from fusion.app.stats import Interval, metric_ci
 from fusion.atomic import write_atomic, write_text_atomic
 from fusion.errors import FusionError, RunError
-from fusion.heads.checkpoint import read_json
+from fusion.heads.checkpoint import PREDICTIONS_FILE, read_json
 from fusion.heads.config import loss_label
 from fusion.heads.grid import Summary, best_per_head, summarise
 from fusion.labels import LABELS
@@ -28,39 +32,6 @@ PAPER_IMAGE_MODEL = "facebook/dinov2-small"
 METRICS = ("accuracy", "weighted_f1", "macro_f1")
 CACHE_FIELDS = ("cache.dataset", "cache.text_model", "cache.image_model")
 METRIC_NAMES = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1"}
-
-
-class Published(NamedTuple):
-    model: str
-    accuracy: float | None
-    weighted_f1: float | None
-    macro_f1: float | None
-    source: str
-    digits: int   # as many decimals as the source gave, so 0.69 is not shown as a spurious 0.6900
-
-
-# The paper's F1 on MVSA is the weighted F1 (the literature's metric there); Memotion task A publishes macro F1 only.
-# Rows: model, then (accuracy, weighted F1) on MVSA-Single and on MVSA-Multi.
-PAPER_MVSA = (("MultiSentiNet-Att", 0.69, 0.69, 0.68, 0.68), ("Dual-Pipeline", 0.57, 0.56, 0.73, 0.69),
-              ("BERT+DINOv2 basic", 0.73, 0.71, 0.68, 0.67), ("BERT+DINOv2 self-attention", 0.72, 0.70, 0.68, 0.67),
-              ("BERT+DINOv2 dual-attention", 0.72, 0.71, 0.67, 0.66))
-ANCHOR_MVSA = (("MultiSentiNet", 0.6984, 0.6963, 0.6886, 0.6811), ("BERT, text only", 0.7111, 0.6970, 0.6759, 0.6624),
-               ("MGNNS", 0.7377, 0.7270, 0.7249, 0.6934), ("CLMLF", 0.7533, 0.7346, 0.7200, 0.6983),
-               ("DTN", 0.7711, 0.7646, 0.7272, 0.7272))
-PAPER, ANCHOR = "BERT-DINOv2 paper, Tables 1-2", "published anchor (shared/DATASETS.md)"
-
-
-def _mvsa(column: int) -> tuple[Published, ...]:
-    return tuple(Published(row[0], row[column], row[column + 1], None, source, digits)
-                 for rows, source, digits in ((PAPER_MVSA, PAPER, 2), (ANCHOR_MVSA, ANCHOR, 4)) for row in rows)
-
-
-PUBLISHED: dict[str, tuple[Published, ...]] = {
-    "mvsa-single": _mvsa(1),
-    "mvsa-multi": _mvsa(3),
-    "memotion": (Published("BERT+DINOv2 dual-attention", None, None, 0.3552, "BERT-DINOv2 paper", 4),
-                 Published("SemEval-2020 Task 8 baseline", None, None, 0.2176, "SemEval-2020 Task 8", 4)),
-}
 
 
 @dataclass(frozen=True)
@@ -132,7 +103,7 @@ def _load_grid(grid_dir: Path) -> dict[str, Any]:
     return results
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     """A figure on its own Agg canvas: no pyplot, so no global backend or figure registry is touched."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -142,7 +113,7 @@ def _new_figure(width: float, height: float):
     return FigureCanvasAgg(Figure(figsize=(width, height), dpi=110, layout="constrained")).figure
 
 
-def _save(figure, path: Path) -> Path:
+def save_png(figure, path: Path) -> Path:
     # No 'Software' stamp: the same data gives the same bytes.
     write_atomic(path, lambda handle: figure.savefig(handle, format="png", metadata={"Software": None}))
     return path
@@ -150,7 +121,7 @@ def _save(figure, path: Path) -> Path:
 
 def plot_per_class_f1(history: list[dict], best_epoch: float, path: Path) -> Path:
     """The paper's Figure 3: does each class, the minority ones too, get learned epoch by epoch?"""
-    figure = _new_figure(7.4, 4.0)
+    figure = new_figure(7.4, 4.0)
     axes = figure.add_subplot()
     epochs = [entry["epoch"] for entry in history]
     for name, colour in zip(LABELS, ("tab:red", "tab:gray", "tab:green")):
@@ -163,7 +134,7 @@ def plot_per_class_f1(history: list[dict], best_epoch: float, path: Path) -> Pat
     axes.grid(alpha=0.3)
     # Outside the axes: inside, it hides the late epochs the figure is about.
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_losses(history: list[dict], best_epoch: float, path: Path) -> Path | None:
@@ -172,7 +143,7 @@ def plot_losses(history: list[dict], best_epoch: float, path: Path) -> Path | No
               for name in ("train_loss", "val_loss")}
     if not any(series.values()):
         return None
-    figure = _new_figure(6.4, 4.0)
+    figure = new_figure(6.4, 4.0)
     axes = figure.add_subplot()
     for name, points in series.items():
         if points:
@@ -181,12 +152,12 @@ def plot_losses(history: list[dict], best_epoch: float, path: Path) -> Path | No
     axes.set(xlabel="epoch", ylabel="loss", title="Training and validation loss")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_confusion(matrix: list[list[float]], path: Path, title: str) -> Path:
     """Counts with row percentages: the row share shows recall even when the classes are unbalanced."""
-    figure = _new_figure(4.8, 4.2)
+    figure = new_figure(4.8, 4.2)
     axes = figure.add_subplot()
     image = axes.imshow(matrix, cmap="Blues")
     largest = max(max(row) for row in matrix) or 1
@@ -199,7 +170,7 @@ def plot_confusion(matrix: list[list[float]], path: Path, title: str) -> Path:
     axes.set_yticks(range(3), LABELS)
     axes.set(xlabel="predicted", ylabel="true", title=title)
     figure.colorbar(image, ax=axes, shrink=0.8, label="count")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_grid(cells: dict[str, dict[tuple[float, float], float]], metric: str, path: Path) -> Path:
@@ -208,7 +179,7 @@ def plot_grid(cells: dict[str, dict[tuple[float, float], float]], metric: str, p
     dropouts = sorted({d for head in cells.values() for _, d in head})
     values = [v for head in cells.values() for v in head.values()]
     rows, columns = math.ceil(len(cells) / 3), min(3, len(cells))
-    figure = _new_figure(1.2 + 1.2 * len(dropouts) * columns, 0.9 + 0.6 * len(lrs) * rows + 0.4)
+    figure = new_figure(1.2 + 1.2 * len(dropouts) * columns, 0.9 + 0.6 * len(lrs) * rows + 0.4)
     panels = figure.subplots(rows, columns, squeeze=False)
     for axes, head in zip(panels.flat, sorted(cells)):
         grid = [[cells[head].get((lr, d), math.nan) for d in dropouts] for lr in lrs]
@@ -224,7 +195,7 @@ def plot_grid(cells: dict[str, dict[tuple[float, float], float]], metric: str, p
         axes.set_axis_off()
     figure.colorbar(image, ax=panels, shrink=0.8, label=f"validation {METRIC_NAMES[metric]}")
     figure.suptitle(f"Validation {METRIC_NAMES[metric]}: best over losses, mean over seeds")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def _run_figures(run: Run) -> list[Path]:
@@ -270,23 +241,53 @@ def _encoder_lines(cache: dict[str, Any]) -> list[str]:
     return [f"- Cache: `{cache.get('path', '?')}` (dataset `{cache['dataset']}`, "
             f"fingerprint `{str(cache.get('fingerprint', '?'))[:12]}`)", f"- Encoders: text `{text}`, image `{image}`.",
             f"- These are the paper's encoders {paper}." if same else f"- **These are not the paper's encoders** "
-            f"{paper}: any comparison with published numbers is not like for like.", ""]
+            f"{paper}: any comparison with published numbers is not like for like."] + split_lines(cache) + [""]
 
 
-def _published_lines(dataset: str, label: str, test: dict[str, Any]) -> list[str]:
+def with_interval(value: float, interval: Interval | None) -> str:
+    return _fmt(value) + ("" if interval is None else f" [{interval.low:.4f}, {interval.high:.4f}]")
+
+
+def _published_lines(cache: dict[str, Any], label: str, test: dict[str, Any],
+                     intervals: dict[str, Interval] | None) -> list[str]:
+    dataset = cache["dataset"]
     published = PUBLISHED.get(dataset)
     if not published:
         return [f"No published numbers are known for dataset `{dataset}`.", ""]
-    rows = [[f"**{label}**"] + [_fmt(test[m]) for m in METRICS] + ["this report (test split)"]]
+    ours = [with_interval(test[m], (intervals or {}).get(m)) for m in METRICS]
+    rows = [[f"**{label}**"] + ours + ["this report (test split" + (", 95% CI)" if intervals else ")")]]
     rows += [[p.model] + [_fmt(getattr(p, m), p.digits) for m in METRICS] + [p.source] for p in published]
-    note = "Published numbers come from their authors' splits, which may differ from this cache's; '-' = not published."
-    return _table(["model", "accuracy", "weighted F1", "macro F1", "source"], rows) + [note, ""]
+    notes = [split_note(cache), "'-' = not published. F1 on MVSA is the weighted F1, as the MVSA literature reports it."]
+    return _table(["model", "accuracy", "weighted F1", "macro F1", "source"], rows) + notes + [""]
 
 
-def _results_lines(metrics: dict[str, Any]) -> list[str]:
+def _results_lines(metrics: dict[str, Any], intervals: dict[str, Interval] | None) -> list[str]:
     rows = [[split] + [_fmt(metrics[split][m]) for m in METRICS]
             + [_fmt(metrics[split]["per_class_f1"][name]) for name in LABELS] for split in ("val", "test")]
-    return _table(["split", "accuracy", "weighted F1", "macro F1"] + [f"F1 {name}" for name in LABELS], rows)
+    if intervals:
+        rows.append(["test, 95% CI"] + [f"[{intervals[m].low:.4f}, {intervals[m].high:.4f}]" for m in METRICS]
+                    + ["-"] * len(LABELS))
+    lines = _table(["split", "accuracy", "weighted F1", "macro F1"] + [f"F1 {name}" for name in LABELS], rows)
+    if intervals:
+        lines += [f"95% confidence intervals: {BOOTSTRAP_NOTE}", ""]
+    return lines
+
+
+BOOTSTRAP_NOTE = ("bootstrap over the test rows (2,000 resamples, seed 0, BCa; scipy.stats.bootstrap), from "
+                  f"{PREDICTIONS_FILE}.")
+
+
+def run_intervals(run_dir: Path) -> dict[str, Interval] | None:
+    """95% bootstrap intervals of the run's test metrics, from test_predictions.json; None when it has none (runs
+    written before test predictions were kept)."""
+    path = run_dir / PREDICTIONS_FILE
+    if not path.is_file():
+        return None
+    predictions = read_json(path)
+    y_true, y_pred = (_field(predictions, key, path, "list") for key in ("y_true", "y_pred"))
+    if len(y_true) != len(y_pred) or not all(isinstance(v, int) and 0 <= v <= 2 for v in (*y_true, *y_pred)):
+        raise RunError(f"{path}: 'y_true' and 'y_pred' must be equally long lists of class ids 0..2")
+    return {name: metric_ci(y_true, y_pred, name) for name in METRICS}
 
 
 FIGURE_TITLES = {"f1_per_class.png": "Per-class F1 on validation by epoch (best epoch marked)",
@@ -300,26 +301,52 @@ def _figure_lines(figures: list[Path], base: Path) -> list[str]:
 
 
 def _run_lines(run: Run, figures: list[Path], base: Path, label: str, level: str = "##") -> list[str]:
+    intervals = run_intervals(run.path)
     settings = [[key, f"`{value}`"] for key, value in run.config.items() if not isinstance(value, dict)]
     epochs = run.metrics.get("epochs_run", len(run.metrics["history"]))
     lines = [f"Best epoch {_fmt(run.metrics['best_epoch'])} of {epochs} run.", "", f"{level} Configuration", ""]
     lines += _table(["setting", "value"], settings) + [f"{level} Cache and encoders", ""]
-    lines += _encoder_lines(run.config["cache"]) + [f"{level} Results", ""] + _results_lines(run.metrics)
+    lines += _encoder_lines(run.config["cache"]) + [f"{level} Results", ""] + _results_lines(run.metrics, intervals)
     lines += [f"{level} Beside the published numbers (test)", ""]
-    lines += _published_lines(run.config["cache"]["dataset"], label, run.metrics["test"])
+    lines += _published_lines(run.config["cache"], label, run.metrics["test"], intervals)
     return lines + [f"{level} Figures", ""] + _figure_lines(figures, base)
 
 
-def _best_head_lines(summaries: list[Summary], metric: str) -> list[str]:
+def _best_head_lines(summaries: list[Summary], metric: str, uncertainty: dict | None) -> list[str]:
     rows = []
     for head, best in sorted(best_per_head(summaries).items()):
         config = best.config
         spread = f" ± {best.val_std:.4f}" if len(best.seeds) > 1 else ""
+        intervals = (uncertainty or {}).get("heads", {}).get(head, {}).get("test")
         rows.append([head, f"{config['lr']:g}", f"{config['dropout']:g}", loss_label(config["loss"], config["gamma"]),
-                     str(len(best.seeds)), f"{best.val_mean:.4f}{spread}"] + [f"{best.test[m]:.4f}" for m in METRICS])
+                     str(len(best.seeds)), f"{best.val_mean:.4f}{spread}"]
+                    + [test_cell(best.test[m], best.test_std[m], len(best.seeds), (intervals or {}).get(m))
+                       for m in METRICS])
     header = ["head", "lr", "dropout", "loss", "seeds", f"val {METRIC_NAMES[metric]} (mean ± sd)",
               "test accuracy", "test weighted F1", "test macro F1"]
-    return _table(header, rows)
+    note = ["Test cells: mean ± sd over seeds [95% CI of the seed mean: bootstrap over the test rows, 2,000 "
+            "resamples, seed 0, BCa (scipy.stats.bootstrap), every seed scored on the same resampled rows].", ""]
+    return _table(header, rows) + (note if uncertainty else [])
+
+
+def test_cell(mean: float, sd: float, seeds: int, interval: dict | None) -> str:
+    """'mean ± sd [low, high]': the spread over seeds and the test-row bootstrap interval of the seed mean."""
+    text = f"{mean:.4f}" + (f" ± {sd:.4f}" if seeds > 1 else "")
+    return text + (f" [{interval['low']:.4f}, {interval['high']:.4f}]" if interval else "")
+
+
+def comparison_lines(uncertainty: dict | None) -> list[str]:
+    """The best fusion head minus each other head on the same test rows, with the paired bootstrap interval."""
+    if not uncertainty or not uncertainty.get("comparisons"):
+        return ["No paired comparison: the grid has no test predictions, or no other head to compare with.", ""]
+    metric = METRIC_NAMES[uncertainty["metric"]]
+    rows = [[f"{c['a']} − {c['b']}", f"{c['difference']:+.4f}", f"[{c['low']:+.4f}, {c['high']:+.4f}]",
+             "yes" if c["excludes_zero"] else "no"] for c in uncertainty["comparisons"]]
+    header = ["comparison", f"test {metric} difference", "95% CI (paired bootstrap)", "CI excludes 0"]
+    note = (f"{uncertainty['best_fusion_head']} is the fusion head with the best validation score. Each "
+            f"resample draws {uncertainty['test_rows']} test rows with replacement and scores both heads (every "
+            "seed) on them; an interval that holds 0 means the difference is within the noise of this test set.")
+    return _table(header, rows) + [note, ""]
 
 
 def _write_text(path: Path, lines: list[str]) -> Path:
@@ -342,7 +369,9 @@ def _write_grid_report(grid_dir: Path) -> Report:
              f"selected by validation {METRIC_NAMES[metric]}.", ""]
     lines += _encoder_lines(results["cache"]) + ["## Validation metric over learning rate x dropout", ""]
     lines += _figure_lines([heatmap], grid_dir) + ["## Best configuration per head", ""]
-    lines += _best_head_lines(summaries, metric) + [f"## Best run (`best/`, head {best.config['head']})", ""]
+    uncertainty = results.get("uncertainty")
+    lines += _best_head_lines(summaries, metric, uncertainty) + ["## Paired comparisons (test)", ""]
+    lines += comparison_lines(uncertainty) + [f"## Best run (`best/`, head {best.config['head']})", ""]
     lines += _run_lines(best, best_figures, grid_dir, f"grid best ({best.config['head']})", "###")
     return Report(_write_text(grid_dir / "report.md", lines), [heatmap] + best_figures)
 

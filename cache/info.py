@@ -16,7 +16,7 @@ from fusion.errors import CacheError
 from fusion.labels import LABELS, SPLITS
 
 SUMMARY_ATTRS = ("dataset", "text_model", "image_model", "fingerprint", "format_version", "created", "tokens",
-                 "precision")
+                 "precision", "split_source")
 
 
 def cache_info(path: Path) -> dict:

@@ -38,6 +38,7 @@ from fusion.extract.distributed import barrier, sum_over_ranks
 from fusion.extract.encoders import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IMAGE_POOLING, TEXT_POOLING, Encoders,
                                      fit_max_length, load_encoders)
 from fusion.extract.samples import DatasetSamples, Sample
+from fusion.extract.splitfile import read_split_file, with_splits
 from fusion.labels import LABELS, SPLITS
 
 LOADING_SKIP = "skipped while reading the dataset"
@@ -59,6 +60,7 @@ class ExtractConfig:
     split_seed: int = 0
     workers: int = 1
     trust_remote_code: bool = False
+    split_file: Path | None = None  # CSV/TSV of id,split fixing the splits (extract/splitfile.py)
 
 
 @dataclass
@@ -72,6 +74,8 @@ class ExtractSummary:
     rows_computed: int
     seconds: float
     already_complete: bool = False
+    split_source: dict[str, str] = dataclasses.field(default_factory=dict)
+    split_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def samples_per_second(self) -> float:
@@ -84,7 +88,9 @@ ProgressCallback = Callable[[int, int], None]  # (rows done so far, rows in tota
 def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, *, rank: int = 0,
             world_size: int = 1) -> ExtractSummary:
     started = time.perf_counter()
-    data = limit_samples(load_dataset(config.dataset, config.root, seed=config.split_seed), config.limit)
+    split_file = read_split_file(config.split_file) if config.split_file else None  # a bad file fails first
+    data = load_dataset(config.dataset, config.root, seed=config.split_seed)
+    data = limit_samples(with_splits(data, split_file, config.split_seed), config.limit)
     encoders = load_encoders(config.text_model, config.image_model, device=config.device,
                              precision=config.precision, trust_remote_code=config.trust_remote_code)
     config = dataclasses.replace(config, max_length=fit_max_length(encoders, config.max_length))
@@ -116,8 +122,7 @@ def limit_samples(data: DatasetSamples, limit: int | None) -> DatasetSamples:
     kept = [s for split in SPLITS
             for s in by_split[split][:max(1, round(limit * len(by_split[split]) / len(data.samples)))]
             if by_split[split]]
-    return DatasetSamples(name=data.name, samples=kept, skipped=data.skipped, cleaning=data.cleaning,
-                          text_fallbacks=data.text_fallbacks, source_files=data.source_files)
+    return dataclasses.replace(data, samples=kept)
 
 
 def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -> Plan:
@@ -134,7 +139,7 @@ def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -
     attrs.update(fingerprint=fingerprint(settings, data.source_files), text_dim=encoders.text_dim,
                  image_dim=encoders.image_dim, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  torch_version=torch.__version__, transformers_version=transformers.__version__,
-                 fusion_version=fusion.__version__)
+                 fusion_version=fusion.__version__, **data.split_source)
     return Plan(fingerprint=attrs["fingerprint"], attrs=attrs,
                 ids=[s.id for s in data.samples] + [sid for sid, _, _ in data.skipped],
                 splits=[s.split for s in data.samples] + [split for _, split, _ in data.skipped],
@@ -226,4 +231,5 @@ def summarise_extraction(config: ExtractConfig, data: DatasetSamples, plan: Plan
     return ExtractSummary(out=config.out, counts=counts, skipped=skipped, cleaning=dict(data.cleaning),
                           text_fallbacks=dict(data.text_fallbacks), rows_total=len(plan.ids),
                           rows_computed=rows_computed, seconds=time.perf_counter() - started,
-                          already_complete=already_complete)
+                          already_complete=already_complete, split_source=dict(data.split_source),
+                          split_counts=dict(data.split_counts))

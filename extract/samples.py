@@ -36,6 +36,8 @@ class DatasetSamples:
     cleaning: dict[str, int] = field(default_factory=dict)  # rows dropped by the cleaning rule, per reason
     text_fallbacks: dict[str, int] = field(default_factory=dict)  # non-UTF-8 encoding used -> count
     source_files: list[Path] = field(default_factory=list)  # label files hashed into the cache fingerprint
+    split_source: dict[str, str] = field(default_factory=dict)  # cache attributes saying where the split came from
+    split_counts: dict[str, int] = field(default_factory=dict)  # with a split file: ids it and the data do not share
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]

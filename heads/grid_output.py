@@ -28,8 +28,10 @@ def csv_row(row: dict) -> dict:
     return flat
 
 
-def write_results(out: Path, rows: list[dict], *, metric: str, cache: dict) -> tuple[Path, Path]:
-    """Both files are rewritten whole and atomically from every row finished so far."""
+def write_results(out: Path, rows: list[dict], *, metric: str, cache: dict,
+                  extra: dict | None = None) -> tuple[Path, Path]:
+    """Both files are rewritten whole and atomically from every row finished so far; `extra` adds top-level keys to
+    results.json (the application's test labels and bootstrap intervals)."""
     table = [csv_row(row) for row in rows]
     buffer = io.StringIO()
     if table:
@@ -37,6 +39,6 @@ def write_results(out: Path, rows: list[dict], *, metric: str, cache: dict) -> t
         writer.writeheader()
         writer.writerows(table)
     write_text_atomic(out / "results.csv", buffer.getvalue())
-    document = {"metric": metric, "cache": cache, "rows": rows}
+    document = {"metric": metric, "cache": cache, "rows": rows, **(extra or {})}
     write_text_atomic(out / "results.json", json.dumps(document, indent=1, sort_keys=True))
     return out / "results.csv", out / "results.json"

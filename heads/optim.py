@@ -77,6 +77,9 @@ class BatchedAdam:
             self._vectorised_step(grads)
 
     def _fused_step(self, grads: list[Tensor]) -> None:
+        # The fused kernel reads each tensor's memory as if contiguous: the gradient of a weight used transposed
+        # (stacked_linear's bmm) has transposed strides and would be applied to the wrong elements.
+        grads = [grad.contiguous() for grad in grads]
         self._step_count.fill_(self.steps)
         params, exp_avgs, exp_avg_sqs = self._per_model
         for model, lr in enumerate(self.lrs):

@@ -24,11 +24,14 @@ SKIP_REASONS = ("not an image", "truncated beyond repair")
 
 def write_synthetic_cache(path: Path, n_per_split: int | tuple[int, int, int] = (12, 4, 4), *, dt: int = 16,
                           di: int = 24, tokens: bool = False, seed: int = 0, n_skipped: int = 1,
-                          batch_size: int = 5, signal: float = 2.0, text_length: int = 6, patches: int = 5) -> Path:
+                          batch_size: int = 5, signal: float = 2.0, text_length: int = 6, patches: int = 5,
+                          dataset: str = "synthetic") -> Path:
     """Writes a complete cache at `path` and returns the path. `n_per_split` counts rows before skipping;
-    `n_skipped` rows (chosen at random) end up under /skipped instead of their split."""
+    `n_skipped` rows (chosen at random) end up under /skipped instead of their split. `dataset`: the name the cache
+    says it holds (its attribute), which chooses the selection metric."""
     path = Path(path)
     plan = synthetic_plan(n_per_split, dt=dt, di=di, tokens=tokens, seed=seed)
+    plan.attrs["dataset"] = dataset
     rows = synthetic_rows(plan, dt=dt, di=di, tokens=tokens, seed=seed, signal=signal, n_skipped=n_skipped,
                           text_length=text_length, patches=patches)
     with PartialCache.open(path, plan=plan) as partial:

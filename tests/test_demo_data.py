@@ -90,10 +90,22 @@ def test_writing_is_deterministic_and_idempotent(tmp_path):
     assert all_bytes(other) != before
 
 
-def test_combined_labels_are_balanced_like_mvsa_single():
+def mvsa_rule(text: str, image: str) -> str | None:
+    """The MVSA cleaning rule, written out apart from the code: equal labels stand, a polar label beats neutral,
+    positive against negative is dropped."""
+    if {text, image} == {"positive", "negative"}:
+        return None
+    return text if image in (text, "neutral") else image
+
+
+def test_combined_labels_follow_the_mvsa_rule_and_are_balanced_like_mvsa_single():
+    names = ("negative", "neutral", "positive")
+    assert {(t, i): combine(t, i) for t in names for i in names} == {(t, i): mvsa_rule(t, i) for t in names
+                                                                      for i in names}
     pairs = plan_pairs(3000, seed=0)
-    combined = Counter(combine(p.file_text_label, p.file_image_label) for p in pairs)
-    assert combined == Counter(p.combined for p in pairs)
+    assert all(p.combined == mvsa_rule(p.file_text_label, p.file_image_label) for p in pairs)
+    assert len({(p.file_text_label, p.file_image_label) for p in pairs}) == 9  # every case of the rule occurs
+    combined = Counter(p.combined for p in pairs)
     dropped = combined.pop(None) / len(pairs)
     assert 0.03 < dropped < 0.15
     kept = sum(combined.values())

@@ -95,8 +95,10 @@ def test_run_report_has_figures_and_published_numbers(tmp_path):
     assert sorted(linked_images(text)) == sorted(f.name for f in report.figures)
     for published in PUBLISHED["mvsa-single"]:
         assert f"| {published.model} |" in text
-    assert "BERT+DINOv2 basic | 0.73 | 0.71 |" in text
-    assert "not like for like" not in text
+    assert "| Basic | 0.73 | 0.71 | - | Seed paper, Table 1 |" in text
+    assert "not the paper's encoders" not in text
+    assert "their authors' own splits, so they are not like for like" in text
+    assert "shared/DATASETS.md" not in text and "Tables 1-2" not in text
     assert not list(run_dir.glob(".*.tmp"))
 
 
@@ -106,7 +108,7 @@ def test_run_report_reports_the_run_metrics(tmp_path):
     text = write_report(run_dir).markdown.read_text()
     test = metrics["test"]
     assert f"| **this run (self_attn)** | {test['accuracy']:.4f} | {test['weighted_f1']:.4f} |" in text
-    assert "DTN | 0.7272 | 0.7272" in text   # the MVSA-Multi anchor, not MVSA-Single's
+    assert "| CLMLF | 0.7200 | 0.6983 | - | CLMLF (NAACL Findings 2022) |" in text   # Multi's, not Single's
 
 
 def test_csv_dataset_with_other_encoders_gets_no_published_rows(tmp_path):
@@ -114,14 +116,14 @@ def test_csv_dataset_with_other_encoders_gets_no_published_rows(tmp_path):
     text = write_report(make_run(tmp_path / "run", cache)).markdown.read_text()
     assert "No published numbers" in text
     assert not any(f"| {p.model} |" in text for rows in PUBLISHED.values() for p in rows)
-    assert "not like for like" in text
+    assert "not the paper's encoders" in text
     assert "all-MiniLM-L6-v2" in text and "/models/tiny-vit" in text
 
 
 def test_memotion_shows_macro_f1_only(tmp_path):
     text = write_report(make_run(tmp_path / "run", cache_block("memotion"))).markdown.read_text()
-    assert "| BERT+DINOv2 dual-attention | - | - | 0.3552 |" in text
-    assert "| SemEval-2020 Task 8 baseline | - | - | 0.2176 |" in text
+    assert "| Dual-Attention | - | - | 0.3552 | Seed paper, Memotion figure |" in text
+    assert "| SemEval-2020 Task 8 winner | - | - | 0.3547 |" in text
 
 
 def test_grid_report(tmp_path):
@@ -138,7 +140,7 @@ def test_grid_report(tmp_path):
     for head in ("basic", "self_attn", "dual_attn", "text_only"):
         assert re.search(rf"^\| {head} \| ", text, re.M), head
     assert "| **grid best (dual_attn)** |" in text
-    assert "not like for like" not in text
+    assert "not the paper's encoders" not in text
 
 
 def test_grid_best_per_head_is_the_best_seed_mean(tmp_path):
@@ -194,3 +196,62 @@ def test_grid_without_best_run_is_refused(tmp_path):
     ("/models/bert-base-uncased/", True), ("bert-base-cased", False), ("distilbert-base-uncased", False)])
 def test_paper_encoder_names(name, expected):
     assert is_paper_encoder(name, "bert-base-uncased") is expected
+
+
+def _with_predictions(run_dir: Path, n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 3, n)
+    y_pred = np.where(rng.random(n) < 0.7, y_true, rng.integers(0, 3, n))
+    predictions = {"ids": [f"id{i}" for i in range(n)], "y_true": y_true.tolist(), "y_pred": y_pred.tolist()}
+    (run_dir / "test_predictions.json").write_text(json.dumps(predictions))
+    return y_true, y_pred
+
+
+def test_run_report_gives_test_metrics_with_bootstrap_intervals(tmp_path):
+    from fusion.app.stats import metric_ci
+
+    run_dir = make_run(tmp_path / "run", cache_block("mvsa-single") | {"split_source": "seeded stratified 8:1:1 (seed 0)",
+                                                                       "split_kind": "stratified"})
+    y_true, y_pred = _with_predictions(run_dir)
+    text = write_report(run_dir).markdown.read_text()
+    cells = [f"[{metric_ci(y_true, y_pred, m).low:.4f}, {metric_ci(y_true, y_pred, m).high:.4f}]"
+             for m in ("accuracy", "weighted_f1", "macro_f1")]
+    assert "| test, 95% CI | " + " | ".join(cells) + " |" in text
+    assert "- Splits: seeded stratified 8:1:1 (seed 0)." in text
+    assert "**Memotion test" not in text
+    (run_dir / "test_predictions.json").write_text(json.dumps({"y_true": [0, 1], "y_pred": [0, 5]}))
+    with pytest.raises(RunError, match=r"test_predictions\.json: 'y_true' and 'y_pred' must be"):
+        write_report(run_dir)
+
+
+@pytest.mark.parametrize("kind, bold", [("memotion-holdout", True), ("memotion-official-test", False)])
+def test_memotion_holdout_test_split_is_said_in_bold(tmp_path, kind, bold):
+    cache = cache_block("memotion") | {"split_kind": kind, "split_source": "how it was split"}
+    text = write_report(make_run(tmp_path / "run", cache)).markdown.read_text()
+    assert ("- **Memotion test = a 10% holdout of the training pool" in text) is bold
+
+
+def test_grid_report_shows_intervals_and_paired_comparisons(tmp_path):
+    from fusion.app.uncertainty import grid_uncertainty
+    from fusion.heads.metrics import classification_metrics
+    from fusion.heads.result import encode_labels
+
+    grid_dir = make_grid(tmp_path / "grid", cache_block("mvsa-single"))
+    results = json.loads((grid_dir / "results.json").read_text())
+    rng = np.random.default_rng(5)
+    y_true = rng.integers(0, 3, 120)
+    for row in results["rows"]:
+        y_pred = np.where(rng.random(120) < 0.6, y_true, rng.integers(0, 3, 120))
+        row["test_pred"], row["test"] = encode_labels(y_pred), classification_metrics(y_true, y_pred)
+    labels = {"ids": None, "y_true": encode_labels(y_true)}
+    results["uncertainty"] = uncertainty = grid_uncertainty(results["rows"], labels, "macro_f1", resamples=300)
+    (grid_dir / "results.json").write_text(json.dumps(results))
+    text = write_report(grid_dir).markdown.read_text()
+    leader = uncertainty["best_fusion_head"]
+    assert [c["b"] for c in uncertainty["comparisons"]] == ["text_only"] + sorted(
+        {"basic", "self_attn", "dual_attn"} - {leader}, key=["basic", "self_attn", "dual_attn"].index)
+    for comparison in uncertainty["comparisons"]:
+        assert (f"| {leader} − {comparison['b']} | {comparison['difference']:+.4f} | "
+                f"[{comparison['low']:+.4f}, {comparison['high']:+.4f}] |") in text
+    block = uncertainty["heads"]["basic"]["test"]["accuracy"]
+    assert f"{block['mean']:.4f} ± {block['sd']:.4f} [{block['low']:.4f}, {block['high']:.4f}]" in text

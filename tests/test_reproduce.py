@@ -1,0 +1,104 @@
+"""`fusion reproduce` end to end on the three datasets written in their real formats, with tiny encoders: a row per
+head per dataset, intervals, paired comparisons, the paper's numbers beside ours; resumable; missing datasets skipped."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from dataset_writers import write_memotion, write_mvsa
+
+from fusion.app.reproduce import find_datasets
+from fusion.cli import main
+from fusion.heads.grid import best_per_head, summarise
+
+HEADS = ("basic", "self_attn", "dual_attn", "text_only", "image_only")
+TINY_GRID = ("--seeds", "2", "--lrs", "1e-2", "--dropouts", "0", "--losses", "ce", "--epochs", "3",
+             "--resamples", "200", "--device", "cpu", "--workers", "0")
+
+
+def reproduce_argv(data, out, models) -> list[str]:
+    bert, dinov2 = models
+    return ["reproduce", "--data", str(data), "--out", str(out), "--text-model", str(bert), "--image-model",
+            str(dinov2), *TINY_GRID]
+
+
+@pytest.fixture(scope="module")
+def reproduction(tmp_path_factory, tiny_models, one_thread):
+    root = tmp_path_factory.mktemp("reproduce")
+    data, out = root / "data", root / "out"
+    write_mvsa(data, kind="single", n_per_class=20, seed=1)
+    write_mvsa(data, kind="multi", n_per_class=20, seed=2)
+    write_memotion(data / "memotion", n_per_class=20, seed=3)
+    assert main(reproduce_argv(data, out, tiny_models)) == 0
+    return data, out
+
+
+def _section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_reproduction_has_every_head_intervals_comparisons_and_the_papers_numbers(reproduction):
+    _, out = reproduction
+    text = (out / "reproduction.md").read_text()
+    assert "Skipped:" not in text
+    for title, dataset in (("MVSA-Single", "mvsa-single"), ("MVSA-Multi", "mvsa-multi"),
+                           ("Memotion 7k (task A)", "memotion")):
+        section = _section(text, title)
+        results = json.loads((out / "grids" / dataset / "results.json").read_text())
+        best = best_per_head(summarise(results["rows"], results["metric"]))
+        assert set(best) == set(HEADS)
+        for head in HEADS:
+            summary = best[head]
+            line = next(line for line in section.splitlines() if line.startswith(f"| {head} |"))
+            block = results["uncertainty"]["heads"][head]["test"]["accuracy"]
+            assert (f"{summary.test['accuracy']:.4f} ± {summary.test_std['accuracy']:.4f} "
+                    f"[{block['low']:.4f}, {block['high']:.4f}]") in line
+            assert block["low"] <= summary.test["accuracy"] <= block["high"]
+            assert f"| **ours: {head}** |" in section
+        leader = results["uncertainty"]["best_fusion_head"]
+        assert leader in ("basic", "self_attn", "dual_attn")
+        for other in set(HEADS) - {leader}:
+            assert re.search(rf"^\| {leader} − {other} \| [+-]\d\.\d{{4}} \| \[[+-]\d\.\d{{4}}, [+-]\d\.\d{{4}}\] \|",
+                             section, re.M), (dataset, other)
+        assert (out / "figures" / f"{dataset}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"](figures/{dataset}.png)" in section
+    single, memotion = _section(text, "MVSA-Single"), _section(text, "Memotion 7k (task A)")
+    assert "| Basic | 0.73 | 0.71 | Seed paper, Table 1 |" in single
+    assert "| HSAN | – | 0.66 | Seed paper, Table 1 |" in single
+    assert "| Basic | 0.68 | 0.67 | Seed paper, Table 1 |" in _section(text, "MVSA-Multi")
+    assert "| Dual-Attention | 0.3552 | Seed paper, Memotion figure |" in memotion
+    assert "**Memotion test = a 10% holdout" in memotion and "**Memotion test" not in single
+    assert "- Splits: seeded stratified 8:1:1 (seed 0)." in single
+    assert "not like for like" in text and "shared/DATASETS.md" not in text
+
+
+def test_a_rerun_reuses_caches_and_grids_and_missing_datasets_are_skipped(reproduction, tiny_models, tmp_path,
+                                                                          one_thread):
+    data, out = reproduction
+    caches = {path: path.stat().st_mtime_ns for path in (out / "caches").glob("*.h5")}
+    logs = {path: path.read_bytes() for path in (out / "grids").glob("*/results.jsonl")}
+    before = (out / "reproduction.md").read_text()
+    assert main(reproduce_argv(data, out, tiny_models)) == 0
+    assert {path: path.stat().st_mtime_ns for path in caches} == caches and len(caches) == 3
+    assert {path: path.read_bytes() for path in logs} == logs
+    assert (out / "reproduction.md").read_text() == before
+    only_single = tmp_path / "only"
+    only_single.mkdir()
+    (only_single / "MVSA_Single").symlink_to(data / "MVSA_Single")
+    assert main(reproduce_argv(only_single, out, tiny_models)) == 0  # the same cache and grid serve it
+    text = (out / "reproduction.md").read_text()
+    assert "## MVSA-Single" in text and "## MVSA-Multi" not in text
+    assert f"- mvsa-multi: not found under {only_single}" in text
+    assert f"- memotion: not found under {only_single}" in text
+
+
+def test_find_datasets_layouts(tmp_path):
+    write_mvsa(tmp_path, kind="multi", n_per_class=4)
+    write_memotion(tmp_path, n_per_class=4)
+    found, skipped = find_datasets(tmp_path)
+    assert found == {"mvsa-multi": tmp_path / "MVSA", "memotion": tmp_path}
+    assert list(skipped) == ["mvsa-single"]
+    assert find_datasets(tmp_path / "nothing")[0] == {}
