@@ -106,8 +106,8 @@ def fit_to_shared_memory(workers: int, batch_bytes: int, free: int | None) -> tu
     fitting = max(0, int((budget / max(1, batch_bytes) - 1) // PREFETCH_BATCHES))
     if fitting >= workers:
         return workers, None
-    return fitting, (f"{SHARED_MEMORY} has {free / 2**20:.0f} MiB free, too little for {workers} image-decoding "
-                     f"workers ({PREFETCH_BATCHES} batches of {batch_bytes / 2**20:.0f} MiB each in flight): "
+    return fitting, (f"{SHARED_MEMORY} has {free / 2**20:.1f} MiB free, too little for {workers} image-decoding "
+                     f"workers ({PREFETCH_BATCHES} batches of {batch_bytes / 2**20:.1f} MiB each in flight): "
                      f"decoded with {fitting or 'no'} workers{' (in this process)' if not fitting else ''}, which may "
                      f"hold the encoders back; give the container more shared memory (docker run --shm-size=4g or "
                      f"--ipc=host) or lower --batch-size")
