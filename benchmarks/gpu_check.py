@@ -40,7 +40,7 @@ def stop(reason: str, code: int) -> None:
     sys.exit(code)
 
 
-def preflight() -> dict:
+def preflight(device: str) -> dict:
     """Which python, torch and CUDA; stops (exit 3) where torch sees no GPU, (exit 4) where a package is missing."""
     missing = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
@@ -53,6 +53,8 @@ def preflight() -> dict:
             "torch_threads": torch.get_num_threads(),
             "shm_free_gib": round(shm.f_bavail * shm.f_frsize / 2**30, 2) if shm else None}
     print("preflight: " + ", ".join(f"{key} {value}" for key, value in info.items()), flush=True)
+    if device == "cpu":  # a dry run of the script itself on a machine without a GPU
+        return info
     if not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         stop(f"torch {torch.__version__} (CUDA build {torch.version.cuda}) sees no CUDA device (CUDA_VISIBLE_DEVICES="
@@ -102,14 +104,21 @@ def prepared_batches(config, encoders):
     token_ids = tokenize(encoders, samples, config.max_length)
     batches = shard_batches(token_ids, config.batch_size, rank=0, world_size=1)
     loader = image_loader([s.image for s in samples], encoders.pixels, batches, workers=max(1, os.cpu_count() - 1),
-                          pin_memory=True)
+                          pin_memory=encoders.device.type == "cuda")
     prepared = []
     for indices, pixels, _ in loader:
         ids, mask = pad_token_ids([token_ids[i] for i in indices], encoders.tokenizer.pad_token_id,
                                   encoders.pad_multiple)
         prepared.append((ids.to(encoders.device), mask.to(encoders.device), encoders.model_pixels(pixels)))
-    torch.cuda.synchronize()
+    synchronize(encoders.device)
     return prepared
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def forward_seconds(encoders, prepared) -> float:
@@ -117,13 +126,13 @@ def forward_seconds(encoders, prepared) -> float:
 
     from fusion.extract.encoders import image_embeddings, text_embeddings
 
-    torch.cuda.synchronize()
+    synchronize(encoders.device)
     started = time.perf_counter()
     with torch.inference_mode():
         for ids, mask, pixels in prepared:
             text_embeddings(encoders, ids, mask)
             image_embeddings(encoders, pixels)
-    torch.cuda.synchronize()
+    synchronize(encoders.device)
     return time.perf_counter() - started
 
 
@@ -145,17 +154,19 @@ def measure_precision(config, precision: str) -> dict:
     from fusion.extract.encoders import load_encoders
 
     config = dataclasses.replace(config, precision=precision, out=config.out.with_name(f"cache-{precision}.h5"))
-    encoders = load_encoders(config.text_model, config.image_model, device="cuda", precision=precision)
+    encoders = load_encoders(config.text_model, config.image_model, device=config.device, precision=precision)
     prepared = prepared_batches(config, encoders)
     forward_seconds(encoders, prepared[:2])  # kernels chosen and memory pooled before anything is timed
     forward = min(forward_seconds(encoders, prepared) for _ in range(2))
     pixels = encoders.pixels.describe()
     del prepared, encoders
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     run = timed_extract(config)
     rows = run["rows"]
     run.update(forward_s=forward, loop_ratio=forward / run["loop_s"], loop_samples_per_s=rows / run["loop_s"],
-               forward_samples_per_s=rows / forward, decode_workers=default_decode_workers("cuda"), pixels=pixels)
+               forward_samples_per_s=rows / forward, decode_workers=default_decode_workers(config.device),
+               pixels=pixels)
     return {key: round(value, 3) if isinstance(value, float) else value for key, value in run.items()}
 
 
@@ -186,15 +197,16 @@ def cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def check_predict(fp16_cache: Path, root: Path, work: Path) -> dict:
-    code, _, err = cli(["fit", "--cache", str(fp16_cache), "--head", "basic", "--epochs", "2", "--out",
+def check_predict(cache: Path, root: Path, work: Path, device: str) -> dict:
+    """A head fitted on `cache` (the fp16 one on a GPU), predicting on `device` and on the CPU."""
+    code, _, err = cli(["fit", "--cache", str(cache), "--head", "basic", "--epochs", "2", "--out",
                         str(work / "run-fp16")])
     assert code == 0, err[-500:]
     posts = work / "posts.csv"
     posts.write_text("image,text\n" + "".join(f"{root}/data/{i}.jpg,post number {i} was great\n"
                                               for i in range(1, 17)))
     result = {}
-    for device in ("cuda", "cpu"):
+    for device in dict.fromkeys((device, "cpu")):
         started = time.perf_counter()
         code, out, err = cli(["predict", "--run", str(work / "run-fp16"), "--csv", str(posts), "--json",
                               "--device", device])
@@ -214,7 +226,7 @@ def check_torchrun(config, work: Path, n: int) -> dict:
     single = dataclasses.replace(config, out=work / "one-process.h5", limit=n, precision="fp32")
     extract(single)
     argv = ["extract", "--dataset", "mvsa-single", "--root", str(config.root), "--out", str(work / "two-ranks.h5"),
-            "--text-model", config.text_model, "--image-model", config.image_model, "--device", "cuda",
+            "--text-model", config.text_model, "--image-model", config.image_model, "--device", config.device,
             "--batch-size", str(config.batch_size), "--limit", str(n)]
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -238,13 +250,13 @@ def grid_has_device_option() -> bool:
     return any("--device" in parameter.opts for parameter in command.params)
 
 
-def check_grid(cache: Path, work: Path, seconds: float):
+def check_grid(cache: Path, work: Path, seconds: float, device: str):
     if not grid_has_device_option():
         return "no --device option"
     started = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, "-m", "fusion.cli", "grid", "--cache", str(cache), "--out",
-                               str(work / "grid"), "--device", "cuda"], capture_output=True, text=True,
+                               str(work / "grid"), "--device", device], capture_output=True, text=True,
                               timeout=seconds)
     except subprocess.TimeoutExpired:
         return {"timed_out_after_s": round(seconds), "configs_done": count_lines(work / "grid" / "results.jsonl")}
@@ -268,6 +280,8 @@ def parse_args():
     parser.add_argument("--budget", type=float, default=float(os.environ.get("BUDGET", 270)),
                         help="seconds for everything after the preflight")
     parser.add_argument("--torchrun-n", type=int, default=256)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script without a GPU")
+    parser.add_argument("--precisions", default="fp32,bf16,fp16", help="the first is the baseline")
     return parser.parse_args()
 
 
@@ -282,24 +296,27 @@ def run_all(args, info: dict, work: Path) -> dict:
     models = write_models(work)
     root = write_dataset(work / "data", args.n)
     config = ExtractConfig(dataset="mvsa-single", root=root, out=work / "cache.h5", text_model=str(models[0]),
-                           image_model=str(models[1]), device="cuda", batch_size=args.batch_size, workers=None)
-    for precision in ("fp32", "bf16", "fp16"):
+                           image_model=str(models[1]), device=args.device, batch_size=args.batch_size,
+                           workers=None)
+    precisions = args.precisions.split(",")
+    for precision in precisions:
         steps.run(precision, lambda: measure_precision(config, precision), needs_s=40)
-    for precision in ("bf16", "fp16"):
-        caches = [work / "cache-fp32.h5", work / f"cache-{precision}.h5"]
-        if all(cache.exists() for cache in caches):
-            steps.results[precision]["min_cosine_to_fp32"] = min_cosine(*caches)
+    base = work / f"cache-{precisions[0]}.h5"
+    for precision in precisions[1:]:
+        if base.exists() and (work / f"cache-{precision}.h5").exists():
+            cosine = min_cosine(base, work / f"cache-{precision}.h5")
+            steps.results[precision]["min_cosine_to_" + precisions[0]] = cosine
     tokens = dataclasses.replace(config, tokens=True, precision="bf16", limit=args.n // 4, out=work / "tokens.h5")
     steps.run("tokens", lambda: {k: v for k, v in timed_extract(tokens).items() if k != "notes"})
-    steps.run("predict", lambda: check_predict(work / "cache-fp16.h5", root, work))
+    steps.run("predict", lambda: check_predict(work / f"cache-{precisions[-1]}.h5", root, work, args.device))
     steps.run("torchrun_2_ranks", lambda: check_torchrun(config, work, args.torchrun_n), needs_s=60)
-    steps.run("grid", lambda: check_grid(work / "cache-fp32.h5", work, max(10.0, steps.left() - 5)))
+    steps.run("grid", lambda: check_grid(base, work, max(10.0, steps.left() - 5), args.device))
     return {"preflight": info, "n": args.n, "batch_size": args.batch_size, **steps.results}
 
 
 def main() -> None:
     args = parse_args()
-    info = preflight()
+    info = preflight(args.device)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as temp:
         result = run_all(args, info, Path(temp))
     print(json.dumps(result))

@@ -163,6 +163,19 @@ def test_a_partial_cache_started_on_another_device_type_is_refused_in_one_line(t
     assert len(err.splitlines()) == 1 and "started on cuda" in err and "--device cuda" in err
 
 
+def test_a_complete_cache_made_on_another_device_type_says_so(tiny_models, tmp_path, capsys):
+    import h5py
+    from cache_fixtures import write_synthetic_cache
+
+    dataset = write_mvsa(tmp_path / "data", n_per_class=2, dirty=False)
+    out = write_synthetic_cache(tmp_path / "c.h5")
+    with h5py.File(out, "a") as h5:
+        h5.attrs["device_type"] = "cuda"
+    assert main(extract_argv(dataset.root, out, tiny_models)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "(on cuda; this run is on cpu)" in err
+
+
 # ---------------------------------------------------------------- the writer thread
 
 
