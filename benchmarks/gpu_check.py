@@ -1,6 +1,7 @@
 """The GPU machine check behind benchmarks/gpu_check.sh (which makes `fusion` importable and calls this).
 
     bash benchmarks/gpu_check.sh        # on the GPU machine; its last line is one JSON object
+    python benchmarks/gpu_check.py --device cpu --small-models --n 48 --batch-size 16 --torchrun-n 24   # dry run
 
 Preflight (python, torch, CUDA, the packages, free /dev/shm), then on random models of the bert-base-uncased and
 dinov2-small shapes (written here, no hub) and N synthetic MVSA-Single posts:
@@ -167,7 +168,11 @@ def measure_precision(config, precision: str) -> dict:
     run.update(forward_s=forward, loop_ratio=forward / run["loop_s"], loop_samples_per_s=rows / run["loop_s"],
                forward_samples_per_s=rows / forward, decode_workers=default_decode_workers(config.device),
                pixels=pixels)
-    return {key: round(value, 3) if isinstance(value, float) else value for key, value in run.items()}
+    return rounded(run)
+
+
+def rounded(figures: dict) -> dict:
+    return {key: round(value, 3) if isinstance(value, float) else value for key, value in figures.items()}
 
 
 def min_cosine(path_a: Path, path_b: Path) -> float:
@@ -266,6 +271,26 @@ def check_grid(cache: Path, work: Path, seconds: float, device: str):
     return {"seconds": round(time.perf_counter() - started, 1), "configs": len(rows)}
 
 
+def write_small_models(folder: Path) -> tuple[Path, Path]:
+    """Two-layer random encoders with benchmarks/extract_speed.py's tokenizer and dinov2-small's preprocessing, for a
+    dry run of this script."""
+    from extract_speed import bert_vocab
+    from transformers import BertConfig, BertModel, BertTokenizerFast, Dinov2Config, Dinov2Model
+    from transformers.models.bit.image_processing_bit import BitImageProcessor
+
+    bert, dinov2 = folder / "bert-small", folder / "dinov2-2-layers"
+    vocab = bert_vocab()
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True).save_pretrained(bert)
+    BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=128)).save_pretrained(bert)
+    Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=224)).save_pretrained(dinov2)
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                      resample=3, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(dinov2)
+    return bert, dinov2
+
+
 def count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -281,6 +306,7 @@ def parse_args():
                         help="seconds for everything after the preflight")
     parser.add_argument("--torchrun-n", type=int, default=256)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script without a GPU")
+    parser.add_argument("--small-models", action="store_true", help="small random encoders (a quick dry run)")
     parser.add_argument("--precisions", default="fp32,bf16,fp16", help="the first is the baseline")
     return parser.parse_args()
 
@@ -293,7 +319,7 @@ def run_all(args, info: dict, work: Path) -> dict:
 
     quiet_transformers()
     steps = Steps(args.budget)
-    models = write_models(work)
+    models = write_small_models(work) if args.small_models else write_models(work)
     root = write_dataset(work / "data", args.n)
     config = ExtractConfig(dataset="mvsa-single", root=root, out=work / "cache.h5", text_model=str(models[0]),
                            image_model=str(models[1]), device=args.device, batch_size=args.batch_size,
@@ -307,7 +333,7 @@ def run_all(args, info: dict, work: Path) -> dict:
             cosine = min_cosine(base, work / f"cache-{precision}.h5")
             steps.results[precision]["min_cosine_to_" + precisions[0]] = cosine
     tokens = dataclasses.replace(config, tokens=True, precision="bf16", limit=args.n // 4, out=work / "tokens.h5")
-    steps.run("tokens", lambda: {k: v for k, v in timed_extract(tokens).items() if k != "notes"})
+    steps.run("tokens", lambda: rounded(timed_extract(tokens)))
     steps.run("predict", lambda: check_predict(work / f"cache-{precisions[-1]}.h5", root, work, args.device))
     steps.run("torchrun_2_ranks", lambda: check_torchrun(config, work, args.torchrun_n), needs_s=60)
     steps.run("grid", lambda: check_grid(base, work, max(10.0, steps.left() - 5), args.device))

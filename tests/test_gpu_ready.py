@@ -21,7 +21,6 @@ from tiny_models import extract_argv
 from transformers import BitImageProcessorPil, CLIPImageProcessorPil, ConvNextImageProcessorPil, ViTImageProcessorPil
 
 from fusion.cli import main
-from fusion.errors import CacheError
 from fusion.extract import batches
 from fusion.extract.batch_writer import BatchWriter
 from fusion.extract.embedding import embed_posts
