@@ -306,16 +306,23 @@ def bare_python(folder: Path) -> Path:
     return python
 
 
+def packages_path() -> str:
+    """This environment's package folders, as a plain path (without their .pth files)."""
+    return os.pathsep.join(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
+
+
 def run_gpu_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    packages = os.pathsep.join(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
     python = bare_python(tmp_path / "bin")
     environment = {"PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),
-                   "PYTHONPATH": packages, "TMPDIR": str(tmp_path), **env}
+                   "PYTHONPATH": packages_path(), "TMPDIR": str(tmp_path), **env}
     return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                           cwd=tmp_path, env=environment, timeout=120)
 
 
 def test_gpu_check_stops_with_its_own_message_without_a_gpu_after_its_shim_ran_fusion_help(tmp_path):
+    bare = subprocess.run([str(bare_python(tmp_path / "bin")), "-c", "import fusion"], capture_output=True, text=True,
+                          cwd=tmp_path, env={"PYTHONPATH": packages_path()})
+    assert "No module named 'fusion'" in bare.stderr  # the packages are there, fusion is not installed
     done = run_gpu_check(tmp_path, CUDA_VISIBLE_DEVICES="")
     output = done.stdout + done.stderr
     assert done.returncode == 3, output  # its own code: not 127 (command not found), not a traceback
