@@ -3,7 +3,7 @@
 Batches are formed from texts sorted by length, so each batch pads to its own longest text rather than to max_length;
 rows carry their global index and are written by index, so the order of batches never matters. The workers ship
 uint8 crops where the image processor allows it (extract/pixels.py); how many workers a rank gets comes from the
-node's cores, the ranks sharing them and the free shared memory (`decode_workers`).
+node's cores, the ranks sharing them (`default_decode_workers`) and the free shared memory (`fit_to_shared_memory`).
 """
 
 from __future__ import annotations
