@@ -45,7 +45,8 @@ def extract(
     tokens: bool = typer.Option(False, "--tokens", help="Also store whole token and patch sequences."),
     limit: Optional[int] = typer.Option(None, min=1, help="Keep about N samples (same split proportions)."),
     max_length: int = typer.Option(128, min=8, help="Longest text in tokens."),
-    workers: int = typer.Option(max(1, min(8, (os.cpu_count() or 2) // 2)), min=0, help="Image-decoding workers."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding workers of each rank.",
+                                          show_default="cores / ranks of the node, less 1 beside a GPU, half on CPU"),
     seed: int = typer.Option(0, help="Seed of the train/val/test split."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off: never run code from data)."),
     split_file: Optional[Path] = typer.Option(None, help="CSV/TSV of id,split (train/val/test) fixing the splits, "
@@ -95,6 +96,8 @@ def _print_extract_notes(summary) -> None:
                       ", ".join(f"{k} {v}" for k, v in summary.text_fallbacks.items()))
     console.print(f"computed {summary.rows_computed} of {summary.rows_total} rows in {summary.seconds:.1f} s "
                   f"({summary.samples_per_second:.1f} samples/s)")
+    for note in summary.notes:
+        print(f"fusion: note: {note}", file=sys.stderr)
 
 
 @cache_app.command("info")
@@ -246,6 +249,11 @@ def predict(
     loaded = load_run(run)
     quiet_transformers()
     encoders = run_encoders(loaded.cache, device=device)
+    from fusion.app.predict import encoder_precision
+
+    precision_note = encoder_precision(loaded.cache, device)[1]
+    if precision_note:
+        print(f"fusion: note: {precision_note}", file=sys.stderr)
     posts = posts_from_csv(csv) if csv else [Post(image=image, text=text)]
     predictions = predict_posts(loaded.head, encoders, posts, max_length=int(loaded.cache.get("max_length", 128)),
                                 tokens=loaded.tokens)

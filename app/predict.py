@@ -19,7 +19,7 @@ import torch
 from fusion.errors import FusionError, ModelLoadError
 from fusion.extract.batches import image_pixels
 from fusion.extract.embedding import embed_posts
-from fusion.extract.encoders import Encoders, load_encoders
+from fusion.extract.encoders import Encoders, load_encoders, resolve_device
 from fusion.extract.images import ImageUnreadable
 from fusion.extract.textio import read_csv
 from fusion.heads.features import pooled_modality, token_features
@@ -53,9 +53,19 @@ def run_encoders(cache: dict, *, device: str = "auto") -> Encoders:
     """The encoders the run's cache was made with; a run whose encoders cannot be loaded is refused with why."""
     try:
         return load_encoders(cache["text_model"], cache["image_model"], device=device,
-                             precision=cache.get("precision", "fp32"))
+                             precision=encoder_precision(cache, device)[0])
     except ModelLoadError as error:
         raise ModelLoadError(f"this run needs the encoders its cache was made with: {error}") from None
+
+
+def encoder_precision(cache: dict, device: str) -> tuple[str, str | None]:
+    """The precision the run's encoders run in here, and a note when it is not the one its cache was extracted in:
+    fp16 needs a GPU (encoders.weight_dtypes refuses it on CPU), so on a CPU an fp16 run's encoders run in fp32."""
+    precision = cache.get("precision", "fp32")
+    if precision == "fp16" and resolve_device(device).type == "cpu":
+        return "fp32", ("this run's cache was extracted in fp16 on a GPU; on this CPU its encoders run in fp32, so "
+                        "the embeddings differ from the cache's by about fp16's rounding")
+    return precision, None
 
 
 def predict_posts(head: Head, encoders: Encoders, posts: list[Post], *, max_length: int, batch_size: int = 32,
@@ -77,7 +87,7 @@ def _predict_batch(head: Head, encoders: Encoders, posts: list[Post], *, max_len
     pixels, readable, failures = [], [], {}
     for position, post in enumerate(posts):
         try:
-            pixels.append(image_pixels(post.image, encoders.image_processor))
+            pixels.append(image_pixels(post.image, encoders.pixels))
         except ImageUnreadable as error:
             failures[position] = f"{post.image}: {error}"
             continue

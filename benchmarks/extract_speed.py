@@ -167,14 +167,14 @@ def prepared_batches(config: ExtractConfig, encoders, limit: int | None = None) 
     samples = load_dataset(config.dataset, config.root, seed=config.split_seed).samples
     token_ids = tokenize(encoders, samples, config.max_length)
     batches = shard_batches(token_ids, config.batch_size, rank=0, world_size=1)[:limit]
-    loader = image_loader([s.image for s in samples], encoders.image_processor, batches, workers=config.workers,
+    loader = image_loader([s.image for s in samples], encoders.pixels, batches, workers=config.workers,
                           pin_memory=False)
     prepared = []
     for indices, pixels, skipped in loader:
         assert not skipped, skipped
         input_ids, mask = pad_token_ids([token_ids[i] for i in indices], encoders.tokenizer.pad_token_id,
                                         encoders.pad_multiple)
-        prepared.append(tuple(t.to(encoders.device) for t in (input_ids, mask, pixels.to(encoders.dtype))))
+        prepared.append((input_ids.to(encoders.device), mask.to(encoders.device), encoders.model_pixels(pixels)))
     return prepared
 
 

@@ -2,6 +2,9 @@
 
 A cache is reused only when its fingerprint equals the one computed for the requested run, so the settings passed here
 must name every input of the embeddings (models and revisions, pooling, preprocessing, max length, split seed, ...).
+That includes how the numbers are computed: the precision together with the device type (bf16 is autocast on a CPU
+and a whole-model cast on a GPU), and the image preprocessing path (uint8 crops normalised on the device, or the image
+processor's own float path), so a cache is never resumed or reused with rows computed another way.
 The dataset's label files are hashed by content, not by path: moving the dataset folder keeps its caches valid, while
 editing a label changes the key.
 """

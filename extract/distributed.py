@@ -9,6 +9,11 @@ worker cannot re-form the process group on the rendezvous store torchrun shares 
 are still there): it needs `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone ...` (or `--rdzv-backend
 c10d`); without it a restarted worker stops with that advice instead of hanging. Across machines this needs the output
 folder on a shared filesystem. Without torchrun's environment this is a single process and nothing is initialised.
+
+The ranks exchange nothing but control (one barrier, one integer sum), so the process group is gloo whatever device
+the encoders use: NCCL would need one GPU per rank and CUDA tensors for that integer, and would fail for `--device cpu`
+on a GPU machine, for two ranks sharing one GPU, and for SLURM tasks that each see one GPU. The encoders' device is
+`rank_device`'s: `--device cuda` (or auto, with a GPU) means cuda:LOCAL_RANK, wrapped onto the GPUs this process sees.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import torch.distributed as dist
 
 from fusion.errors import FusionError
 
+CONTROL_BACKEND = "gloo"
+
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -34,15 +41,29 @@ def distributed_context():
         yield 0, 1
         return
     refuse_restart_on_shared_store()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # Long timeout: rank 0 waits at the barrier while the slowest shard finishes.
-    dist.init_process_group(backend=backend, timeout=timedelta(hours=12))
+    dist.init_process_group(backend=CONTROL_BACKEND, timeout=timedelta(hours=12))
     try:
         yield dist.get_rank(), dist.get_world_size()
     finally:
         dist.destroy_process_group()
+
+
+def rank_device(device: str, world_size: int) -> str:
+    """The device this rank's encoders use. With several ranks, `cuda` (and `auto` where torch sees a GPU) is
+    cuda:LOCAL_RANK modulo the visible GPUs: 4 ranks on 4 GPUs get one each, 2 ranks on 1 GPU share it, a SLURM task
+    that sees one GPU uses it. An explicit cuda:N would put every rank on one GPU, so it is refused; cpu stays cpu.
+    A single process keeps `device` as given (encoders.resolve_device checks it)."""
+    if world_size <= 1:
+        return device
+    if device.startswith("cuda:"):
+        raise FusionError(f"--device {device} with {world_size} ranks would put every rank on one GPU; use "
+                          f"--device cuda (each rank takes cuda:LOCAL_RANK), or CUDA_VISIBLE_DEVICES to choose GPUs")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda" or not torch.cuda.is_available():  # without a GPU, resolve_device says so in one line
+        return device
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
 
 
 def refuse_restart_on_shared_store() -> None:
@@ -64,7 +85,6 @@ def sum_over_ranks(value: int) -> int:
     """The total of an integer over all ranks (every rank gets it); the value itself in a single process."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces only CUDA tensors
-    total = torch.tensor([value], dtype=torch.int64, device=device)
+    total = torch.tensor([value], dtype=torch.int64)  # gloo reduces CPU tensors
     dist.all_reduce(total)
     return int(total.item())

@@ -12,6 +12,7 @@ import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ import transformers
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from fusion.errors import ModelLoadError
+from fusion.extract.pixels import PixelPipeline
 
 DEFAULT_TEXT_MODEL = "bert-base-uncased"
 DEFAULT_IMAGE_MODEL = "facebook/dinov2-small"
@@ -71,9 +73,21 @@ class Encoders:
             return int(size)
         return int(_field(size, "height") or _field(size, "shortest_edge") or 0)
 
+    @cached_property
+    def pixels(self) -> PixelPipeline:
+        """How images become pixels: uint8 crops from the workers normalised on the device, where that reproduces
+        the processor (extract/pixels.py)."""
+        return PixelPipeline.for_processor(self.image_processor)
+
+    def model_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels from the workers (uint8 crops or the processor's floats) on the device, as the image model takes
+        them."""
+        return self.pixels.model_input(pixels.to(self.device, non_blocking=self.device.type == "cuda"), self.dtype)
+
     def preprocessing(self) -> dict:
         """Everything about preprocessing that changes the embeddings (goes into the cache fingerprint)."""
         return {"image_processor": _jsonable(self.image_processor.to_dict()),
+                "pixels": self.pixels.describe(),
                 "tokenizer": type(self.tokenizer).__name__,
                 "do_lower_case": bool(getattr(self.tokenizer, "do_lower_case", False))}
 
@@ -97,11 +111,32 @@ def quiet_transformers() -> None:
 
 
 def resolve_device(device: str) -> torch.device:
+    """cpu, or cuda:N with N among the visible GPUs (`cuda` and `auto` mean the current one); else one line why not."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if target.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"--device {device!r}: fusion runs its encoders on cpu or cuda")
+    if target.type == "cpu":
+        return target
+    if not torch.cuda.is_available():
         raise ModelLoadError(f"--device {device} asked for, but torch sees no CUDA device (torch {torch.__version__})")
-    return torch.device(device)
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if target.index is None else target.index
+    if index >= count:
+        raise ModelLoadError(f"--device {device}: torch sees {count} GPU(s) here (cuda:0..cuda:{count - 1}; "
+                             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return torch.device("cuda", index)
+
+
+def use_device(target: torch.device) -> None:
+    """Makes a CUDA target the process's current device, so that everything not placed explicitly (the loader's
+    pinning thread, the CUDA context) lands on the encoders' GPU rather than on GPU 0. Nothing for the CPU."""
+    if target.type == "cuda":
+        torch.cuda.set_device(target.index)
 
 
 def load_encoders(text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAULT_IMAGE_MODEL, *,
@@ -110,6 +145,7 @@ def load_encoders(text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAU
         raise ModelLoadError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     target = resolve_device(device)
     dtype, autocast_dtype = weight_dtypes(target, precision)
+    use_device(target)
     # A local folder's weights are hashed (model_revision) on a second thread while the models load: hashlib lets
     # go of Python's lock, so the hash costs no start-up time.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fusion-hash") as hashing:
@@ -135,6 +171,9 @@ def weight_dtypes(device: torch.device, precision: str) -> tuple[torch.dtype, to
     while layer norms, softmax and residual sums stay fp32, which stays closer to fp32 than a model cast wholly to
     bf16 for about the same speed (benchmarks/extract_speed.py and README give the figures). fp16 on CPU has no
     matrix units to use and is slower than fp32, so it is refused.
+    On CUDA, bf16 and fp16 cast the whole model. So "bf16" is not the same computation on the two devices: the
+    cache fingerprint records the device type with the precision, and a cache started on one is not resumed on the
+    other (extract/pipeline.py).
     """
     dtype = PRECISIONS[precision]
     if device.type == "cpu" and dtype == torch.float16:

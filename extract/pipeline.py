@@ -7,8 +7,9 @@ The work is planned as a fixed list of rows (the dataset's samples in split orde
 index into `OUT.partial/`, so an interrupted run (even `kill -9`) resumes with the rows still pending. When every row
 is done the partial batches are merged into the final HDF5 file by an atomic rename. Batches are cut once from the
 texts sorted by length and dealt out to the ranks, so the cache is the same bit for bit for any number of ranks.
-Speed: texts are tokenised once up front, images decoded in DataLoader workers while the encoders run, and every
-row streams to disk as its batch finishes (`benchmarks/extract_speed.py` measures it against the bare forward).
+Speed: texts are tokenised once up front, images decoded to uint8 crops in DataLoader workers (normalised on the
+encoders' device) while the encoders run, and every batch streams to disk from a writer thread as it finishes
+(`benchmarks/extract_speed.py` and `benchmarks/gpu_check.sh` measure it against the bare forward).
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ import transformers
 
 import fusion
 from fusion.cache.fingerprint import fingerprint
-from fusion.cache.partial import FORMAT_VERSION, PartialCache, Plan, partial_dir
-from fusion.cache.reader import is_complete_cache
+from fusion.cache.partial import FORMAT_VERSION, PLAN_FILE, PartialCache, Plan, partial_dir, read_plan
+from fusion.cache.reader import check_header, is_complete_cache, open_cache
 from fusion.cache.writer import finalize, remove_leftover_partial
 from fusion.errors import CacheError
-from fusion.extract.batches import image_loader, length_sorted_batches
+from fusion.extract.batch_writer import BatchWriter
+from fusion.extract.batches import (default_decode_workers, fit_to_shared_memory, image_loader, length_sorted_batches,
+                                    shared_memory_free)
 from fusion.extract.datasets import load_dataset
 from fusion.extract.embedding import embed_posts
-from fusion.extract.distributed import barrier, sum_over_ranks
+from fusion.extract.distributed import barrier, rank_device, sum_over_ranks
 from fusion.extract.encoders import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IMAGE_POOLING, TEXT_POOLING, Encoders,
                                      fit_max_length, load_encoders)
 from fusion.extract.samples import DatasetSamples, Sample
@@ -58,7 +61,7 @@ class ExtractConfig:
     limit: int | None = None
     max_length: int = 128
     split_seed: int = 0
-    workers: int = 1
+    workers: int | None = 1  # image-decoding workers of this rank; None: from the node's cores and ranks
     trust_remote_code: bool = False
     split_file: Path | None = None  # CSV/TSV of id,split fixing the splits (extract/splitfile.py)
 
@@ -76,6 +79,7 @@ class ExtractSummary:
     already_complete: bool = False
     split_source: dict[str, str] = dataclasses.field(default_factory=dict)
     split_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what slowed the run down and how to avoid it
 
     @property
     def samples_per_second(self) -> float:
@@ -88,6 +92,7 @@ ProgressCallback = Callable[[int, int], None]  # (rows done so far, rows in tota
 def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, *, rank: int = 0,
             world_size: int = 1) -> ExtractSummary:
     started = time.perf_counter()
+    config = dataclasses.replace(config, device=rank_device(config.device, world_size))
     split_file = read_split_file(config.split_file) if config.split_file else None  # a bad file fails first
     data = load_dataset(config.dataset, config.root, seed=config.split_seed)
     data = limit_samples(with_splits(data, split_file, config.split_seed), config.limit)
@@ -97,13 +102,15 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
     plan = make_plan(config, data, encoders)
     if config.out.exists():
         if not is_complete_cache(config.out, plan.fingerprint):
-            raise CacheError(f"{config.out} exists and was made for other settings or is damaged; "
-                             f"delete it or choose another --out")
+            raise CacheError(f"{config.out} exists and was made for other settings{other_device(config.out, plan)} "
+                             f"or is damaged; delete it or choose another --out")
         remove_leftover_partial(config.out)  # a kill between the final rename and the cleanup leaves it
         return summarise_extraction(config, data, plan, rows_computed=0, started=started, already_complete=True)
+    refuse_resume_on_other_device(config.out, plan)
+    notes: list[str] = []
     partial = PartialCache.open(config.out, plan=plan, rank=rank)
     try:
-        computed = run_batches(config, data, encoders, partial, rank, world_size, on_progress)
+        computed = run_batches(config, data, encoders, partial, rank, world_size, on_progress, notes)
     finally:
         partial.close()
     barrier()  # every rank's batches are written before rank 0 merges them
@@ -111,7 +118,36 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
     if rank == 0:
         finalize([partial_dir(config.out)], config.out)
     barrier()  # and the final file exists before any rank reports
-    return summarise_extraction(config, data, plan, rows_computed=computed, started=started)
+    summary = summarise_extraction(config, data, plan, rows_computed=computed, started=started)
+    summary.notes.extend(notes)
+    return summary
+
+
+def other_device(out: Path, plan: Plan) -> str:
+    """' (on cuda; this run is on cpu)' when the cache at `out` was made on another device type, else ''."""
+    try:
+        with open_cache(out) as h5:
+            made_on = check_header(h5, out).get("device_type")
+    except CacheError:
+        return ""
+    wanted = plan.attrs["device_type"]
+    return f" (on {made_on}; this run is on {wanted})" if made_on and made_on != wanted else ""
+
+
+def refuse_resume_on_other_device(out: Path, plan: Plan) -> None:
+    """A partial cache is resumed only on the device type it was started on: bf16 is another computation on the
+    CPU (autocast) than on a GPU (the model cast), and no row may mix the two (extract/encoders.weight_dtypes)."""
+    if not (partial_dir(out) / PLAN_FILE).exists():
+        return
+    try:
+        started_on = read_plan(partial_dir(out)).attrs.get("device_type")
+    except CacheError:
+        return  # PartialCache.open says what is wrong with it
+    wanted = plan.attrs["device_type"]
+    if started_on and started_on != wanted:
+        raise CacheError(f"{partial_dir(out)} was started on {started_on} with --precision "
+                         f"{plan.attrs['precision']}; this run is on {wanted}, whose numbers would differ: resume it "
+                         f"with --device {started_on}, or delete the folder to start again on {wanted}")
 
 
 def limit_samples(data: DatasetSamples, limit: int | None) -> DatasetSamples:
@@ -133,6 +169,7 @@ def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -
         "image_model": encoders.image_name, "image_model_revision": encoders.image_revision,
         "text_pooling": TEXT_POOLING, "image_pooling": IMAGE_POOLING, "max_length": config.max_length,
         "image_size": encoders.image_size, "split_seed": config.split_seed, "precision": config.precision,
+        "device_type": encoders.device.type,
         "tokens": config.tokens, "limit": config.limit or 0, "preprocessing": encoders.preprocessing(),
     }
     attrs = {key: value for key, value in settings.items() if key != "preprocessing"}
@@ -147,7 +184,7 @@ def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -
 
 
 def run_batches(config: ExtractConfig, data: DatasetSamples, encoders: Encoders, partial: PartialCache,
-                rank: int, world_size: int, on_progress: ProgressCallback | None) -> int:
+                rank: int, world_size: int, on_progress: ProgressCallback | None, notes: list[str]) -> int:
     samples, pending = data.samples, partial.pending()
     token_ids = tokenize(encoders, samples, config.max_length)
     mine = shard_batches(token_ids, config.batch_size, rank, world_size)
@@ -160,19 +197,35 @@ def run_batches(config: ExtractConfig, data: DatasetSamples, encoders: Encoders,
         reasons = {int(i): data.skipped[int(i) - len(samples)][2] for i in loading_skips}
         partial.write_batch(loading_skips, {}, reasons)
         done += len(loading_skips)
-    loader = image_loader([s.image for s in samples], encoders.image_processor, batches,
-                          workers=config.workers, pin_memory=encoders.device.type == "cuda")
+    loader = decode_loader(config, encoders, [s.image for s in samples], batches, notes)
     if on_progress:
         on_progress(done, total)
-    computed = 0
-    for batch in loader:
-        arrays = embed_batch(encoders, token_ids, batch, config.tokens)
-        indices, _, skipped = batch
-        partial.write_batch(np.array(sorted([*indices, *skipped]), dtype=np.int64), arrays, skipped)
-        computed += len(indices) + len(skipped)
+    written = [0]
+
+    def on_written(rows: int) -> None:  # on the writer's thread, once the batch file is on disk
+        written[0] += rows
         if on_progress:
-            on_progress(done + computed, total)
-    return computed
+            on_progress(done + written[0], total)
+
+    with BatchWriter(partial, on_written) as writer:
+        for batch in loader:
+            indices, _, skipped = batch
+            writer.put(np.array(sorted([*indices, *skipped]), dtype=np.int64),
+                       embed_batch(encoders, token_ids, batch, config.tokens), skipped)
+    return written[0]
+
+
+def decode_loader(config: ExtractConfig, encoders: Encoders, image_paths: list, batches: list[list[int]],
+                  notes: list[str]):
+    """The workers decoding this rank's images: --workers, or this rank's share of the node's cores; fewer when
+    /dev/shm cannot hold their batches (a note then says what to do)."""
+    workers = default_decode_workers(encoders.device.type) if config.workers is None else config.workers
+    batch_bytes = config.batch_size * encoders.pixels.bytes_per_image(encoders.image_size)
+    workers, note = fit_to_shared_memory(workers if batches else 0, batch_bytes, shared_memory_free())
+    if note:
+        notes.append(note)
+    return image_loader(image_paths, encoders.pixels, batches, workers=workers,
+                        pin_memory=encoders.device.type == "cuda")
 
 
 def shard_batches(token_ids: list[list[int]], batch_size: int, rank: int, world_size: int) -> list[list[int]]:
@@ -205,8 +258,9 @@ def tokenize(encoders: Encoders, samples: list[Sample], max_length: int) -> list
     return encoded["input_ids"]
 
 
-def embed_batch(encoders: Encoders, token_ids: list[list[int]], batch, with_tokens: bool) -> dict[str, np.ndarray]:
-    """One loader batch through both encoders; rows in ascending index order, skipped rows left out."""
+def embed_batch(encoders: Encoders, token_ids: list[list[int]], batch, with_tokens: bool) -> dict[str, torch.Tensor]:
+    """One loader batch through both encoders; rows in ascending index order, skipped rows left out; the arrays stay
+    on the device (the writer thread copies them)."""
     indices, pixels, _ = batch
     if not indices:
         return {}
@@ -214,7 +268,8 @@ def embed_batch(encoders: Encoders, token_ids: list[list[int]], batch, with_toke
     # Copied as they come (pinned by the loader, so the copy overlaps), reordered on the device.
     pixels = pixels.to(encoders.device, non_blocking=encoders.device.type == "cuda")
     pixels = pixels[torch.from_numpy(order).to(encoders.device)]
-    return embed_posts(encoders, [token_ids[indices[i]] for i in order], pixels, with_tokens=with_tokens)
+    return embed_posts(encoders, [token_ids[indices[i]] for i in order], pixels, with_tokens=with_tokens,
+                       on_host=False)
 
 
 def summarise_extraction(config: ExtractConfig, data: DatasetSamples, plan: Plan, *, rows_computed: int,

@@ -1,5 +1,6 @@
 """`torchrun --nproc-per-node 2 -m fusion.cli extract` on CPU (gloo): the cache equals a single-process run, bit for
-bit, and a rank killed mid-way resumes from its finished batches when the command is run again."""
+bit, and a rank killed mid-way resumes from its finished batches when the command is run again. On a simulated GPU
+machine (torch.cuda monkeypatched): the process group is gloo, each rank's device, and the refusals."""
 
 from __future__ import annotations
 
@@ -138,3 +139,126 @@ def test_a_worker_restarted_on_a_shared_store_stops_with_advice_instead_of_hangi
     with pytest.raises(FusionError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         with distributed_context():
             pass
+
+
+# ---------------------------------------------------------------- device and backend, on a simulated GPU machine
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """torch sees `gpus.count` CUDA devices (none exist: nothing may really run on them); set_device is recorded."""
+    class Gpus:
+        count = 2
+        current = 0
+        set_to: list[int] = []
+
+    fake = Gpus()
+    fake.set_to = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: fake.count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: fake.count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: fake.set_to.append(int(index)))
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return fake
+
+
+def torchrun_env(monkeypatch, local_rank: int, world_size: int = 2) -> None:
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(world_size))
+
+
+def test_the_process_group_is_gloo_even_where_cuda_is_visible(gpus, monkeypatch):
+    import torch.distributed as dist
+
+    from fusion.extract import distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroyed"))
+    torchrun_env(monkeypatch, local_rank=1)
+    with distributed.distributed_context() as (rank, world_size):
+        assert (rank, world_size) == (1, 2)
+    assert calls[0]["backend"] == "gloo" and calls[-1] == "destroyed"
+    assert gpus.set_to == []  # the process group itself chooses no GPU
+
+
+@pytest.mark.parametrize("device, local_rank, count, expected", [
+    ("cuda", 1, 2, "cuda:1"),     # one GPU per rank
+    ("auto", 1, 2, "cuda:1"),
+    ("cuda", 1, 1, "cuda:0"),     # two ranks sharing one GPU
+    ("cuda", 3, 1, "cuda:0"),     # a SLURM task that sees only its own GPU
+    ("cuda", 3, 2, "cuda:1"),     # more ranks than GPUs: wrapped
+    ("cpu", 1, 2, "cpu"),         # --device cpu on a GPU machine
+    ("auto", 1, 0, "cpu"),
+])
+def test_each_rank_takes_cuda_local_rank_wrapped_onto_the_visible_gpus(gpus, monkeypatch, device, local_rank,
+                                                                        count, expected):
+    from fusion.extract.distributed import rank_device
+    from fusion.extract.encoders import resolve_device, use_device
+
+    gpus.count = count
+    torchrun_env(monkeypatch, local_rank=local_rank, world_size=4)
+    chosen = rank_device(device, world_size=4)
+    assert chosen == expected
+    target = resolve_device(chosen)
+    assert str(target) == expected
+    use_device(target)
+    assert gpus.set_to == ([int(expected.split(":")[1])] if expected.startswith("cuda") else [])
+
+
+def test_a_single_process_keeps_its_device_and_cuda_means_the_current_gpu(gpus):
+    from fusion.extract.distributed import rank_device
+    from fusion.extract.encoders import resolve_device
+
+    gpus.current = 1
+    assert rank_device("cuda", world_size=1) == "cuda" and resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cpu") == torch.device("cpu")
+
+
+def test_an_explicit_gpu_with_several_ranks_is_refused_in_one_line(gpus, monkeypatch):
+    from fusion.errors import FusionError
+    from fusion.extract.distributed import rank_device
+
+    torchrun_env(monkeypatch, local_rank=0)
+    with pytest.raises(FusionError, match="every rank on one GPU") as refused:
+        rank_device("cuda:1", world_size=2)
+    assert "\n" not in str(refused.value) and "--device cuda" in str(refused.value)
+
+
+@pytest.mark.parametrize("device, message", [("cuda:2", "sees 2 GPU"), ("cuda:7", "cuda:0..cuda:1"),
+                                             ("gpu", "not a device"), ("mps", "cpu or cuda")])
+def test_a_gpu_past_the_count_or_an_unknown_device_is_refused_in_one_line(gpus, device, message):
+    from fusion.errors import ModelLoadError
+    from fusion.extract.encoders import resolve_device
+
+    with pytest.raises(ModelLoadError, match=message) as refused:
+        resolve_device(device)
+    assert "\n" not in str(refused.value)
+    assert gpus.set_to == []
+
+
+def test_cuda_without_a_gpu_is_refused_under_torchrun_too(gpus, monkeypatch):
+    from fusion.errors import ModelLoadError
+    from fusion.extract.distributed import rank_device
+    from fusion.extract.encoders import resolve_device
+
+    gpus.count = 0
+    torchrun_env(monkeypatch, local_rank=1)
+    with pytest.raises(ModelLoadError, match="sees no CUDA device"):
+        resolve_device(rank_device("cuda", world_size=2))
+
+
+def test_the_sum_over_ranks_is_a_cpu_tensor_whatever_the_device(monkeypatch):
+    import torch.distributed as dist
+
+    from fusion.extract.distributed import sum_over_ranks
+
+    reduced = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor: reduced.append(tensor.device.type) or tensor.mul_(2))
+    assert sum_over_ranks(21) == 42 and reduced == ["cpu"]
