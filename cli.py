@@ -34,8 +34,9 @@ STREAM_DEFAULT = "stream when loading would take over half the available memory"
 
 @app.command()
 def extract(
-    dataset: str = typer.Option(..., help="Dataset format: memotion, mvsa-single, mvsa-multi, csv, or demo."),
-    root: Path = typer.Option(..., help="Dataset folder as downloaded (csv: the CSV file)."),
+    dataset: str = typer.Option(..., help="Dataset format: memotion, mvsa-single, mvsa-multi, csv, hf, or demo."),
+    root: Path = typer.Option(..., help="Dataset folder as downloaded (csv: the CSV file; hf: a save_to_disk folder "
+                                        "or Parquet files)."),
     out: Optional[Path] = typer.Option(None, help="Cache file to write.", show_default="caches/DATASET.h5"),
     text_model: str = typer.Option("bert-base-uncased", help="Hugging Face name or local folder."),
     image_model: str = typer.Option("facebook/dinov2-small", help="Hugging Face name or local folder."),
@@ -48,6 +49,13 @@ def extract(
     workers: int = typer.Option(max(1, min(8, (os.cpu_count() or 2) // 2)), min=0, help="Image-decoding workers."),
     seed: int = typer.Option(0, help="Seed of the train/val/test split."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off: never run code from data)."),
+    text_pooling: Optional[str] = typer.Option(None, help="cls or mean (over real tokens); projected for CLIP/SigLIP.",
+                                               show_default="cls; projected for a dual encoder"),
+    image_pooling: Optional[str] = typer.Option(None, help="cls, mean (patch tokens), cls+mean; projected for "
+                                                           "CLIP/SigLIP.", show_default="cls; projected for a dual encoder"),
+    columns: Optional[str] = typer.Option(None, help="--dataset hf: ROLE=COLUMN pairs, e.g. "
+                                                     "image=img,text=caption,label=sentiment[,id=post_id].",
+                                          show_default="image,text,label"),
 ) -> None:
     """Run the frozen encoders once over a dataset and write the embeddings cache (resumable)."""
     from fusion.app.console import console, extract_summary_table, progress_bar
@@ -59,7 +67,8 @@ def extract(
     config = ExtractConfig(dataset=dataset, root=root, out=out or Path("caches") / f"{dataset}.h5",
                            text_model=text_model, image_model=image_model, device=device, precision=precision,
                            batch_size=batch_size, tokens=tokens, limit=limit, max_length=max_length,
-                           split_seed=seed, workers=workers, trust_remote_code=trust_remote_code)
+                           split_seed=seed, workers=workers, trust_remote_code=trust_remote_code,
+                           text_pooling=text_pooling, image_pooling=image_pooling, columns=columns)
     config.out.parent.mkdir(parents=True, exist_ok=True)
     with distributed_context() as (rank, world_size):
         with progress_bar(f"extract {dataset}" + (f" rank {rank}" if world_size > 1 else ""), "samples") as update:

@@ -34,7 +34,10 @@ class DecodedImages(Dataset):
 
 def image_pixels(path, processor) -> torch.Tensor:
     """One image file decoded (with the bomb and format checks of images.load_rgb) and preprocessed for the encoder;
-    ImageUnreadable says why not."""
+    ImageUnreadable says why not. An image stored in a dataset table (extract/hfdata.py StoredImage) is read here,
+    in the worker, as bytes or a path."""
+    if hasattr(path, "read_image"):
+        path = path.read_image()
     return processor(images=load_rgb(path), return_tensors="pt")["pixel_values"][0]
 
 

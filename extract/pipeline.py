@@ -28,6 +28,7 @@ import transformers
 import fusion
 from fusion.cache.fingerprint import fingerprint
 from fusion.cache.partial import PartialCache, Plan
+from fusion.cache.pooling_check import refuse_other_pooling
 from fusion.cache.reader import is_complete_cache
 from fusion.cache.writer import finalize, remove_leftover_partial
 from fusion.errors import CacheError
@@ -35,8 +36,8 @@ from fusion.extract.batches import image_loader, length_sorted_batches
 from fusion.extract.datasets import load_dataset
 from fusion.extract.embedding import embed_posts
 from fusion.extract.distributed import barrier, sum_over_ranks
-from fusion.extract.encoders import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IMAGE_POOLING, TEXT_POOLING, Encoders,
-                                     fit_max_length, load_encoders)
+from fusion.extract.encoders import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Encoders, fit_max_length, load_encoders
+from fusion.extract.pooling import check_token_widths
 from fusion.extract.samples import DatasetSamples, Sample
 from fusion.labels import LABELS, SPLITS
 
@@ -60,6 +61,9 @@ class ExtractConfig:
     split_seed: int = 0
     workers: int = 1
     trust_remote_code: bool = False
+    text_pooling: str | None = None  # None: cls, or projected for a dual encoder (extract/pooling.py)
+    image_pooling: str | None = None
+    columns: str | None = None  # --dataset hf: image=COL,text=COL,label=COL[,id=COL] (extract/hfdata.py)
 
 
 @dataclass
@@ -85,11 +89,16 @@ ProgressCallback = Callable[[int, int], None]  # (rows done so far, rows in tota
 def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, *, rank: int = 0,
             world_size: int = 1) -> ExtractSummary:
     started = time.perf_counter()
-    data = limit_samples(load_dataset(config.dataset, config.root, seed=config.split_seed), config.limit)
+    data = limit_samples(load_dataset(config.dataset, config.root, seed=config.split_seed, columns=config.columns),
+                         config.limit)
     encoders = load_encoders(config.text_model, config.image_model, device=config.device,
-                             precision=config.precision, trust_remote_code=config.trust_remote_code)
+                             precision=config.precision, trust_remote_code=config.trust_remote_code,
+                             text_pooling=config.text_pooling, image_pooling=config.image_pooling)
+    if config.tokens:
+        check_token_widths(encoders.text_pooling, encoders.image_pooling)
     config = dataclasses.replace(config, max_length=fit_max_length(encoders, config.max_length))
     plan = make_plan(config, data, encoders)
+    refuse_other_pooling(config.out, plan.attrs)
     if config.out.exists():
         if not is_complete_cache(config.out, plan.fingerprint):
             raise CacheError(f"{config.out} exists and was made for other settings or is damaged; "
@@ -121,8 +130,7 @@ def limit_samples(data: DatasetSamples, limit: int | None) -> DatasetSamples:
     kept = [s for split in SPLITS
             for s in by_split[split][:max(1, round(limit * len(by_split[split]) / len(data.samples)))]
             if by_split[split]]
-    return DatasetSamples(name=data.name, samples=kept, skipped=data.skipped, cleaning=data.cleaning,
-                          text_fallbacks=data.text_fallbacks, source_files=data.source_files)
+    return dataclasses.replace(data, samples=kept)
 
 
 def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -> Plan:
@@ -131,9 +139,10 @@ def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -
         "format_version": FORMAT_VERSION, "dataset": config.dataset,
         "text_model": encoders.text_name, "text_model_revision": encoders.text_revision,
         "image_model": encoders.image_name, "image_model_revision": encoders.image_revision,
-        "text_pooling": TEXT_POOLING, "image_pooling": IMAGE_POOLING, "max_length": config.max_length,
+        **encoders.recorded_pooling, "max_length": config.max_length,
         "image_size": encoders.image_size, "split_seed": config.split_seed, "precision": config.precision,
         "tokens": config.tokens, "limit": config.limit or 0, "preprocessing": encoders.preprocessing(),
+        **data.settings,
     }
     attrs = {key: value for key, value in settings.items() if key != "preprocessing"}
     attrs.update(fingerprint=fingerprint(settings, data.source_files), text_dim=encoders.text_dim,

@@ -25,7 +25,7 @@ class Sample:
     split: str  # "train" | "val" | "test"
     label: int  # 0 negative, 1 neutral, 2 positive
     text: str  # decoded, stripped text; "" when missing
-    image: Path  # absolute path of the image file
+    image: Path  # absolute path of the image file (hf: a StoredImage, read when decoded; extract/hfdata.py)
 
 
 @dataclass
@@ -36,6 +36,8 @@ class DatasetSamples:
     cleaning: dict[str, int] = field(default_factory=dict)  # rows dropped by the cleaning rule, per reason
     text_fallbacks: dict[str, int] = field(default_factory=dict)  # non-UTF-8 encoding used -> count
     source_files: list[Path] = field(default_factory=list)  # label files hashed into the cache fingerprint
+    settings: dict[str, str] = field(default_factory=dict)  # reader options that change the rows (hf: columns),
+    # added to the cache's attributes and fingerprint
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
