@@ -87,8 +87,7 @@ def read_tables(root: Path) -> dict[str, object]:
         if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
             loaded = datasets.load_from_disk(str(root))
         elif parquet_files(root):
-            target = {"data_files": str(root)} if root.is_file() else {"data_dir": str(root)}
-            loaded = datasets.load_dataset("parquet", **target)
+            loaded = datasets.load_dataset("parquet", data_files=parquet_splits(root))
         else:
             raise DatasetError(f"{root}: neither a dataset written by save_to_disk (no dataset_dict.json or "
                                f"state.json) nor Parquet files")
@@ -98,6 +97,18 @@ def read_tables(root: Path) -> dict[str, object]:
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise DatasetError(f"{root}: cannot read it with the datasets library ({reason})") from error
     return dict(loaded.items()) if isinstance(loaded, datasets.DatasetDict) else {"": loaded}
+
+
+def parquet_splits(root: Path) -> dict[str, list[str]]:
+    """{split: Parquet files}, the splits told by the file and folder names as the datasets library tells them
+    (train-00000-of-00001.parquet, test/...); other files (images, README) are left out."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    if root.is_file():
+        return {"train": [str(root)]}
+    found = DataFilesDict.from_patterns(get_data_patterns(str(root)), base_path=str(root))
+    splits = {split: sorted(str(f) for f in files if str(f).endswith(".parquet")) for split, files in found.items()}
+    return {split: files for split, files in splits.items() if files} or {"train": [str(f) for f in parquet_files(root)]}
 
 
 def parquet_files(root: Path) -> list[Path]:
