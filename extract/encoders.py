@@ -256,6 +256,8 @@ def _from_pretrained(loader, name: str, what: str, trust_remote_code: bool, **kw
         return loader.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs)
     except pickle.UnpicklingError as error:
         raise _unsafe_pickle(what, name) from error
+    except ImportError as error:  # a tokenizer whose library is not installed (SigLIP's needs sentencepiece)
+        raise _missing_package(what, name, error) from None
     except (OSError, ValueError) as cached_error:
         if local.is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise _missing(what, name, cached_error) from cached_error
@@ -265,6 +267,12 @@ def _from_pretrained(loader, name: str, what: str, trust_remote_code: bool, **kw
         raise _unsafe_pickle(what, name) from error
     except (OSError, ValueError) as error:
         raise _missing(what, name, error) from error
+
+
+def _missing_package(what: str, name: str, error: ImportError) -> ModelLoadError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    hint = " (pip install 'fusion[siglip]')" if "sentencepiece" in str(error).lower() else ""
+    return ModelLoadError(f"cannot load {what} {name!r}: {first}{hint}")
 
 
 def _unsafe_pickle(what: str, name: str) -> ModelLoadError:

@@ -77,8 +77,10 @@ def parse_columns(text: str | None) -> dict[str, str]:
 
 def read_tables(root: Path) -> dict[str, object]:
     """{split name as stored: datasets.Dataset}, read from the local path with the datasets library."""
-    import datasets
-
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError("--dataset hf needs the datasets package: pip install 'fusion[hf]' (or datasets)") from None
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     if not root.exists():
