@@ -9,23 +9,27 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def write_atomic(target: Path, write: Callable[[BinaryIO], object], *, temp_prefix: str = ".tmp-") -> None:
+def write_atomic(target: Path, write: Callable[[BinaryIO], object], *, temp_prefix: str = ".tmp-",
+                 durable: bool = True) -> None:
+    """durable=False skips the fsyncs, for files that can be made again (atomic still: never a torn file)."""
     target = Path(target)
     temp = target.with_name(f"{temp_prefix}{os.getpid()}-{target.name}")
     try:
         with temp.open("wb") as handle:
             write(handle)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    fsync_directory(target.parent)
+    if durable:
+        fsync_directory(target.parent)
 
 
-def write_bytes_atomic(target: Path, data: bytes, *, temp_prefix: str = ".tmp-") -> None:
-    write_atomic(target, lambda handle: handle.write(data), temp_prefix=temp_prefix)
+def write_bytes_atomic(target: Path, data: bytes, *, temp_prefix: str = ".tmp-", durable: bool = True) -> None:
+    write_atomic(target, lambda handle: handle.write(data), temp_prefix=temp_prefix, durable=durable)
 
 
 def write_text_atomic(target: Path, text: str) -> None:

@@ -259,6 +259,8 @@ def predict(
     failed = [p for p in predictions if p.error]
     if failed:
         print(f"fusion: {len(failed)} of {len(predictions)} posts could not be read", file=sys.stderr)
+    if predictions and len(failed) == len(predictions):
+        raise typer.Exit(1)  # nothing was predicted: a script must not take this for success
 
 
 @app.command()
@@ -305,16 +307,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fusion: error: {error}", file=sys.stderr)
         return 1
-    except click.exceptions.Exit as done:
-        return done.exit_code
-    except click.ClickException as error:
-        error.show()
-        return error.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("fusion: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not _is_usage_error(error):
+            raise
+        error.show()  # usage line, "Try 'fusion ... --help'", the message (with click's "Did you mean")
+        return error.exit_code
     # Without standalone mode click returns a typer.Exit's code instead of raising it (commands return None).
     return code if isinstance(code, int) else 0
+
+
+def _is_usage_error(error: Exception) -> bool:
+    """A click error that knows how to show itself: unknown option or command, bad value, missing value. Checked by
+    shape, not class: newer typer releases vendor click (typer._click), whose exceptions are not click's."""
+    return isinstance(error, click.ClickException) or (callable(getattr(error, "show", None))
+                                                       and isinstance(getattr(error, "exit_code", None), int))
 
 
 if __name__ == "__main__":

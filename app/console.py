@@ -10,6 +10,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
+from fusion.heads.config import loss_label
 from fusion.labels import LABELS, SPLITS
 
 console = Console()
@@ -42,13 +43,18 @@ def progress_bar(description: str, unit: str):
 
     def update(done: int, total: int) -> None:
         if not state["started"]:
-            # The first report is the resumed count: start the rate from there, not from zero.
+            # Drawn from the first report on, so an error found before any work (a wrong --root, a model that
+            # will not load) is the only thing printed; that report is the resumed count, and the rate starts there.
+            progress.start()
             progress.reset(task, total=total, completed=done)
             state["started"] = True
         progress.update(task, completed=done, total=total)
 
-    with progress:
+    try:
         yield update
+    finally:
+        if state["started"]:
+            progress.stop()
 
 
 def extract_summary_table(summary) -> Table:
@@ -148,7 +154,7 @@ def grid_tables(summaries, best_by_head, metric: str, top: int = 10) -> list[Tab
             t.add_column(column, justify="right" if column not in ("head", "loss") else "left", no_wrap=True)
         for s in rows:
             c = s.config
-            loss = "ce" if c["loss"] == "ce" else f"focal{c['gamma']:g}"
+            loss = loss_label(c["loss"], c["gamma"])
             spread = f" ± {s.val_std:.4f}" if len(s.seeds) > 1 else ""
             t.add_row(c["head"], f"{c['lr']:g}", f"{c['dropout']:g}", loss, f"{s.val_mean:.4f}{spread}",
                       f"{s.test['accuracy']:.4f}", f"{s.test['weighted_f1']:.4f}", f"{s.test['macro_f1']:.4f}")

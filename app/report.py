@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+from fusion.atomic import write_atomic, write_text_atomic
 from fusion.errors import FusionError, RunError
+from fusion.heads.checkpoint import read_json
+from fusion.heads.config import loss_label
+from fusion.heads.grid import Summary, best_per_head, summarise
 from fusion.labels import LABELS
 
 PAPER_TEXT_MODEL = "bert-base-uncased"
@@ -72,18 +75,6 @@ class Run:
     config: dict[str, Any]
     metrics: dict[str, Any]
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RunError(f"{path}: missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RunError(f"{path}: not readable JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise RunError(f"{path}: expected a JSON object")
-    return data
-
-
 def _field(data: Any, dotted: str, path: Path, kind: str = "number", where: str = "") -> Any:
     """data['a']['b'] for 'a.b', checked to be a number/str/non-empty list; else RunError naming file and field."""
     value = data
@@ -108,11 +99,12 @@ def _check_block(block: Any, path: Path, where: str, *, confusion: bool = False)
             raise RunError(f"{path}: '{where}confusion_matrix' is not a 3x3 list of counts")
 
 
-def load_run(run_dir: Path) -> Run:
-    """config.json and metrics.json of a `fusion fit` run, checked for every field the report uses."""
+def read_run_record(run_dir: Path) -> Run:
+    """The JSON half of a run directory (config.json, metrics.json; not the weights, which heads.checkpoint.load_run
+    loads), checked for every field the report draws."""
     config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
-    metrics = _read_json(metrics_path)
-    config = _read_json(config_path)
+    metrics = read_json(metrics_path)
+    config = read_json(config_path)
     for dotted in ("head", *CACHE_FIELDS):
         _field(config, dotted, config_path, "str")
     _check_block(metrics.get("val"), metrics_path, "val.")
@@ -126,7 +118,7 @@ def load_run(run_dir: Path) -> Run:
 
 def _load_grid(grid_dir: Path) -> dict[str, Any]:
     path = grid_dir / "results.json"
-    results = _read_json(path)
+    results = read_json(path)
     metric = _field(results, "metric", path, "str")
     if metric not in METRICS:
         raise RunError(f"{path}: 'metric' is {metric!r}, expected one of {', '.join(METRICS)}")
@@ -150,17 +142,10 @@ def _new_figure(width: float, height: float):
     return FigureCanvasAgg(Figure(figsize=(width, height), dpi=110, layout="constrained")).figure
 
 
-def _atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    """write(tmp) then rename: a killed report never leaves a half-written file under the real name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def _save(figure, path: Path) -> Path:
     # No 'Software' stamp: the same data gives the same bytes.
-    return _atomic(path, lambda tmp: figure.savefig(tmp, format="png", metadata={"Software": None}))
+    write_atomic(path, lambda handle: figure.savefig(handle, format="png", metadata={"Software": None}))
+    return path
 
 
 def plot_per_class_f1(history: list[dict], best_epoch: float, path: Path) -> Path:
@@ -252,37 +237,15 @@ def _run_figures(run: Run) -> list[Path]:
     return [figure for figure in figures if figure is not None]
 
 
-def _mean(rows: list[dict], block: str, name: str) -> float:
-    return statistics.fmean(row[block][name] for row in rows)
-
-
-def group_by_config(rows: list[dict]) -> list[list[dict]]:
-    """Rows that differ only in their seed, together (first-seen order)."""
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        key = json.dumps({k: v for k, v in row["config"].items() if k != "seed"}, sort_keys=True, default=str)
-        groups.setdefault(key, []).append(row)
-    return list(groups.values())
-
-
-def grid_cells(groups: list[list[dict]], metric: str) -> dict[str, dict[tuple[float, float], float]]:
+def grid_cells(summaries: list[Summary]) -> dict[str, dict[tuple[float, float], float]]:
     """head -> (lr, dropout) -> the best, over losses and other settings, of the seed-mean validation metric."""
     cells: dict[str, dict[tuple[float, float], float]] = {}
-    for rows in groups:
-        config = rows[0]["config"]
+    for summary in summaries:
+        config = summary.config
         head = cells.setdefault(config["head"], {})
         key = (float(config["lr"]), float(config["dropout"]))
-        head[key] = max(head.get(key, -math.inf), _mean(rows, "val", metric))
+        head[key] = max(head.get(key, -math.inf), summary.val_mean)
     return cells
-
-
-def best_per_head(groups: list[list[dict]], metric: str) -> dict[str, list[dict]]:
-    best: dict[str, list[dict]] = {}
-    for rows in groups:
-        head = rows[0]["config"]["head"]
-        if head not in best or _mean(rows, "val", metric) > _mean(best[head], "val", metric):
-            best[head] = rows
-    return dict(sorted(best.items()))
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -347,23 +310,21 @@ def _run_lines(run: Run, figures: list[Path], base: Path, label: str, level: str
     return lines + [f"{level} Figures", ""] + _figure_lines(figures, base)
 
 
-def _best_head_lines(groups: list[list[dict]], metric: str) -> list[str]:
+def _best_head_lines(summaries: list[Summary], metric: str) -> list[str]:
     rows = []
-    for head, members in best_per_head(groups, metric).items():
-        config = members[0]["config"]
-        val = [row["val"][metric] for row in members]
-        spread = f" ± {statistics.stdev(val):.4f}" if len(val) > 1 else ""
-        loss = config.get("loss", "?") + (f" (gamma {config['gamma']:g})" if config.get("loss") == "focal"
-                                          and isinstance(config.get("gamma"), (int, float)) else "")
-        rows.append([head, f"{config['lr']:g}", f"{config['dropout']:g}", loss, str(len(members)),
-                     f"{statistics.fmean(val):.4f}{spread}"] + [f"{_mean(members, 'test', m):.4f}" for m in METRICS])
+    for head, best in sorted(best_per_head(summaries).items()):
+        config = best.config
+        spread = f" ± {best.val_std:.4f}" if len(best.seeds) > 1 else ""
+        rows.append([head, f"{config['lr']:g}", f"{config['dropout']:g}", loss_label(config["loss"], config["gamma"]),
+                     str(len(best.seeds)), f"{best.val_mean:.4f}{spread}"] + [f"{best.test[m]:.4f}" for m in METRICS])
     header = ["head", "lr", "dropout", "loss", "seeds", f"val {METRIC_NAMES[metric]} (mean ± sd)",
               "test accuracy", "test weighted F1", "test macro F1"]
     return _table(header, rows)
 
 
 def _write_text(path: Path, lines: list[str]) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8"))
+    write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
+    return path
 
 
 def _write_grid_report(grid_dir: Path) -> Report:
@@ -372,16 +333,16 @@ def _write_grid_report(grid_dir: Path) -> Report:
     if not (best_dir / "metrics.json").is_file():
         raise RunError(f"{best_dir / 'metrics.json'}: missing (the grid's best run)")
     best_figures = write_report(best_dir).figures
-    best = load_run(best_dir)
-    groups = group_by_config(results["rows"])
-    heatmap = plot_grid(grid_cells(groups, metric), metric, grid_dir / "grid_heatmap.png")
+    best = read_run_record(best_dir)
+    summaries = summarise(results["rows"], metric)
+    heatmap = plot_grid(grid_cells(summaries), metric, grid_dir / "grid_heatmap.png")
     seeds = len({row["config"].get("seed") for row in results["rows"]})
     lines = [f"# Grid report: {results['cache']['dataset']}", "",
-             f"{len(results['rows'])} runs ({len(groups)} settings x up to {seeds} seeds), "
+             f"{len(results['rows'])} runs ({len(summaries)} settings x up to {seeds} seeds), "
              f"selected by validation {METRIC_NAMES[metric]}.", ""]
     lines += _encoder_lines(results["cache"]) + ["## Validation metric over learning rate x dropout", ""]
     lines += _figure_lines([heatmap], grid_dir) + ["## Best configuration per head", ""]
-    lines += _best_head_lines(groups, metric) + [f"## Best run (`best/`, head {best.config['head']})", ""]
+    lines += _best_head_lines(summaries, metric) + [f"## Best run (`best/`, head {best.config['head']})", ""]
     lines += _run_lines(best, best_figures, grid_dir, f"grid best ({best.config['head']})", "###")
     return Report(_write_text(grid_dir / "report.md", lines), [heatmap] + best_figures)
 
@@ -391,7 +352,7 @@ def write_report(run_dir: Path) -> Report:
     run_dir = Path(run_dir)
     if (run_dir / "results.json").is_file():
         return _write_grid_report(run_dir)
-    run = load_run(run_dir)
+    run = read_run_record(run_dir)
     figures = _run_figures(run)
     title = f"# Run report: {run.config['head']} on {run.config['cache']['dataset']}"
     lines = [title, ""] + _run_lines(run, figures, run_dir, f"this run ({run.config['head']})")

@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 
 from fusion.cache.partial import PartialState, partial_dir, scan_partial
-from fusion.cache.reader import (FORMAT_VERSION, SKIPPED, check_layout, decode_strings, hdf5_reason, open_cache,
+from fusion.cache.partial import FORMAT_VERSION
+from fusion.cache.reader import (SKIPPED, check_layout, decode_strings, hdf5_reason, open_cache,
                                  python_value, read_dataset, require_datasets)
 from fusion.errors import CacheError
 from fusion.labels import LABELS, SPLITS

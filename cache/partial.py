@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, Timeout
 
-from fusion.atomic import fsync_directory, write_atomic, write_bytes_atomic  # noqa: F401 (writer imports them here)
+from fusion.atomic import write_atomic, write_bytes_atomic
 from fusion.cache.fingerprint import json_default
 from fusion.errors import CacheError, CacheLockedError
 from fusion.labels import SPLITS
@@ -76,6 +76,9 @@ class PartialState:
     plan: Plan
     batches: list[BatchRef]
     damaged: list[Path]  # files with a final name that cannot be read: never trusted
+
+
+FORMAT_VERSION = 1  # of the HDF5 layout and its attributes; written by writer.py, checked by reader.py and info.py
 
 
 def partial_dir(out: Path) -> Path:

@@ -15,11 +15,10 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from fusion.cache.partial import partial_dir
+from fusion.cache.partial import FORMAT_VERSION, partial_dir
 from fusion.errors import CacheError
 from fusion.labels import LABELS, SPLITS
 
-FORMAT_VERSION = 1
 POOLED = ("text", "image", "label", "id")
 TOKENS = ("text_tokens", "text_mask", "image_tokens")
 SKIPPED = ("id", "split", "reason")

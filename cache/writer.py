@@ -21,12 +21,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fusion.cache.partial import (POOLED_ARRAYS, TOKEN_ARRAYS, BatchRef, PartialState, fsync_directory, json_default,
+from fusion.cache.partial import (FORMAT_VERSION, POOLED_ARRAYS, TOKEN_ARRAYS, BatchRef, PartialState, json_default,
                                   partial_dir, scan_partial, acquire_lock)
+from fusion.atomic import fsync_directory
 from fusion.errors import CacheError
 from fusion.labels import LABELS, SPLITS
 
-FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 20
 UTF8 = "utf-8"
 # The 1.10 file format checksums all metadata; the default (earliest) format does not, and a flipped byte in an

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from fusion.atomic import write_bytes_atomic
 
 FOLDER = "MVSA_Single"
 MANIFEST_NAME = "demo_manifest.json"
@@ -216,10 +217,9 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def write_generated(path: Path, data: bytes) -> None:
+    """Atomic, without fsync: the demo data is made again from its seed if a crash loses it."""
+    write_bytes_atomic(path, data, durable=False)
 
 
 def _label_file(pairs: list[DemoPair]) -> bytes:
@@ -237,13 +237,13 @@ def write_demo_dataset(dest: Path, *, n: int = 1500, seed: int = 0) -> Path:
     data.mkdir(parents=True, exist_ok=True)
     pairs = plan_pairs(n, seed)
     for index, pair in enumerate(pairs):
-        _write_atomic(data / f"{pair.id}.txt", pair.text.encode(pair.encoding))
+        write_generated(data / f"{pair.id}.txt", pair.text.encode(pair.encoding))
         image = draw_image(pair.image_label, np.random.default_rng((seed, index, 2)))
-        _write_atomic(data / f"{pair.id}.jpg", _jpeg_bytes(image))
-    _write_atomic(root / "labelResultAll.txt", _label_file(pairs))
+        write_generated(data / f"{pair.id}.jpg", _jpeg_bytes(image))
+    write_generated(root / "labelResultAll.txt", _label_file(pairs))
     manifest = {"generator": "fusion.extract.demo_data", "version": 1, "n": n, "seed": seed,
                 "pairs": [asdict(pair) for pair in pairs]}
-    _write_atomic(Path(dest) / MANIFEST_NAME, json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
+    write_generated(Path(dest) / MANIFEST_NAME, json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
     return root
 
 

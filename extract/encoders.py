@@ -141,7 +141,7 @@ def load_encoders(text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAU
     target = resolve_device(device)
     dtype, autocast_dtype = weight_dtypes(target, precision)
     # A local folder's weights are hashed (model_revision) on a second thread while the models load: hashlib lets
-    # go of Python's lock, and for bert-base + dinov2-small the hash alone takes ~0.35 s.
+    # go of Python's lock, so the hash costs no start-up time.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fusion-hash") as hashing:
         digests = [hashing.submit(folder_digest, name) for name in (text_model, image_model)]
         text = _from_pretrained(AutoModel, text_model, "text model", trust_remote_code)
@@ -191,12 +191,9 @@ def weight_dtypes(device: torch.device, precision: str) -> tuple[torch.dtype, to
     """(dtype of the inputs and of most weights, autocast dtype or None) for a precision on a device.
 
     On CPU, bf16 runs under autocast: the matrix products and attention use the bf16 units (avx512_bf16 / AMX)
-    while layer norms, softmax and residual sums stay fp32. Measured for BERT-base + DINOv2-small on this project's
-    Zen 4 CPU (avx512_bf16, no AMX; profiled over benchmarks/extract_speed.py's batches): the matrix products run 2.0x
-    faster than fp32, but PyTorch's CPU flash-attention kernel gains nothing from bf16, so the encoders run 1.6-1.9x
-    faster. A model cast wholly to bf16 is only ~3% faster than autocast and 2-5x further from fp32 (lowest cosine
-    0.99991-0.99995 against 0.99995-0.99999, random and real MiniLM weights). fp16 on CPU has no matrix units to
-    use and runs 2-3x slower than fp32, so it is refused.
+    while layer norms, softmax and residual sums stay fp32, which stays closer to fp32 than a model cast wholly to
+    bf16 for about the same speed (benchmarks/extract_speed.py and README give the figures). fp16 on CPU has no
+    matrix units to use and is slower than fp32, so it is refused.
     """
     dtype = PRECISIONS[precision]
     if device.type == "cpu" and dtype == torch.float16:
@@ -233,7 +230,7 @@ AUTOCAST_WEIGHTED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn
 def _frozen(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
             autocast_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Under autocast, the layers whose weights autocast would cast on every call hold them cast once instead:
-    the same numbers (a cast is a cast), without re-reading 130 M fp32 weights per batch (0.3-0.6 s on 2 cores)."""
+    the same numbers (a cast is a cast), without re-reading 130 M fp32 weights every batch."""
     model.eval().requires_grad_(False)
     model = model.to(device=device, dtype=dtype)
     if autocast_dtype is not None:

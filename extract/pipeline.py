@@ -27,7 +27,7 @@ import transformers
 
 import fusion
 from fusion.cache.fingerprint import fingerprint
-from fusion.cache.partial import PartialCache, Plan
+from fusion.cache.partial import FORMAT_VERSION, PartialCache, Plan, partial_dir
 from fusion.cache.pooling_check import refuse_other_pooling
 from fusion.cache.reader import is_complete_cache
 from fusion.cache.writer import finalize, remove_leftover_partial
@@ -41,7 +41,6 @@ from fusion.extract.pooling import check_token_widths
 from fusion.extract.samples import DatasetSamples, Sample
 from fusion.labels import LABELS, SPLITS
 
-FORMAT_VERSION = 1
 LOADING_SKIP = "skipped while reading the dataset"
 
 
@@ -104,7 +103,7 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
             raise CacheError(f"{config.out} exists and was made for other settings or is damaged; "
                              f"delete it or choose another --out")
         remove_leftover_partial(config.out)  # a kill between the final rename and the cleanup leaves it
-        return summarise(config, data, plan, rows_computed=0, started=started, already_complete=True)
+        return summarise_extraction(config, data, plan, rows_computed=0, started=started, already_complete=True)
     partial = PartialCache.open(config.out, plan=plan, rank=rank)
     try:
         computed = run_batches(config, data, encoders, partial, rank, world_size, on_progress)
@@ -115,11 +114,7 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
     if rank == 0:
         finalize([partial_dir(config.out)], config.out)
     barrier()  # and the final file exists before any rank reports
-    return summarise(config, data, plan, rows_computed=computed, started=started)
-
-
-def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
+    return summarise_extraction(config, data, plan, rows_computed=computed, started=started)
 
 
 def limit_samples(data: DatasetSamples, limit: int | None) -> DatasetSamples:
@@ -226,8 +221,8 @@ def embed_batch(encoders: Encoders, token_ids: list[list[int]], batch, with_toke
     return embed_posts(encoders, [token_ids[indices[i]] for i in order], pixels, with_tokens=with_tokens)
 
 
-def summarise(config: ExtractConfig, data: DatasetSamples, plan: Plan, *, rows_computed: int, started: float,
-              already_complete: bool = False) -> ExtractSummary:
+def summarise_extraction(config: ExtractConfig, data: DatasetSamples, plan: Plan, *, rows_computed: int,
+                         started: float, already_complete: bool = False) -> ExtractSummary:
     counts = {split: {name: 0 for name in LABELS} for split in SPLITS}
     skipped = list(data.skipped)
     if config.out.exists():

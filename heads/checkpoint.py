@@ -98,9 +98,9 @@ def load_run(run_dir: Path | str) -> LoadedRun:
     run = Path(run_dir)
     if not run.is_dir():
         raise RunError(f"{run}: not a run directory")
-    values = _read_json(run / CONFIG_FILE)
+    values = read_json(run / CONFIG_FILE)
     config, meta = _parse_config(run / CONFIG_FILE, values)
-    metrics = _read_json(run / METRICS_FILE)
+    metrics = read_json(run / METRICS_FILE)
     if not isinstance(metrics.get("val"), dict):
         raise RunError(f"{run / METRICS_FILE}: has no 'val' block")
     state = _read_weights(run / WEIGHTS_FILE, meta["head_sha256"])
@@ -124,12 +124,13 @@ def _finite(value):
     return value
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A run's JSON file as a dict; missing, unreadable or not an object -> RunError naming the file."""
     if not path.is_file():
         raise RunError(f"{path}: missing")
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(values, dict):
         raise RunError(f"{path}: expected a JSON object, found {type(values).__name__}")

@@ -39,9 +39,19 @@ class FitConfig:
             _check_field(self, field.name)
 
     @property
+    def loss_label(self) -> str:
+        """The loss as the grid names it: "ce" or "focal" + gamma ("focal2")."""
+        return loss_label(self.loss, self.gamma)
+
+    @property
     def focal_gamma(self) -> float:
         """The gamma the loss uses: cross-entropy is focal loss with gamma 0."""
         return 0.0 if self.loss == "ce" else float(self.gamma)
+
+
+def loss_label(loss: str, gamma: float) -> str:
+    """"ce" or "focalGAMMA", for a config given as a FitConfig or as its saved dict."""
+    return "ce" if loss == "ce" else f"focal{gamma:g}"
 
 
 def config_from_dict(values: dict) -> FitConfig:

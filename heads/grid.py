@@ -43,10 +43,6 @@ def parse_loss(name: str) -> tuple[str, float]:
     return "focal", float(match.group(1))
 
 
-def loss_name(config: FitConfig) -> str:
-    return "ce" if config.loss == "ce" else f"focal{config.gamma:g}"
-
-
 def grid_configs(base: FitConfig, *, heads: Iterable[str] = PAPER_HEADS, lrs: Iterable[float] = PAPER_LRS,
                  dropouts: Iterable[float] = PAPER_DROPOUTS, losses: Iterable[str] = PAPER_LOSSES,
                  seeds: Iterable[int] = (0,)) -> list[FitConfig]:

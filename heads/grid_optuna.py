@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from fusion.errors import FusionError
 from fusion.heads.config import FitConfig
-from fusion.heads.grid import loss_name, parse_loss, result_row
+from fusion.heads.grid import parse_loss, result_row
 from fusion.heads.train import train_head
 
 
@@ -42,7 +42,7 @@ def search_space(configs: list[FitConfig]) -> dict[str, list]:
     axes = {"head": [], "lr": [], "dropout": [], "loss": [], "seed": []}
     for config in configs:
         for axis, value in (("head", config.head), ("lr", config.lr), ("dropout", config.dropout),
-                            ("loss", loss_name(config)), ("seed", config.seed)):
+                            ("loss", config.loss_label), ("seed", config.seed)):
             if value not in axes[axis]:
                 axes[axis].append(value)
     return axes

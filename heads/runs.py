@@ -11,7 +11,8 @@ from fusion.memory import available_memory
 from fusion.heads.features import features_from_cache
 from fusion.heads.streamed import StreamedSplit
 
-# The metric each dataset is reported with in the literature (shared/DATASETS.md).
+# The metric each dataset is reported with in the literature: macro F1 for Memotion (SemEval-2020 Task 8, task A),
+# weighted F1 beside accuracy for MVSA.
 DATASET_METRICS = {"memotion": "macro_f1", "mvsa-single": "weighted_f1", "mvsa-multi": "weighted_f1"}
 CACHE_KEYS = ("dataset", "text_model", "image_model", "text_model_revision", "image_model_revision", "max_length",
               "image_size", "precision", "split_seed", "tokens", "text_dim", "image_dim", "text_pooling",

@@ -67,6 +67,17 @@ def test_predict_labels_new_posts_and_reports_unreadable_rows(trained_run, tmp_p
     assert "1 of 2 posts could not be read" in captured.err
 
 
+def test_predict_exits_1_when_no_post_could_be_predicted(trained_run, tmp_path, capsys):
+    _, run = trained_run
+    posts = tmp_path / "posts.csv"
+    posts.write_text("image,text\nmissing.jpg,so sad\ngone.png,so glad\n")
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run), "--csv", str(posts), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert "2 of 2 posts could not be read" in captured.err
+    assert all(json.loads(line)["label"] is None for line in captured.out.splitlines())
+
+
 def test_predict_refuses_a_run_whose_encoders_are_gone(trained_run, tmp_path, capsys):
     expected, run = trained_run
     moved = tmp_path / "run"

@@ -166,7 +166,7 @@ def test_missing_metrics_names_the_file(tmp_path):
 def test_invalid_json_and_fields_name_the_file_and_field(tmp_path):
     run_dir = make_run(tmp_path / "run", cache_block("csv"))
     (run_dir / "config.json").write_text("{not json")
-    with pytest.raises(RunError, match=r"config\.json: not readable JSON"):
+    with pytest.raises(RunError, match=r"config\.json: not valid JSON"):
         write_report(run_dir)
     run_dir = make_run(tmp_path / "run2", cache_block("csv"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
