@@ -1,4 +1,5 @@
-"""Run directories: config.json, metrics.json and head.safetensors, written atomically and verified when loaded.
+"""Run directories: config.json, metrics.json and head.safetensors, written atomically and verified when loaded,
+and test_predictions.json (the test rows' ids, labels and predictions, for the report's bootstrap intervals).
 
 config.json holds the FitConfig fields (asdict) at its top level plus META_KEYS: where the features came from (cache
 path and fingerprint, and the cache's description under "cache", e.g. its models and max_length for prediction), the
@@ -33,6 +34,7 @@ from fusion.heads.registry import HEADS
 from fusion.heads.result import FitResult
 
 CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE = "config.json", "metrics.json", "head.safetensors"
+PREDICTIONS_FILE = "test_predictions.json"  # ids, y_true, y_pred of the test rows: what report.md bootstraps
 META_KEYS = ("cache_path", "cache_fingerprint", "cache", "text_dim", "image_dim", "fusion_version", "head_sha256")
 OPTIONAL_KEYS = {"tokens": False}  # key -> the value of a run written before the key existed
 
@@ -75,6 +77,9 @@ def save_run(out_dir: Path | str, result: FitResult, *, cache_path: Path | str |
     metrics = {"val": result.val, "test": result.test, "best_epoch": result.best_epoch,
                "epochs_run": result.epochs_run, "seconds": result.seconds, "history": result.history}
     write_bytes_atomic(out / METRICS_FILE, _json_bytes(metrics))
+    if result.test_predictions is not None:
+        predictions = json.dumps(result.test_predictions.as_dict(), separators=(",", ":")) + "\n"
+        write_bytes_atomic(out / PREDICTIONS_FILE, predictions.encode())
     cache_path = cache_path if cache_path is not None else cache.get("path")
     text_dim, image_dim = dims if dims is not None else _dims(result, cache)
     config = {**asdict(result.config), "cache_path": None if cache_path is None else str(cache_path),

@@ -38,6 +38,7 @@ class SplitFeatures:
     text: Modality
     image: Modality
     label: Tensor  # (N,) long
+    ids: list[str] | None = None  # the cache's sample ids (features_from_cache), kept to name test predictions
 
     def __len__(self) -> int:
         return self.label.shape[0]
@@ -57,7 +58,7 @@ class SplitFeatures:
     def latents_only(self) -> "SplitFeatures":
         """Token 0 of each modality: all that heads without cross-modal attention read (views, no copy)."""
         return SplitFeatures(Modality(self.text.tokens[:, :1], self.text.mask[:, :1]),
-                             Modality(self.image.tokens[:, :1], self.image.mask[:, :1]), self.label)
+                             Modality(self.image.tokens[:, :1], self.image.mask[:, :1]), self.label, self.ids)
 
     def rows(self, index: Tensor | slice) -> "SplitFeatures":
         label = self.label[index] if isinstance(index, slice) else self.label.index_select(0, index)
@@ -95,6 +96,7 @@ def features_from_cache(data, *, tokens: bool = False) -> dict[str, SplitFeature
             arrays = data.splits[name]
             features[name] = _token_split(arrays, name) if tokens else split_features(arrays.text, arrays.image,
                                                                                       arrays.label)
+            features[name].ids = [str(id_) for id_ in arrays.id]
     if "train" not in features or "val" not in features:
         raise CacheError(f"{getattr(data, 'path', 'cache')}: training needs the train and val splits, "
                          f"found {', '.join(sorted(data.splits)) or 'none'}")

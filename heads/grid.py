@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fusion.errors import FusionError
 from fusion.heads.config import FitConfig
-from fusion.heads.result import FitResult
+from fusion.heads.result import FitResult, encode_labels
 from fusion.heads.train import train_many
 
 PAPER_HEADS = ("basic", "self_attn", "dual_attn")
@@ -59,8 +59,11 @@ def config_key(config: FitConfig) -> str:
 
 
 def result_row(result: FitResult) -> dict:
+    """test_pred: the test predictions as a digit string (result.encode_labels), for bootstrap intervals."""
+    predictions = result.test_predictions
     return {"config": dataclasses.asdict(result.config), "val": result.val, "test": result.test,
-            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": result.seconds}
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": result.seconds,
+            "test_pred": None if predictions is None else encode_labels(predictions.y_pred)}
 
 
 def read_log(path: Path) -> list[dict]:

@@ -38,6 +38,10 @@ class StreamedSplit:
         return self.pooled.label
 
     @property
+    def ids(self) -> list[str] | None:
+        return self.pooled.ids
+
+    @property
     def dims(self) -> tuple[int, int]:
         return self.pooled.dims
 

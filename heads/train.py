@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fusion.heads.config import FitConfig
 from fusion.heads.optim import BatchedAdam, ParamStack
-from fusion.heads.result import FitResult
+from fusion.heads.result import FitResult, TestPredictions
 from fusion.heads.features import SplitFeatures
 from fusion.heads.losses import focal_loss, focal_loss_per_sample
 from fusion.heads.metrics import classification_metrics, confusion_counts
@@ -210,13 +210,19 @@ class _Pass:
         everyone = torch.arange(len(self.configs))
         test = self.features.get("test")
         test_metrics: list[dict | None] = [None] * len(self.configs)
+        test_predictions: list[TestPredictions | None] = [None] * len(self.configs)
         if test is not None and len(test):
             losses, predictions = self._evaluate(test, self.best, everyone)
             labels = test.label.numpy()
             test_metrics = [{**classification_metrics(labels, predictions[i].numpy()), "loss": float(losses[i]),
                              "confusion_matrix": confusion_counts(labels, predictions[i].numpy())}
                             for i in range(len(self.configs))]
-        return [self._result(i, test_metrics[i]) for i in range(len(self.configs))]
+            test_predictions = [TestPredictions(labels.tolist(), predictions[i].tolist(), getattr(test, "ids", None))
+                                for i in range(len(self.configs))]
+        results = [self._result(i, test_metrics[i]) for i in range(len(self.configs))]
+        for result, predicted in zip(results, test_predictions):
+            result.test_predictions = predicted
+        return results
 
     def _result(self, position: int, test: dict | None) -> FitResult:
         tracker = self.trackers[position]
