@@ -175,7 +175,9 @@ def fit(
 
 @app.command()
 def grid(
-    cache: Path = typer.Option(..., help="Cache file written by `fusion extract`."),
+    cache: list[Path] = typer.Option(..., help="Cache file written by `fusion extract`; repeat it to sweep encoders "
+                                               "(the same grid on each cache of one dataset, compared on its test "
+                                               "rows)."),
     heads: str = typer.Option("basic,self_attn,dual_attn", help="Heads (add text_only,image_only for ablations)."),
     lrs: str = typer.Option("1e-2,1e-3,1e-4,1e-5", help="Learning rates."),
     dropouts: str = typer.Option("0,0.2,0.5", help="Dropout rates."),
@@ -186,7 +188,8 @@ def grid(
     batch_size: int = typer.Option(256, min=1, help="Minibatch size."),
     metric: Optional[str] = typer.Option(None, help="Selection metric on validation.",
                                          show_default="the dataset's own"),
-    out: Optional[Path] = typer.Option(None, help="Grid directory.", show_default="runs/CACHE-grid"),
+    out: Optional[Path] = typer.Option(None, help="Grid directory (a sweep: one grid directory per cache in it).",
+                                       show_default="runs/CACHE-grid, runs/CACHE-sweep for several"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage (journal:PATH or a database URL) shared by "
                                                      "several machines."),
     study: str = typer.Option("fusion-grid", help="Optuna study name (with --storage)."),
@@ -202,13 +205,20 @@ def grid(
     from fusion.app.grid_command import run_grid_command
     from fusion.heads.runs import default_metric
 
-    features, meta = _load_features(cache, tokens, stream)
-    base = FitConfig(epochs=epochs, patience=patience, batch_size=batch_size,
-                     metric=metric or default_metric(meta["dataset"]))
-    configs = grid_configs(base, heads=_split_list(heads), lrs=_split_list(lrs, float),
-                           dropouts=_split_list(dropouts, float), losses=_split_list(losses),
-                           seeds=range(seeds))
-    run_grid_command(features, meta, configs, out or Path("runs") / f"{Path(cache).stem}-grid",
+    def configs_for(meta: dict) -> list:
+        base = FitConfig(epochs=epochs, patience=patience, batch_size=batch_size,
+                         metric=metric or default_metric(meta["dataset"]))
+        return grid_configs(base, heads=_split_list(heads), lrs=_split_list(lrs, float),
+                            dropouts=_split_list(dropouts, float), losses=_split_list(losses), seeds=range(seeds))
+
+    if len(cache) > 1:
+        from fusion.app.sweep_command import run_sweep_command
+
+        run_sweep_command(cache, configs_for, out or Path("runs") / f"{Path(cache[0]).stem}-sweep",
+                          load=lambda path: _load_features(path, tokens, stream), tokens=tokens, storage=storage)
+        return
+    features, meta = _load_features(cache[0], tokens, stream)
+    run_grid_command(features, meta, configs_for(meta), out or Path("runs") / f"{Path(cache[0]).stem}-grid",
                      storage=storage, study=study, sampler=sampler, trials=trials, tokens=tokens)
 
 
