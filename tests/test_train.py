@@ -187,8 +187,12 @@ def test_run_round_trip(tmp_path, trained):
     assert set(run.metrics["val"]["per_class_f1"]) == {"negative", "neutral", "positive"}
     torch.testing.assert_close(run.head(features["test"].text, features["test"].image),
                                _test_logits(result, features), rtol=0, atol=0)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "head.safetensors", "metrics.json"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "head.safetensors", "metrics.json",
+                                                                    "test_predictions.json"]
     assert run.metrics["test"]["confusion_matrix"] == _confusion(run.head, features["test"])
+    saved = json.loads((tmp_path / "run" / "test_predictions.json").read_text())
+    assert saved["y_true"] == features["test"].label.tolist()
+    assert saved["y_pred"] == predict_proba(run.head, features["test"].text, features["test"].image).argmax(1).tolist()
 
 
 def _confusion(head, split):
