@@ -34,8 +34,9 @@ STREAM_DEFAULT = "stream when loading would take over half the available memory"
 
 @app.command()
 def extract(
-    dataset: str = typer.Option(..., help="Dataset format: memotion, mvsa-single, mvsa-multi, csv, or demo."),
-    root: Path = typer.Option(..., help="Dataset folder as downloaded (csv: the CSV file)."),
+    dataset: str = typer.Option(..., help="Dataset format: memotion, mvsa-single, mvsa-multi, csv, hf, or demo."),
+    root: Path = typer.Option(..., help="Dataset folder as downloaded (csv: the CSV file; hf: a save_to_disk folder "
+                                        "or Parquet files)."),
     out: Optional[Path] = typer.Option(None, help="Cache file to write.", show_default="caches/DATASET.h5"),
     text_model: str = typer.Option("bert-base-uncased", help="Hugging Face name or local folder."),
     image_model: str = typer.Option("facebook/dinov2-small", help="Hugging Face name or local folder."),
@@ -51,6 +52,13 @@ def extract(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off: never run code from data)."),
     split_file: Optional[Path] = typer.Option(None, help="CSV/TSV of id,split (train/val/test) fixing the splits, "
                                                          "e.g. a published split; rows it does not name are left out."),
+    text_pooling: Optional[str] = typer.Option(None, help="cls or mean (over real tokens); projected for CLIP/SigLIP.",
+                                               show_default="cls; projected for a dual encoder"),
+    image_pooling: Optional[str] = typer.Option(None, help="cls, mean (patch tokens), cls+mean; projected for "
+                                                           "CLIP/SigLIP.", show_default="cls; projected for a dual encoder"),
+    columns: Optional[str] = typer.Option(None, help="--dataset hf: ROLE=COLUMN pairs, e.g. "
+                                                     "image=img,text=caption,label=sentiment[,id=post_id].",
+                                          show_default="image,text,label"),
 ) -> None:
     """Run the frozen encoders once over a dataset and write the embeddings cache (resumable)."""
     from fusion.app.console import console, extract_summary_table, progress_bar
@@ -63,7 +71,8 @@ def extract(
                            text_model=text_model, image_model=image_model, device=device, precision=precision,
                            batch_size=batch_size, tokens=tokens, limit=limit, max_length=max_length,
                            split_seed=seed, workers=workers, trust_remote_code=trust_remote_code,
-                           split_file=split_file)
+                           split_file=split_file, text_pooling=text_pooling, image_pooling=image_pooling,
+                           columns=columns)
     config.out.parent.mkdir(parents=True, exist_ok=True)
     with distributed_context() as (rank, world_size):
         with progress_bar(f"extract {dataset}" + (f" rank {rank}" if world_size > 1 else ""), "samples") as update:
@@ -177,7 +186,9 @@ def fit(
 
 @app.command()
 def grid(
-    cache: Path = typer.Option(..., help="Cache file written by `fusion extract`."),
+    cache: list[Path] = typer.Option(..., help="Cache file written by `fusion extract`; repeat it to sweep encoders "
+                                               "(the same grid on each cache of one dataset, compared on its test "
+                                               "rows)."),
     heads: str = typer.Option("basic,self_attn,dual_attn", help="Heads (add text_only,image_only for ablations)."),
     lrs: str = typer.Option("1e-2,1e-3,1e-4,1e-5", help="Learning rates."),
     dropouts: str = typer.Option("0,0.2,0.5", help="Dropout rates."),
@@ -188,7 +199,8 @@ def grid(
     batch_size: int = typer.Option(256, min=1, help="Minibatch size."),
     metric: Optional[str] = typer.Option(None, help="Selection metric on validation.",
                                          show_default="the dataset's own"),
-    out: Optional[Path] = typer.Option(None, help="Grid directory.", show_default="runs/CACHE-grid"),
+    out: Optional[Path] = typer.Option(None, help="Grid directory (a sweep: one grid directory per cache in it).",
+                                       show_default="runs/CACHE-grid, runs/CACHE-sweep for several"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage (journal:PATH or a database URL) shared by "
                                                      "several machines."),
     study: str = typer.Option("fusion-grid", help="Optuna study name (with --storage)."),
@@ -204,13 +216,20 @@ def grid(
     from fusion.app.grid_command import run_grid_command
     from fusion.heads.runs import default_metric
 
-    features, meta = _load_features(cache, tokens, stream)
-    base = FitConfig(epochs=epochs, patience=patience, batch_size=batch_size,
-                     metric=metric or default_metric(meta["dataset"]))
-    configs = grid_configs(base, heads=_split_list(heads), lrs=_split_list(lrs, float),
-                           dropouts=_split_list(dropouts, float), losses=_split_list(losses),
-                           seeds=range(seeds))
-    run_grid_command(features, meta, configs, out or Path("runs") / f"{Path(cache).stem}-grid",
+    def configs_for(meta: dict) -> list:
+        base = FitConfig(epochs=epochs, patience=patience, batch_size=batch_size,
+                         metric=metric or default_metric(meta["dataset"]))
+        return grid_configs(base, heads=_split_list(heads), lrs=_split_list(lrs, float),
+                            dropouts=_split_list(dropouts, float), losses=_split_list(losses), seeds=range(seeds))
+
+    if len(cache) > 1:
+        from fusion.app.sweep_command import run_sweep_command
+
+        run_sweep_command(cache, configs_for, out or Path("runs") / f"{Path(cache[0]).stem}-sweep",
+                          load=lambda path: _load_features(path, tokens, stream), tokens=tokens, storage=storage)
+        return
+    features, meta = _load_features(cache[0], tokens, stream)
+    run_grid_command(features, meta, configs_for(meta), out or Path("runs") / f"{Path(cache[0]).stem}-grid",
                      storage=storage, study=study, sampler=sampler, trials=trials, tokens=tokens)
 
 

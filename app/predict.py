@@ -21,6 +21,7 @@ from fusion.extract.batches import image_pixels
 from fusion.extract.embedding import embed_posts
 from fusion.extract.encoders import Encoders, load_encoders, resolve_device
 from fusion.extract.images import ImageUnreadable
+from fusion.extract.pooling import pooling_choice
 from fusion.extract.textio import read_csv
 from fusion.heads.features import pooled_modality, token_features
 from fusion.heads.models import Head, predict_proba
@@ -53,7 +54,9 @@ def run_encoders(cache: dict, *, device: str = "auto") -> Encoders:
     """The encoders the run's cache was made with; a run whose encoders cannot be loaded is refused with why."""
     try:
         return load_encoders(cache["text_model"], cache["image_model"], device=device,
-                             precision=encoder_precision(cache, device)[0])
+                             precision=encoder_precision(cache, device)[0],
+                             text_pooling=pooling_choice("text", cache.get("text_pooling")),
+                             image_pooling=pooling_choice("image", cache.get("image_pooling")))
     except ModelLoadError as error:
         raise ModelLoadError(f"this run needs the encoders its cache was made with: {error}") from None
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from fusion.errors import DatasetError
 from fusion.extract.csvdata import load_csv
 from fusion.extract.demo_data import write_demo_dataset
+from fusion.extract.hfdata import load_hf
 from fusion.extract.memotion import load_memotion
 from fusion.extract.mvsa import load_mvsa
 from fusion.extract.samples import DatasetSamples
@@ -31,11 +32,16 @@ DATASETS: dict[str, Callable[..., DatasetSamples]] = {
     "mvsa-multi": partial(load_mvsa, kind="multi"),
     "csv": load_csv,
     "demo": load_demo,
+    "hf": load_hf,
 }
+TAKES_COLUMNS = {"hf"}  # readers told which columns hold the image, text and label (--columns)
 
 
-def load_dataset(name: str, root: Path, *, seed: int = 0) -> DatasetSamples:
+def load_dataset(name: str, root: Path, *, seed: int = 0, columns: str | None = None) -> DatasetSamples:
     """Read dataset `name` from `root`; splits are deterministic for a given seed."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[name](Path(root).expanduser(), seed=seed)
+    if columns is not None and name not in TAKES_COLUMNS:
+        raise DatasetError(f"--columns applies to --dataset {' or '.join(sorted(TAKES_COLUMNS))}, not {name}")
+    options = {"columns": columns} if name in TAKES_COLUMNS else {}
+    return DATASETS[name](Path(root).expanduser(), seed=seed, **options)

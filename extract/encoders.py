@@ -1,7 +1,9 @@
-"""The frozen encoders: load by Hugging Face name or local path, and pool as the paper does.
+"""The frozen encoders: load by Hugging Face name or local path, and pool as the paper does or as asked.
 
 Text: BERT's CLS embedding of the last hidden layer (before BERT's pooler). Image: DINOv2's global embedding, the
-layer-normed CLS token (`pooler_output`). Any model loadable with AutoModel works; the pooling names go into the cache.
+layer-normed CLS token (`pooler_output`). Any model loadable with AutoModel works; extract/pooling.py holds the other
+poolings (mean, cls+mean) and extract/dual.py the dual encoders (CLIP, SigLIP), whose features are their own
+get_text_features / get_image_features. The pooling names go into the cache.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
 
 from fusion.errors import ModelLoadError
+from fusion.extract.dual import (full_text_length, is_dual, projected_image, projected_text, projected_widths,
+                                 text_config)
+from fusion.extract.pooling import PROJECTED, pool_image, pool_text, prefix_tokens, recorded_pooling, resolve_pooling
 from fusion.extract.pixels import PixelPipeline
 
 DEFAULT_TEXT_MODEL = "bert-base-uncased"
 DEFAULT_IMAGE_MODEL = "facebook/dinov2-small"
-TEXT_POOLING = "cls"
-IMAGE_POOLING = "cls_layernorm"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -42,6 +45,9 @@ class Encoders:
     text_revision: str
     image_revision: str
     autocast_dtype: torch.dtype | None = None  # bf16 on CPU: matrix products in bf16, norms and sums in fp32
+    text_pooling: str = "cls"  # extract/pooling.py TEXT_POOLINGS
+    image_pooling: str = "cls"  # extract/pooling.py IMAGE_POOLINGS
+    text_length: int | None = None  # texts padded to this many tokens (SigLIP; extract/dual.py)
 
     @property
     def pad_multiple(self) -> int:
@@ -58,11 +64,31 @@ class Encoders:
 
     @property
     def text_dim(self) -> int:
+        if self.text_pooling == PROJECTED:
+            return self._projected_widths(self.text_model)[0]
         return self.text_model.config.hidden_size
 
     @property
     def image_dim(self) -> int:
-        return self.image_model.config.hidden_size
+        if self.image_pooling == PROJECTED:
+            return self._projected_widths(self.image_model)[1]
+        return self.image_model.config.hidden_size * (2 if self.image_pooling == "cls+mean" else 1)
+
+    @cached_property
+    def _widths(self) -> dict[int, tuple[int, int]]:
+        return {}
+
+    def _projected_widths(self, model: torch.nn.Module) -> tuple[int, int]:
+        if id(model) not in self._widths:
+            with self.autocast():
+                self._widths[id(model)] = projected_widths(model, self.device, self.dtype)
+        return self._widths[id(model)]
+
+    @property
+    def recorded_pooling(self) -> dict[str, str]:
+        """The cache attributes `text_pooling` and `image_pooling` (the paper's: cls and cls_layernorm)."""
+        return {"text_pooling": recorded_pooling("text", self.text_pooling),
+                "image_pooling": recorded_pooling("image", self.image_pooling)}
 
     @property
     def image_size(self) -> int:
@@ -140,7 +166,10 @@ def use_device(target: torch.device) -> None:
 
 
 def load_encoders(text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAULT_IMAGE_MODEL, *,
-                  device: str = "auto", precision: str = "fp32", trust_remote_code: bool = False) -> Encoders:
+                  device: str = "auto", precision: str = "fp32", trust_remote_code: bool = False,
+                  text_pooling: str | None = None, image_pooling: str | None = None) -> Encoders:
+    """The two encoders, frozen on `device`; a checkpoint named for both (a dual encoder) is loaded once. Pooling
+    None: the paper's (cls), or projected for a dual encoder (extract/pooling.py)."""
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     target = resolve_device(device)
@@ -151,17 +180,46 @@ def load_encoders(text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAU
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fusion-hash") as hashing:
         digests = [hashing.submit(folder_digest, name) for name in (text_model, image_model)]
         text = _from_pretrained(AutoModel, text_model, "text model", trust_remote_code)
-        image = _from_pretrained(AutoModel, image_model, "image model", trust_remote_code)
+        image = text if same_checkpoint(text_model, image_model) else _from_pretrained(
+            AutoModel, image_model, "image model", trust_remote_code)
         text_revision, image_revision = (model_revision(model, digest.result())
                                          for model, digest in zip((text, image), digests))
+    text_pooling = resolve_pooling("text", text_pooling, dual=is_dual(text), model=text_model)
+    image_pooling = resolve_pooling("image", image_pooling, dual=is_dual(image), model=image_model)
+    tokenizer, image_processor = _preprocessors(text_model, image_model, text_pooling == PROJECTED,
+                                                image_pooling == PROJECTED, trust_remote_code)
     return Encoders(
         text_model=_frozen(text, target, dtype, autocast_dtype),
-        tokenizer=_from_pretrained(AutoTokenizer, text_model, "tokenizer", trust_remote_code),
+        tokenizer=tokenizer,
         image_model=_frozen(image, target, dtype, autocast_dtype),
-        image_processor=_from_pretrained(AutoImageProcessor, image_model, "image processor", trust_remote_code,
-                                         backend="pil"),
+        image_processor=image_processor,
         device=target, dtype=dtype, text_name=canonical_name(text_model), image_name=canonical_name(image_model),
-        text_revision=text_revision, image_revision=image_revision, autocast_dtype=autocast_dtype)
+        text_revision=text_revision, image_revision=image_revision, autocast_dtype=autocast_dtype,
+        text_pooling=text_pooling, image_pooling=image_pooling,
+        text_length=full_text_length(text, tokenizer) if text_pooling == PROJECTED else None)
+
+
+def same_checkpoint(text_model: str, image_model: str) -> bool:
+    return canonical_name(text_model) == canonical_name(image_model)
+
+
+def _preprocessors(text_model: str, image_model: str, text_dual: bool, image_dual: bool,
+                   trust_remote_code: bool) -> tuple[object, object]:
+    """(tokenizer, image processor): a dual encoder's from its AutoProcessor (read once when it serves both)."""
+    processors: dict[str, object] = {}
+
+    def processor(name: str):
+        if canonical_name(name) not in processors:
+            processors[canonical_name(name)] = _from_pretrained(AutoProcessor, name, "processor", trust_remote_code,
+                                                                backend="pil")
+        return processors[canonical_name(name)]
+
+    tokenizer = (processor(text_model).tokenizer if text_dual
+                 else _from_pretrained(AutoTokenizer, text_model, "tokenizer", trust_remote_code))
+    image_processor = (processor(image_model).image_processor if image_dual
+                       else _from_pretrained(AutoImageProcessor, image_model, "image processor", trust_remote_code,
+                                             backend="pil"))
+    return tokenizer, image_processor
 
 
 def weight_dtypes(device: torch.device, precision: str) -> tuple[torch.dtype, torch.dtype | None]:
@@ -187,8 +245,12 @@ def weight_dtypes(device: torch.device, precision: str) -> tuple[torch.dtype, to
 def fit_max_length(encoders: Encoders, max_length: int) -> int:
     """`max_length`, lowered to what the text model has positions for: a longer input would crash its embedding
     layer mid-run (the cache records the length actually used, so a rerun with the same arguments resumes)."""
-    limits = [getattr(encoders.text_model.config, "max_position_embeddings", None),
-              getattr(encoders.tokenizer, "model_max_length", None)]
+    positions = getattr(text_config(encoders.text_model), "max_position_embeddings", None)
+    # RoBERTa-style models (XLM-R, CamemBERT) number positions from padding_idx + 1: that many fewer real positions.
+    padding_idx = getattr(getattr(encoders.text_model, "embeddings", None), "padding_idx", None)
+    if isinstance(positions, int) and isinstance(padding_idx, int) and encoders.text_pooling != PROJECTED:
+        positions -= padding_idx + 1
+    limits = [positions, getattr(encoders.tokenizer, "model_max_length", None)]
     # Tokenizers saved without a limit report a huge sentinel (about 1e30); only real limits count.
     limits = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]
     return min([max_length, *limits])
@@ -229,6 +291,8 @@ def _from_pretrained(loader, name: str, what: str, trust_remote_code: bool, **kw
         return loader.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs)
     except pickle.UnpicklingError as error:
         raise _unsafe_pickle(what, name) from error
+    except ImportError as error:  # a tokenizer whose library is not installed (SigLIP's needs sentencepiece)
+        raise _missing_package(what, name, error) from None
     except (OSError, ValueError) as cached_error:
         if local.is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise _missing(what, name, cached_error) from cached_error
@@ -238,6 +302,12 @@ def _from_pretrained(loader, name: str, what: str, trust_remote_code: bool, **kw
         raise _unsafe_pickle(what, name) from error
     except (OSError, ValueError) as error:
         raise _missing(what, name, error) from error
+
+
+def _missing_package(what: str, name: str, error: ImportError) -> ModelLoadError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    hint = " (pip install 'fusion[siglip]')" if "sentencepiece" in str(error).lower() else ""
+    return ModelLoadError(f"cannot load {what} {name!r}: {first}{hint}")
 
 
 def _unsafe_pickle(what: str, name: str) -> ModelLoadError:
@@ -279,16 +349,22 @@ def folder_digest(name: str) -> str | None:
 
 
 def text_embeddings(encoders: Encoders, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """CLS of the last hidden layer, and the whole last layer (for --tokens)."""
+    """The pooled text (CLS of the last hidden layer by default), and the whole last layer (for --tokens)."""
     with encoders.autocast():
+        if encoders.text_pooling == PROJECTED:
+            return projected_text(encoders.text_model, encoders.tokenizer, input_ids, attention_mask,
+                                  length=encoders.text_length)
         hidden = encoders.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return hidden[:, 0], hidden
+    return pool_text(hidden, attention_mask, encoders.text_pooling), hidden
 
 
 def image_embeddings(encoders: Encoders, pixel_values: torch.Tensor):
-    """DINOv2's layer-normed CLS (`pooler_output`); models without a pooler fall back to their first token."""
+    """The pooled image (by default DINOv2's layer-normed CLS, `pooler_output`; models without a pooler fall back to
+    their first token), and the whole last layer (for --tokens)."""
     with encoders.autocast():
+        if encoders.image_pooling == PROJECTED:
+            return projected_image(encoders.image_model, pixel_values)
         output = encoders.image_model(pixel_values=pixel_values)
-    pooled = getattr(output, "pooler_output", None)
     hidden = output.last_hidden_state
-    return (pooled if pooled is not None else hidden[:, 0]), hidden
+    return pool_image(hidden, getattr(output, "pooler_output", None), encoders.image_pooling,
+                      prefix_tokens=prefix_tokens(encoders.image_model.config)), hidden

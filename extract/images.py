@@ -6,6 +6,7 @@ and raises only `ImageUnreadable` (a plain picklable exception) for files it can
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import threading
@@ -34,8 +35,11 @@ class ImageUnreadable(Exception):
     """The file is not a decodable image; str(error) is the short reason stored in the cache."""
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode `path` to an RGB image (first frame of animations); ImageUnreadable with a reason otherwise."""
+def load_rgb(path: Path | bytes) -> Image.Image:
+    """Decode `path` (or an image file's bytes) to an RGB image (first frame of animations); ImageUnreadable with a
+    reason otherwise."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return _load_bytes(bytes(path))
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -54,7 +58,19 @@ def load_rgb(path: Path) -> Image.Image:
     return image
 
 
-def _open_loaded(path: Path) -> Image.Image:
+def _load_bytes(data: bytes) -> Image.Image:
+    """The checks of a file, on bytes held in memory (an image stored inside a dataset: extract/hfdata.py)."""
+    if not data:
+        raise ImageUnreadable("empty image data")
+    try:
+        return _open_loaded(io.BytesIO(data))
+    except OSError as err:
+        if "truncated" not in str(err).lower():
+            raise ImageUnreadable(f"corrupt image data ({_short(err)})") from None
+        return _open_loaded_truncated(io.BytesIO(data))
+
+
+def _open_loaded(path: Path | io.BytesIO) -> Image.Image:
     """Open, refuse bombs before decoding, decode the first frame to RGB; the file is closed on return."""
     try:
         with Image.open(path) as image:
@@ -71,7 +87,7 @@ def _open_loaded(path: Path) -> Image.Image:
         raise ImageUnreadable(f"corrupt image data ({_short(err)})") from None
 
 
-def _open_loaded_truncated(path: Path) -> Image.Image:
+def _open_loaded_truncated(path: Path | io.BytesIO) -> Image.Image:
     with _TRUNCATED_LOCK:
         before = ImageFile.LOAD_TRUNCATED_IMAGES
         ImageFile.LOAD_TRUNCATED_IMAGES = True

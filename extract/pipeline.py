@@ -29,6 +29,7 @@ import transformers
 import fusion
 from fusion.cache.fingerprint import fingerprint
 from fusion.cache.partial import FORMAT_VERSION, PLAN_FILE, PartialCache, Plan, partial_dir, read_plan
+from fusion.cache.pooling_check import refuse_other_pooling
 from fusion.cache.reader import check_header, is_complete_cache, open_cache
 from fusion.cache.writer import finalize, remove_leftover_partial
 from fusion.errors import CacheError
@@ -38,8 +39,8 @@ from fusion.extract.batches import (default_decode_workers, fit_to_shared_memory
 from fusion.extract.datasets import load_dataset
 from fusion.extract.embedding import embed_posts
 from fusion.extract.distributed import barrier, rank_device, sum_over_ranks
-from fusion.extract.encoders import (DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IMAGE_POOLING, TEXT_POOLING, Encoders,
-                                     fit_max_length, load_encoders)
+from fusion.extract.encoders import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Encoders, fit_max_length, load_encoders
+from fusion.extract.pooling import check_token_widths
 from fusion.extract.samples import DatasetSamples, Sample
 from fusion.extract.splitfile import read_split_file, with_splits
 from fusion.labels import LABELS, SPLITS
@@ -64,6 +65,9 @@ class ExtractConfig:
     workers: int | None = 1  # image-decoding workers of this rank; None: from the node's cores and ranks
     trust_remote_code: bool = False
     split_file: Path | None = None  # CSV/TSV of id,split fixing the splits (extract/splitfile.py)
+    text_pooling: str | None = None  # None: cls, or projected for a dual encoder (extract/pooling.py)
+    image_pooling: str | None = None
+    columns: str | None = None  # --dataset hf: image=COL,text=COL,label=COL[,id=COL] (extract/hfdata.py)
 
 
 @dataclass
@@ -94,12 +98,16 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
     started = time.perf_counter()
     config = dataclasses.replace(config, device=rank_device(config.device, world_size))
     split_file = read_split_file(config.split_file) if config.split_file else None  # a bad file fails first
-    data = load_dataset(config.dataset, config.root, seed=config.split_seed)
+    data = load_dataset(config.dataset, config.root, seed=config.split_seed, columns=config.columns)
     data = limit_samples(with_splits(data, split_file, config.split_seed), config.limit)
     encoders = load_encoders(config.text_model, config.image_model, device=config.device,
-                             precision=config.precision, trust_remote_code=config.trust_remote_code)
+                             precision=config.precision, trust_remote_code=config.trust_remote_code,
+                             text_pooling=config.text_pooling, image_pooling=config.image_pooling)
+    if config.tokens:
+        check_token_widths(encoders.text_pooling, encoders.image_pooling)
     config = dataclasses.replace(config, max_length=fit_max_length(encoders, config.max_length))
     plan = make_plan(config, data, encoders)
+    refuse_other_pooling(config.out, plan.attrs)
     if config.out.exists():
         if not is_complete_cache(config.out, plan.fingerprint):
             raise CacheError(f"{config.out} exists and was made for other settings{other_device(config.out, plan)} "
@@ -167,10 +175,11 @@ def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -
         "format_version": FORMAT_VERSION, "dataset": config.dataset,
         "text_model": encoders.text_name, "text_model_revision": encoders.text_revision,
         "image_model": encoders.image_name, "image_model_revision": encoders.image_revision,
-        "text_pooling": TEXT_POOLING, "image_pooling": IMAGE_POOLING, "max_length": config.max_length,
+        **encoders.recorded_pooling, "max_length": config.max_length,
         "image_size": encoders.image_size, "split_seed": config.split_seed, "precision": config.precision,
         "device_type": encoders.device.type,
         "tokens": config.tokens, "limit": config.limit or 0, "preprocessing": encoders.preprocessing(),
+        **data.settings,
     }
     attrs = {key: value for key, value in settings.items() if key != "preprocessing"}
     attrs.update(fingerprint=fingerprint(settings, data.source_files), text_dim=encoders.text_dim,

@@ -25,7 +25,7 @@ class Sample:
     split: str  # "train" | "val" | "test"
     label: int  # 0 negative, 1 neutral, 2 positive
     text: str  # decoded, stripped text; "" when missing
-    image: Path  # absolute path of the image file
+    image: Path  # absolute path of the image file (hf: a StoredImage, read when decoded; extract/hfdata.py)
 
 
 @dataclass
@@ -38,6 +38,8 @@ class DatasetSamples:
     source_files: list[Path] = field(default_factory=list)  # label files hashed into the cache fingerprint
     split_source: dict[str, str] = field(default_factory=dict)  # cache attributes saying where the split came from
     split_counts: dict[str, int] = field(default_factory=dict)  # with a split file: ids it and the data do not share
+    settings: dict[str, str] = field(default_factory=dict)  # reader options that change the rows (hf: columns),
+    # added to the cache's attributes and fingerprint
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]

@@ -182,7 +182,7 @@ def test_csv_root_must_be_the_file(tmp_path):
 
 
 def test_unknown_dataset_name():
-    assert set(DATASETS) == {"memotion", "mvsa-single", "mvsa-multi", "csv", "demo"}
+    assert set(DATASETS) == {"memotion", "mvsa-single", "mvsa-multi", "csv", "demo", "hf"}
     with pytest.raises(DatasetError, match="unknown dataset 'imdb'"):
         load_dataset("imdb", ".")
 
