@@ -265,8 +265,12 @@ def serve(
 ) -> None:
     """Serve a trained run over HTTP: POST /predict, POST /predict/batch, GET /health, and a page at /."""
     from fusion.app.console import console
-    from fusion.app.serve import serve_forever
     from fusion.app.serve_model import ServedModel
+
+    try:
+        from fusion.app.serve import serve_forever
+    except ImportError as missing:
+        raise FusionError(f"fusion serve needs {missing.name}: pip install 'fusion[serve]'") from None
     from fusion.extract.encoders import quiet_transformers
 
     quiet_transformers()
