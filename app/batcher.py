@@ -2,8 +2,11 @@
 
 Each request submits a job (one or more items) from the event loop; one worker thread takes the first job waiting,
 keeps gathering jobs for a short window or until the batch is full, runs them as one batch, and hands every job its
-own results. Under load the queue fills while a batch runs, so batches grow with the number of clients; a lone
-request waits at most the window.
+own results. Under load the queue fills while a batch runs, so batches grow with the number of clients.
+
+The window stays open only while other items are on their way: a request announces its items when it starts
+preparing them (decoding an upload takes a few ms) and submits them when ready. With nothing announced and nothing
+queued a batch starts at once, so a lone client never waits for company that is not coming.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class MicroBatcher:
             raise ValueError("max_batch must be at least 1 and wait_s not negative")
         self.run_batch, self.max_batch, self.wait_s = run_batch, max_batch, wait_s
         self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # keeps `_announced` and the queue consistent for the worker's look at both
+        self._announced = 0  # items being prepared by requests, not yet submitted
         self._carried: _Job | None = None  # the job that did not fit the last batch: first in the next
         self._thread = threading.Thread(target=self._work, name="fusion-batcher", daemon=True)
         self.batches_run = 0  # with items_run: the mean batch size, for the benchmark and tests
@@ -46,12 +51,28 @@ class MicroBatcher:
         self._queue.put(_STOP)
         self._thread.join()
 
-    async def submit(self, items: Sequence) -> list:
-        """The results of `items`, all computed in the same batch; run_batch's exception is raised here."""
+    def announce(self, count: int) -> None:
+        """`count` items are being prepared and will be submitted (announced=) or withdrawn."""
+        with self._lock:
+            self._announced += count
+
+    def withdraw(self, count: int) -> None:
+        """Announced items that will not come (their input was refused, or the client left)."""
+        self.announce(-count)
+
+    async def submit(self, items: Sequence, *, announced: int = 0) -> list:
+        """The results of `items`, all computed in the same batch; run_batch's exception is raised here.
+        announced: how many of them were announced."""
         loop = asyncio.get_running_loop()
         job = _Job(items=items, loop=loop, future=loop.create_future())
-        self._queue.put(job)
+        with self._lock:
+            self._announced -= announced
+            self._queue.put(job)
         return await job.future
+
+    def _nothing_coming(self) -> bool:
+        with self._lock:
+            return self._announced <= 0 and self._queue.empty()
 
     def _work(self) -> None:
         while True:
@@ -67,7 +88,7 @@ class MicroBatcher:
             return None
         jobs, size = [first], len(first.items)
         deadline = time.monotonic() + self.wait_s
-        while size < self.max_batch:
+        while size < self.max_batch and not self._nothing_coming():
             try:
                 job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:

@@ -25,7 +25,8 @@ from fusion.app.serve_model import BadPost, PreparedPost, ServedModel
 
 PAGE_FILE = "serve_page.html"
 DEFAULT_MAX_BATCH = 32
-DEFAULT_WAIT_S = 0.005  # a lone request waits this long for company; a batch of posts costs little more than one
+# How long a batch waits for posts announced but not yet prepared (never longer than they take; see batcher.py).
+DEFAULT_WAIT_S = 0.01
 
 
 def create_app(model: ServedModel, *, max_upload_bytes: int, max_batch: int = DEFAULT_MAX_BATCH,
@@ -53,16 +54,20 @@ def create_app(model: ServedModel, *, max_upload_bytes: int, max_batch: int = DE
 
     @app.get("/health")
     async def health() -> dict:
-        return described
+        return {**described, "batches_run": batcher.batches_run, "posts_predicted": batcher.items_run}
 
     @app.post("/predict")
     async def predict(image: UploadFile = File(...), text: str = Form(...)) -> dict:
         """One post: multipart fields `image` (a file) and `text`."""
+        batcher.announce(1)
         try:
             post = await _prepared(model, image, text)
-        except BadPost as error:
-            raise HTTPException(400, str(error)) from None
-        [answer] = await batcher.submit([post])
+        except BaseException as error:
+            batcher.withdraw(1)
+            if isinstance(error, BadPost):
+                raise HTTPException(400, str(error)) from None
+            raise
+        [answer] = await batcher.submit([post], announced=1)
         return answer
 
     @app.post("/predict/batch")
@@ -75,13 +80,19 @@ def create_app(model: ServedModel, *, max_upload_bytes: int, max_batch: int = DE
         if len(image) > max_batch:
             raise HTTPException(400, f"{len(image)} posts: at most {max_batch} per request")
         prepared: list[PreparedPost | str] = []
-        for position, (upload, words) in enumerate(zip(image, text)):
-            try:
-                prepared.append(await _prepared(model, upload, words))
-            except BadPost as error:
-                prepared.append(f"post {position}: {error}")
+        batcher.announce(len(image))
+        try:
+            for position, (upload, words) in enumerate(zip(image, text)):
+                try:
+                    prepared.append(await _prepared(model, upload, words))
+                except BadPost as error:
+                    prepared.append(f"post {position}: {error}")
+        except BaseException:
+            batcher.withdraw(len(image))
+            raise
         readable = [post for post in prepared if isinstance(post, PreparedPost)]
-        answers = iter(await batcher.submit(readable) if readable else [])
+        batcher.withdraw(len(image) - len(readable))
+        answers = iter(await batcher.submit(readable, announced=len(readable)) if readable else [])
         return {"results": [{"error": post} if isinstance(post, str) else next(answers) for post in prepared]}
 
     return app

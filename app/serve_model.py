@@ -96,7 +96,8 @@ class ServedModel:
 
 
 def shown_name(model: str | None) -> str | None:
-    """A hub name as it is; a local folder (recorded as an absolute path) by its last part only."""
-    if model is None:
-        return None
-    return Path(model).name if Path(model).is_absolute() else model
+    """A hub name as it is; a local folder (recorded as an absolute path) by its last two parts only (the last alone
+    is often a bare "model")."""
+    if model is None or not Path(model).is_absolute():
+        return model
+    return "/".join(Path(model).parts[-2:])

@@ -3,7 +3,6 @@ server for an app on a free loopback port, in a thread of the test process."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -36,21 +35,20 @@ def make_tiny_run(folder: Path, tiny_models, *, head: str = "self_attn") -> Tiny
 
 @contextmanager
 def running_server(app, *, start_timeout: float = 60.0):
-    """Yields the base URL of `app` served by uvicorn on 127.0.0.1 at a port the OS chose; stops it afterwards."""
-    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listening.bind(("127.0.0.1", 0))
-    port = listening.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
+    """Yields the base URL of `app` served by uvicorn on 127.0.0.1 at a port the OS chose; stops it afterwards.
+
+    uvicorn opens the socket itself, as `fusion serve` does (asyncio turns Nagle's algorithm off only on sockets
+    it creates with an explicit TCP protocol: on one made here each answer would wait ~40 ms for a delayed ACK)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
         time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-        listening.close()

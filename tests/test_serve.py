@@ -182,8 +182,9 @@ def test_health_names_the_run_its_encoders_and_cache_and_the_page_has_no_externa
     health = httpx.get(f"{url}/health", timeout=60).json()
     cache = model.loaded.cache
     assert health["cache_fingerprint"] == cache["fingerprint"] and health["head"] == "self_attn"
-    assert health["text_model"] == Path(cache["text_model"]).name == "bert"
-    assert health["image_model"] == "dinov2" and health["run"].endswith("/run")
+    models = Path(cache["text_model"]).parent.name
+    assert health["text_model"] == f"{models}/bert" and health["image_model"] == f"{models}/dinov2"
+    assert health["run"] == f"{model.run_dir.parent.name}/run" and str(model.run_dir.parent) not in str(health)
     page = httpx.get(url, timeout=60)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "/predict" in page.text and "http://" not in page.text and "https://" not in page.text
@@ -215,6 +216,25 @@ def test_the_batcher_gathers_what_waits_into_one_batch():
     assert first == [0] and rest == [[10 * i, 10 * (i + 100)] for i in range(1, 6)]
     # 5 jobs of 2 items wait: 4 fit in a batch of 8, never split; the fifth goes next.
     assert [len(batch) for batch in seen] == [1, 8, 2]
+
+
+def test_the_window_waits_for_announced_posts_and_never_for_posts_not_announced():
+    seen = []
+    batcher = MicroBatcher(lambda items: seen.append(list(items)) or list(items), max_batch=8, wait_s=3600.0)
+    batcher.start()
+
+    async def clients():
+        alone = await asyncio.wait_for(batcher.submit(["alone"]), timeout=60)  # nothing else announced: no wait
+        batcher.announce(2)
+        first = asyncio.ensure_future(batcher.submit(["first"]))
+        await asyncio.sleep(0.05)  # the worker holds "first" and waits for the two announced posts
+        batcher.withdraw(1)  # one of them was refused
+        late = await asyncio.wait_for(batcher.submit(["late"], announced=1), timeout=60)
+        return alone, await first, late
+
+    assert asyncio.run(clients()) == (["alone"], ["first"], ["late"])
+    batcher.stop()
+    assert seen == [["alone"], ["first", "late"]]
 
 
 def test_a_failing_batch_fails_its_requests_only():
