@@ -39,14 +39,21 @@ def create_app(model: ServedModel, *, max_upload_bytes: int, max_batch: int = DE
         yield
         batcher.stop()
 
-    # No /docs or /redoc: they load their scripts from a CDN, and the page below is the way to try the model.
+    # No /docs or /redoc: they load their scripts from a CDN, and the page is the way to try the model.
     app = FastAPI(title="fusion", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.batcher = batcher
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
     _add_error_answers(app)
-    page = files("fusion.app").joinpath(PAGE_FILE).read_text(encoding="utf-8")
     described = {"status": "ok", **model.describe(), "max_batch": max_batch,
                  "max_upload_mb": round(max_upload_bytes / 2**20, 3)}
+    _add_page_and_health(app, batcher, described)
+    _add_predict(app, model, batcher)
+    _add_predict_batch(app, model, batcher)
+    return app
+
+
+def _add_page_and_health(app: FastAPI, batcher: MicroBatcher, described: dict) -> None:
+    page = files("fusion.app").joinpath(PAGE_FILE).read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     async def home() -> str:
@@ -56,6 +63,8 @@ def create_app(model: ServedModel, *, max_upload_bytes: int, max_batch: int = DE
     async def health() -> dict:
         return {**described, "batches_run": batcher.batches_run, "posts_predicted": batcher.items_run}
 
+
+def _add_predict(app: FastAPI, model: ServedModel, batcher: MicroBatcher) -> None:
     @app.post("/predict")
     async def predict(image: UploadFile = File(...), text: str = Form(...)) -> dict:
         """One post: multipart fields `image` (a file) and `text`."""
@@ -70,6 +79,8 @@ def create_app(model: ServedModel, *, max_upload_bytes: int, max_batch: int = DE
         [answer] = await batcher.submit([post], announced=1)
         return answer
 
+
+def _add_predict_batch(app: FastAPI, model: ServedModel, batcher: MicroBatcher) -> None:
     @app.post("/predict/batch")
     async def predict_batch(image: list[UploadFile] = File(...), text: list[str] = Form(...)) -> dict:
         """Several posts in one encoder batch: repeated `image` and `text` fields, paired in order. A post whose
@@ -77,8 +88,8 @@ def create_app(model: ServedModel, *, max_upload_bytes: int, max_batch: int = DE
         if len(image) != len(text):
             raise HTTPException(400, f"{len(image)} image field(s) but {len(text)} text field(s): "
                                      "send one text per image, in the same order")
-        if len(image) > max_batch:
-            raise HTTPException(400, f"{len(image)} posts: at most {max_batch} per request")
+        if len(image) > batcher.max_batch:
+            raise HTTPException(400, f"{len(image)} posts: at most {batcher.max_batch} per request")
         prepared: list[PreparedPost | str] = []
         batcher.announce(len(image))
         try:
@@ -94,8 +105,6 @@ def create_app(model: ServedModel, *, max_upload_bytes: int, max_batch: int = DE
         batcher.withdraw(len(image) - len(readable))
         answers = iter(await batcher.submit(readable, announced=len(readable)) if readable else [])
         return {"results": [{"error": post} if isinstance(post, str) else next(answers) for post in prepared]}
-
-    return app
 
 
 async def _prepared(model: ServedModel, upload: UploadFile, text: str) -> PreparedPost:
