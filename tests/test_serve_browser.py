@@ -1,0 +1,101 @@
+"""The page of `fusion serve` in a real headless browser: Debian's chromium driven by Selenium through Debian's
+chromedriver (no driver or browser is downloaded). `.ci/run` installs both when they are missing."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from serve_fixtures import make_tiny_run, running_server
+
+from fusion.app.predict import Post, predict_posts
+from fusion.app.serve import create_app
+from fusion.app.serve_model import ServedModel
+from fusion.labels import LABELS
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+                       reason="Debian's chromium and chromium-driver are not installed "
+                              "(.ci/run installs them: apt-get install chromium chromium-driver)"),
+]
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1000,900")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_models):
+    tiny = make_tiny_run(tmp_path_factory.mktemp("browser"), tiny_models)
+    model = ServedModel.load(tiny.run, device="cpu")
+    with running_server(create_app(model, max_upload_bytes=2**20)) as url:
+        yield url, model, tiny
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    """One browser for the module (starting chromium is most of a test's time), with a fresh profile."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield browser
+    browser.quit()
+
+
+def _submit(driver, url: str, image: Path, text: str) -> str:
+    """Fills the page's form as a user does; returns the state the page reaches (answered or refused)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "run").text not in ("", "…"))
+    driver.find_element(By.ID, "image").send_keys(str(image))
+    driver.find_element(By.ID, "text").send_keys(text)
+    driver.find_element(By.ID, "submit").click()
+    body = driver.find_element(By.TAG_NAME, "body")
+    WebDriverWait(driver, 60).until(lambda d: body.get_attribute("data-state") in ("answered", "refused"))
+    return body.get_attribute("data-state")
+
+
+def test_the_page_shows_the_label_and_three_probability_bars_of_a_post(served, driver):
+    from selenium.webdriver.common.by import By
+
+    url, model, tiny = served
+    assert _submit(driver, url, tiny.images[0], tiny.texts[0]) == "answered"
+    label = driver.find_element(By.ID, "label").get_attribute("textContent")
+    rows = driver.find_elements(By.CSS_SELECTOR, "#bars .row")
+    shown = {row.get_attribute("data-label"): float(row.get_attribute("data-probability")) for row in rows}
+    widths = {row.get_attribute("data-label"): row.find_element(By.CLASS_NAME, "fill").get_attribute("style")
+              for row in rows}
+    percents = {row.get_attribute("data-label"): row.find_element(By.CLASS_NAME, "value").text for row in rows}
+    header = {name: driver.find_element(By.ID, name).text for name in ("run", "head", "text-model", "image-model")}
+    [expected] = predict_posts(model.loaded.head, model.encoders, [Post(tiny.images[0], tiny.texts[0])],
+                               max_length=model.max_length, tokens=model.loaded.tokens)
+    assert [row for row in shown] == list(LABELS) and shown == expected.probabilities
+    assert label == expected.label
+    for name, p in expected.probabilities.items():  # the browser rewrites "34.10%" as "34.1%"
+        assert float(re.fullmatch(r"width: ([0-9.]+)%;", widths[name]).group(1)) == pytest.approx(100 * p, abs=0.006)
+        assert percents[name].endswith("%") and float(percents[name][:-1]) == pytest.approx(100 * p, abs=0.051)
+    about = model.describe()
+    assert header == {"run": about["run"], "head": "self_attn", "text-model": about["text_model"],
+                      "image-model": about["image_model"]} and about["text_model"].endswith("/bert")
+
+
+def test_the_page_shows_why_a_file_is_refused(served, driver, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, _, _ = served
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are notes, not pixels")
+    assert _submit(driver, url, not_an_image, "hello") == "refused"
+    assert "not an image" in driver.find_element(By.ID, "error").text
+    assert not driver.find_element(By.ID, "result").is_displayed()
