@@ -1,0 +1,218 @@
+"""dual_attn training on token sequences at the real shapes: the feature-space attention (heads/layers.py
+token_cross_attention) against the pooled path and the direct formula (every token projected), in one run.
+
+    .venv/bin/python benchmarks/token_speed.py                  # about 3 minutes on 2 cores
+    .venv/bin/python benchmarks/token_speed.py --rows 4096      # more rows per epoch (~1.2 GB of features per 1024 rows)
+
+Shapes: text 128 x 768 (BERT-base tokens; tweet-like lengths, the rest padding), image 257 x 384 (DINOv2-small's CLS
+and 256 patches), 12 stacked dual_attn models (proj 256, hidden 256), batch 256, float32. The rows are random
+features in memory (MVSA-Multi has ~17k; the epoch here has --rows, default 1536, so 6 minibatches: per-minibatch
+cost does not depend on the row count). A training epoch is what the trainer does per minibatch: gather the rows,
+forward, loss, backward, one Adam step for every model; evaluation is not included.
+
+- token_vs_pooled_epoch: seconds of an epoch on the token sequences over an epoch of the same models, rows and batch
+  on the pooled features (token 0 of each modality, where dual_attn is the single-key variant). Each is timed after
+  a warm-up step, alternating, --repeats times; the fastest counts.
+- speedup_vs_direct: seconds per training step of the direct formula (every token projected by every model, then
+  softmax attention: the path before feature-space attention) over the token path's seconds per step. The direct
+  formula is slow, so it is timed on --direct-batches minibatches after one warm-up step (the agreement check
+  below), and compared per step; it runs --direct-chunk models per forward and backward (all models in one would
+  need ~7 GB; the models are independent, so this changes the memory, not the work).
+- max_abs_diff_vs_direct: the largest |logit difference| between the two formulas on one minibatch, same weights;
+  max_rel_grad_diff_vs_direct: the largest |gradient difference| over the largest |gradient|, over all parameters.
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
+
+from fusion.heads.features import Modality, SplitFeatures
+from fusion.heads.layers import attention, pair_self_attention, shared_linear, stacked_linear
+from fusion.heads.losses import cross_entropy
+from fusion.heads.models import head_forward, init_params, param_shapes
+from fusion.heads.optim import BatchedAdam, ParamStack
+from fusion.heads.registry import HEADS
+
+DUAL = HEADS["dual_attn"]
+TEXT_LENGTH, TEXT_DIM, PATCHES, IMAGE_DIM = 128, 768, 257, 384
+
+
+def cpu_bf16_units() -> str:
+    """"amx", "avx512_bf16" or "none": what bf16 matrix products can run on in this CPU."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    return next((name for flag, name in (("amx_bf16", "amx"), ("avx512_bf16", "avx512_bf16")) if flag in flags.split()),
+                "none")
+
+
+def token_rows(rows: int, seed: int) -> SplitFeatures:
+    """Random features shaped like a --tokens cache as training holds it: token 0 is the pooled embedding."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randn(rows, TEXT_LENGTH, TEXT_DIM, generator=generator)
+    lengths = torch.randint(8, 61, (rows,), generator=generator)  # tweets: most are far shorter than 128 tokens
+    text_mask = torch.arange(TEXT_LENGTH) < lengths.unsqueeze(1)
+    image = torch.randn(rows, PATCHES, IMAGE_DIM, generator=generator)
+    label = torch.randint(0, 3, (rows,), generator=generator)
+    return SplitFeatures(Modality(text, text_mask), Modality(image, torch.ones(rows, PATCHES, dtype=torch.bool)),
+                         label)
+
+
+# ------------------------------------------------------------------ the direct formula
+
+def direct_logits(params: dict, text: Modality, image: Modality) -> torch.Tensor:
+    """dual_attn as written in the paper: every token projected (Eqs. 1, 4), then Q/K/V and softmax attention."""
+    h = shared_linear(text.tokens, params["text_proj.weight"], params["text_proj.bias"])  # (M, B, L, d)
+    g = shared_linear(image.tokens, params["image_proj.weight"], params["image_proj.bias"])
+    text_qkv, image_qkv = params["cross.text_qkv.weight"], params["cross.image_qkv.weight"]
+    dim = h.shape[-1]
+    text_adjusted = direct_cross(h[:, :, 0], text_qkv[:, :dim], g, image_qkv[:, dim:], image.mask)
+    image_adjusted = direct_cross(g[:, :, 0], image_qkv[:, :dim], h, text_qkv[:, dim:], text.mask)
+    fused = pair_self_attention(text_adjusted, image_adjusted, params["fusion.qkv.weight"])
+    hidden = torch.relu(stacked_linear(fused, params["classifier.hidden.weight"], params["classifier.hidden.bias"]))
+    return stacked_linear(hidden, params["classifier.out.weight"], params["classifier.out.bias"])
+
+
+def direct_cross(latent, query_weight, others, key_value_weight, mask):
+    models, batch, length, dim = others.shape
+    query = stacked_linear(latent, query_weight).unsqueeze(2)
+    key_value = stacked_linear(others.reshape(models, batch * length, dim), key_value_weight)
+    key, value = key_value.view(models, batch, length, 2 * dim).split(dim, dim=-1)
+    return attention(query, key, value, mask).squeeze(2)
+
+
+# ------------------------------------------------------------------ training steps
+
+def fast_logits(params, text, image):
+    return head_forward(DUAL, params, text, image)
+
+
+def stacked_params(models: int, proj_dim: int, hidden: int) -> ParamStack:
+    shapes = param_shapes(DUAL, TEXT_DIM, IMAGE_DIM, proj_dim, hidden)
+    return ParamStack.from_models(shapes, [init_params(shapes, "dual_attn", seed) for seed in range(models)])
+
+
+def logits_and_grads(forward, params: dict, batch: SplitFeatures, chunk: int) -> tuple[torch.Tensor, list]:
+    """Logits (M, B, 3) and the summed cross-entropy's gradients of all M models, `chunk` models per forward and
+    backward (the models are independent, so chunking changes the memory, not the work or the result)."""
+    names, models = list(params), next(iter(params.values())).shape[0]
+    if chunk >= models:  # as the trainer does it
+        logits = forward(params, batch.text, batch.image)
+        return logits.detach(), torch.autograd.grad(cross_entropy(logits, batch.label).sum(), list(params.values()),
+                                                    allow_unused=True, materialize_grads=True)
+    logits, grads = [], [torch.zeros_like(p) for p in params.values()]
+    for start in range(0, models, chunk):
+        part = {name: params[name][start:start + chunk] for name in names}
+        chunk_logits = forward(part, batch.text, batch.image)
+        chunk_grads = torch.autograd.grad(cross_entropy(chunk_logits, batch.label).sum(), list(part.values()),
+                                          allow_unused=True, materialize_grads=True)
+        for total, grad in zip(grads, chunk_grads):
+            total[start:start + chunk] += grad
+        logits.append(chunk_logits.detach())
+    return torch.cat(logits), grads
+
+
+class Trainer:
+    """M models with the trainer's stacked parameters and Adam; `forward` maps (params, text, image) to logits."""
+
+    def __init__(self, forward, models: int, proj_dim: int, hidden: int, chunk: int | None = None):
+        self.forward, self.chunk = forward, chunk or models
+        self.adam = BatchedAdam(stacked_params(models, proj_dim, hidden), [1e-4] * models)
+
+    def step(self, batch: SplitFeatures) -> None:
+        self.adam.step(logits_and_grads(self.forward, self.adam.stack.params, batch, self.chunk)[1])
+
+    def seconds(self, split: SplitFeatures, batch_size: int, batches: int | None = None) -> tuple[float, int]:
+        """Seconds of `batches` training steps (default: one epoch) over shuffled rows, and the steps taken."""
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
+        starts = list(range(0, len(split), batch_size))[:batches]
+        started = time.perf_counter()
+        for start in starts:
+            self.step(split.rows(order[start:start + batch_size]))
+        return time.perf_counter() - started, len(starts)
+
+
+def agreement(batch: SplitFeatures, params: dict, direct_chunk: int) -> tuple[float, float]:
+    """Max |logit difference| and max |gradient difference| / max |gradient| of the two formulas, one minibatch."""
+    fast, fast_grads = logits_and_grads(fast_logits, params, batch, len(next(iter(params.values()))))
+    direct, direct_grads = logits_and_grads(direct_logits, params, batch, direct_chunk)
+    relative = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(fast_grads, direct_grads))
+    return float((fast - direct).abs().max()), relative
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1536, help="training rows per epoch")
+    parser.add_argument("--models", type=int, default=12, help="stacked dual_attn models")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--proj-dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating timed epochs of each path")
+    parser.add_argument("--direct-batches", type=int, default=1, help="timed steps of the direct formula")
+    parser.add_argument("--direct-chunk", type=int, default=4, help="models per forward of the direct formula")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = OtherLoad()
+    print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__} with {torch.get_num_threads()} threads, CPU bf16 "
+          f"units: {cpu_bf16_units()}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"shapes: text {TEXT_LENGTH}x{TEXT_DIM}, image {PATCHES}x{IMAGE_DIM}, {args.models} stacked models, batch "
+          f"{args.batch_size}, {args.rows} rows per epoch (MVSA-Multi has ~17k), float32", flush=True)
+    tokens = token_rows(args.rows, seed=0)
+    pooled = tokens.latents_only()
+    dims = (args.models, args.proj_dim, args.hidden)
+    # The direct formula's first step (here) is also its warm-up.
+    max_diff, grad_diff = agreement(tokens.rows(slice(0, args.batch_size)), stacked_params(*dims).params,
+                                    args.direct_chunk)
+    print(f"direct vs token path on one minibatch: max |logit diff| {max_diff:.2e}, max relative gradient diff "
+          f"{grad_diff:.2e}", flush=True)
+
+    paths = {"token": (Trainer(fast_logits, *dims), tokens), "pooled": (Trainer(fast_logits, *dims), pooled)}
+    best = {name: float("inf") for name in paths}
+    steps = {}
+    for name, (trainer, split) in paths.items():
+        trainer.seconds(split, args.batch_size, batches=1)  # warm-up
+    for repeat in range(args.repeats):
+        for name, (trainer, split) in paths.items():
+            seconds, steps[name] = trainer.seconds(split, args.batch_size)
+            best[name] = min(best[name], seconds)
+            print(f"epoch {repeat + 1}, {name}: {seconds:.2f} s ({steps[name]} steps)", flush=True)
+
+    direct = Trainer(direct_logits, *dims, chunk=args.direct_chunk)
+    direct_seconds, direct_steps = direct.seconds(tokens, args.batch_size, batches=args.direct_batches)
+    token_step = best["token"] / steps["token"]
+    direct_step = direct_seconds / direct_steps
+    print(f"per step: token path {token_step:.3f} s, pooled {best['pooled'] / steps['pooled']:.3f} s, direct "
+          f"formula {direct_step:.2f} s (timed on {direct_steps} step(s) after a warm-up step, {args.direct_chunk} models per forward and backward "
+          f"to bound its memory, compared per step); "
+          f"direct epoch of {steps['token']} steps ~{direct_step * steps['token']:.0f} s", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    others = load.cores()
+    print(f"peak RSS {peak / 2**30:.2f} GiB; other processes used {others:.2f} cores on average during the run",
+          flush=True)
+    print(json.dumps({"token_vs_pooled_epoch": round(best["token"] / best["pooled"], 3),
+                      "speedup_vs_direct": round(direct_step / token_step, 1),
+                      "max_abs_diff_vs_direct": float(f"{max_diff:.3g}"),
+                      "max_rel_grad_diff_vs_direct": float(f"{grad_diff:.3g}"),
+                      "token_epoch_s": round(best["token"], 3), "pooled_epoch_s": round(best["pooled"], 3),
+                      "direct_step_s": round(direct_step, 3), "token_step_s": round(token_step, 4),
+                      "steps_per_epoch": steps["token"], "rows": args.rows, "models": args.models,
+                      "batch_size": args.batch_size, "direct_steps_timed": direct_steps,
+                      "direct_models_per_forward": args.direct_chunk,
+                      "threads": torch.get_num_threads(), "bf16_units": cpu_bf16_units(),
+                      "other_load_cores": round(others, 2), "peak_rss_gib": round(peak / 2**30, 2)}))
+
+
+if __name__ == "__main__":
+    main()
