@@ -150,7 +150,7 @@ def agreement(batch: SplitFeatures, params: dict, direct_chunk: int) -> tuple[fl
     return float((fast - direct).abs().max()), relative
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1536, help="training rows per epoch")
     parser.add_argument("--models", type=int, default=12, help="stacked dual_attn models")
@@ -161,7 +161,26 @@ def main() -> None:
     parser.add_argument("--direct-batches", type=int, default=1, help="timed steps of the direct formula")
     parser.add_argument("--direct-chunk", type=int, default=4, help="models per forward of the direct formula")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def time_epochs(args, dims: tuple[int, int, int], tokens: SplitFeatures) -> tuple[dict, dict]:
+    """The fastest epoch of the token and the pooled path (seconds) and their steps per epoch."""
+    paths = {"token": (Trainer(fast_logits, *dims), tokens), "pooled": (Trainer(fast_logits, *dims),
+                                                                        tokens.latents_only())}
+    best, steps = {name: float("inf") for name in paths}, {}
+    for trainer, split in paths.values():
+        trainer.seconds(split, args.batch_size, batches=1)  # warm-up
+    for repeat in range(args.repeats):
+        for name, (trainer, split) in paths.items():
+            seconds, steps[name] = trainer.seconds(split, args.batch_size)
+            best[name] = min(best[name], seconds)
+            print(f"epoch {repeat + 1}, {name}: {seconds:.2f} s ({steps[name]} steps)", flush=True)
+    return best, steps
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load = OtherLoad()
@@ -170,35 +189,21 @@ def main() -> None:
     print(f"shapes: text {TEXT_LENGTH}x{TEXT_DIM}, image {PATCHES}x{IMAGE_DIM}, {args.models} stacked models, batch "
           f"{args.batch_size}, {args.rows} rows per epoch (MVSA-Multi has ~17k), float32", flush=True)
     tokens = token_rows(args.rows, seed=0)
-    pooled = tokens.latents_only()
     dims = (args.models, args.proj_dim, args.hidden)
     # The direct formula's first step (here) is also its warm-up.
     max_diff, grad_diff = agreement(tokens.rows(slice(0, args.batch_size)), stacked_params(*dims).params,
                                     args.direct_chunk)
     print(f"direct vs token path on one minibatch: max |logit diff| {max_diff:.2e}, max relative gradient diff "
           f"{grad_diff:.2e}", flush=True)
-
-    paths = {"token": (Trainer(fast_logits, *dims), tokens), "pooled": (Trainer(fast_logits, *dims), pooled)}
-    best = {name: float("inf") for name in paths}
-    steps = {}
-    for name, (trainer, split) in paths.items():
-        trainer.seconds(split, args.batch_size, batches=1)  # warm-up
-    for repeat in range(args.repeats):
-        for name, (trainer, split) in paths.items():
-            seconds, steps[name] = trainer.seconds(split, args.batch_size)
-            best[name] = min(best[name], seconds)
-            print(f"epoch {repeat + 1}, {name}: {seconds:.2f} s ({steps[name]} steps)", flush=True)
-
-    direct = Trainer(direct_logits, *dims, chunk=args.direct_chunk)
-    direct_seconds, direct_steps = direct.seconds(tokens, args.batch_size, batches=args.direct_batches)
-    token_step = best["token"] / steps["token"]
-    direct_step = direct_seconds / direct_steps
+    best, steps = time_epochs(args, dims, tokens)
+    direct_seconds, direct_steps = Trainer(direct_logits, *dims, chunk=args.direct_chunk).seconds(
+        tokens, args.batch_size, batches=args.direct_batches)
+    token_step, direct_step = best["token"] / steps["token"], direct_seconds / direct_steps
     print(f"per step: token path {token_step:.3f} s, pooled {best['pooled'] / steps['pooled']:.3f} s, direct "
-          f"formula {direct_step:.2f} s (timed on {direct_steps} step(s) after a warm-up step, {args.direct_chunk} models per forward and backward "
-          f"to bound its memory, compared per step); "
-          f"direct epoch of {steps['token']} steps ~{direct_step * steps['token']:.0f} s", flush=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    others = load.cores()
+          f"formula {direct_step:.2f} s (timed on {direct_steps} step(s) after a warm-up step, {args.direct_chunk} "
+          f"models per forward and backward to bound its memory, compared per step; a direct epoch of "
+          f"{steps['token']} steps would take ~{direct_step * steps['token']:.0f} s)", flush=True)
+    peak, others = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, load.cores()
     print(f"peak RSS {peak / 2**30:.2f} GiB; other processes used {others:.2f} cores on average during the run",
           flush=True)
     print(json.dumps({"token_vs_pooled_epoch": round(best["token"] / best["pooled"], 3),
@@ -206,12 +211,12 @@ def main() -> None:
                       "max_abs_diff_vs_direct": float(f"{max_diff:.3g}"),
                       "max_rel_grad_diff_vs_direct": float(f"{grad_diff:.3g}"),
                       "token_epoch_s": round(best["token"], 3), "pooled_epoch_s": round(best["pooled"], 3),
-                      "direct_step_s": round(direct_step, 3), "token_step_s": round(token_step, 4),
+                      "token_step_s": round(token_step, 4), "direct_step_s": round(direct_step, 3),
                       "steps_per_epoch": steps["token"], "rows": args.rows, "models": args.models,
                       "batch_size": args.batch_size, "direct_steps_timed": direct_steps,
-                      "direct_models_per_forward": args.direct_chunk,
-                      "threads": torch.get_num_threads(), "bf16_units": cpu_bf16_units(),
-                      "other_load_cores": round(others, 2), "peak_rss_gib": round(peak / 2**30, 2)}))
+                      "direct_models_per_forward": args.direct_chunk, "threads": torch.get_num_threads(),
+                      "bf16_units": cpu_bf16_units(), "other_load_cores": round(others, 2),
+                      "peak_rss_gib": round(peak / 2**30, 2)}))
 
 
 if __name__ == "__main__":
