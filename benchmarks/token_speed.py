@@ -20,6 +20,8 @@ forward, loss, backward, one Adam step for every model; evaluation is not includ
   one would need ~7 GB; the models are independent, so this changes the memory, not the work).
 - max_abs_diff_vs_direct: the largest |logit difference| between the two formulas, same weights and rows;
   max_rel_grad_diff_vs_direct: the largest |gradient difference| over the largest |gradient|, over all parameters.
+The *_cpu figures are the same ratios in CPU seconds of this process, which time-slicing with other work on a
+shared machine disturbs less (threads that spin while waiting for a descheduled sibling still count).
 The last line printed is one JSON object.
 """
 
@@ -132,14 +134,14 @@ class Trainer:
     def step(self, batch: SplitFeatures) -> None:
         self.adam.step(logits_and_grads(self.forward, self.adam.stack.params, batch, self.chunk)[1])
 
-    def seconds(self, split: SplitFeatures, batch_size: int, batches: int | None = None) -> tuple[float, int]:
-        """Seconds of `batches` training steps (default: one epoch) over shuffled rows, and the steps taken."""
+    def seconds(self, split: SplitFeatures, batch_size: int, batches: int | None = None) -> tuple[float, float, int]:
+        """Wall and CPU seconds of `batches` training steps (default: one epoch) over shuffled rows, and the steps."""
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
         starts = list(range(0, len(split), batch_size))[:batches]
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for start in starts:
             self.step(split.rows(order[start:start + batch_size]))
-        return time.perf_counter() - started, len(starts)
+        return time.perf_counter() - started, time.process_time() - cpu, len(starts)
 
 
 def agreement(batch: SplitFeatures, params: dict, direct_chunk: int) -> tuple[float, float]:
@@ -165,18 +167,19 @@ def parse_args() -> argparse.Namespace:
 
 
 def time_epochs(args, dims: tuple[int, int, int], tokens: SplitFeatures) -> tuple[dict, dict]:
-    """The fastest epoch of the token and the pooled path (seconds) and their steps per epoch."""
+    """The fastest epoch of the token and the pooled path (wall and CPU seconds), and their steps per epoch."""
     paths = {"token": (Trainer(fast_logits, *dims), tokens), "pooled": (Trainer(fast_logits, *dims),
                                                                         tokens.latents_only())}
-    best, steps = {name: float("inf") for name in paths}, {}
+    best, cpu, steps = {name: float("inf") for name in paths}, {name: float("inf") for name in paths}, {}
     for trainer, split in paths.values():
         trainer.seconds(split, args.batch_size, batches=1)  # warm-up
     for repeat in range(args.repeats):
         for name, (trainer, split) in paths.items():
-            seconds, steps[name] = trainer.seconds(split, args.batch_size)
-            best[name] = min(best[name], seconds)
-            print(f"epoch {repeat + 1}, {name}: {seconds:.2f} s ({steps[name]} steps)", flush=True)
-    return best, steps
+            seconds, cpu_seconds, steps[name] = trainer.seconds(split, args.batch_size)
+            best[name], cpu[name] = min(best[name], seconds), min(cpu[name], cpu_seconds)
+            print(f"epoch {repeat + 1}, {name}: {seconds:.2f} s ({cpu_seconds:.2f} CPU s, {steps[name]} steps)",
+                  flush=True)
+    return best, cpu, steps
 
 
 def main() -> None:
@@ -195,8 +198,8 @@ def main() -> None:
                                     args.direct_chunk)
     print(f"direct vs token path on {args.batch_size // 4} rows: max |logit diff| {max_diff:.2e}, max relative "
           f"gradient diff {grad_diff:.2e}", flush=True)
-    best, steps = time_epochs(args, dims, tokens)
-    direct_seconds, direct_steps = Trainer(direct_logits, *dims, chunk=args.direct_chunk).seconds(
+    best, cpu, steps = time_epochs(args, dims, tokens)
+    direct_seconds, direct_cpu, direct_steps = Trainer(direct_logits, *dims, chunk=args.direct_chunk).seconds(
         tokens, args.batch_size, batches=args.direct_batches)
     token_step, direct_step = best["token"] / steps["token"], direct_seconds / direct_steps
     print(f"per step: token path {token_step:.3f} s, pooled {best['pooled'] / steps['pooled']:.3f} s, direct "
@@ -210,6 +213,8 @@ def main() -> None:
                       "speedup_vs_direct": round(direct_step / token_step, 1),
                       "max_abs_diff_vs_direct": float(f"{max_diff:.3g}"),
                       "max_rel_grad_diff_vs_direct": float(f"{grad_diff:.3g}"),
+                      "token_vs_pooled_epoch_cpu": round(cpu["token"] / cpu["pooled"], 3),
+                      "speedup_vs_direct_cpu": round(direct_cpu / direct_steps / (cpu["token"] / steps["token"]), 1),
                       "token_epoch_s": round(best["token"], 3), "pooled_epoch_s": round(best["pooled"], 3),
                       "token_step_s": round(token_step, 4), "direct_step_s": round(direct_step, 3),
                       "steps_per_epoch": steps["token"], "rows": args.rows, "models": args.models,
