@@ -168,10 +168,13 @@ def fit(
     from fusion.app.console import console, epoch_progress, metrics_table
     from fusion.heads.checkpoint import save_run
     from fusion.heads.config import FitConfig
+    from fusion.heads.registry import pooled_dual_attn_note
     from fusion.heads.runs import default_metric
     from fusion.heads.train import train_head
 
     features, meta = _load_features(cache, tokens, stream)
+    if note := pooled_dual_attn_note([head], tokens):
+        console.print(f"note: {note}", soft_wrap=True)
     config = FitConfig(head=head, lr=lr, dropout=dropout, loss=loss, gamma=gamma, epochs=epochs, patience=patience,
                        batch_size=batch_size, metric=metric or default_metric(meta["dataset"]), seed=seed)
     with epoch_progress(f"fit {head}", config.epochs) as on_epoch:

@@ -13,6 +13,7 @@ from fusion.heads.checkpoint import save_run
 from fusion.heads.config import FitConfig, config_from_dict
 from fusion.heads.grid import best_per_head, run_grid, summarise
 from fusion.heads.grid_output import write_results
+from fusion.heads.registry import pooled_dual_attn_note
 from fusion.heads.train import train_head
 
 
@@ -21,6 +22,8 @@ def run_grid_command(features, meta: dict, configs: list[FitConfig], out: Path, 
     """tokens: the features are token sequences (recorded with the best run, so predict feeds it the same)."""
     from fusion.app.console import console, grid_tables, progress_bar
 
+    if note := pooled_dual_attn_note([config.head for config in configs], tokens):
+        console.print(f"note: {note}", soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "grid.json", json.dumps({"cache": meta, "configs": [dataclasses.asdict(c)
                                                                                 for c in configs]}, indent=1))

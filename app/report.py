@@ -25,6 +25,7 @@ from fusion.errors import FusionError, RunError
 from fusion.heads.checkpoint import PREDICTIONS_FILE, read_json
 from fusion.heads.config import loss_label
 from fusion.heads.grid import Summary, best_per_head, summarise
+from fusion.heads.registry import pooled_dual_attn_note
 from fusion.labels import LABELS
 
 PAPER_TEXT_MODEL = "bert-base-uncased"
@@ -349,6 +350,13 @@ def comparison_lines(uncertainty: dict | None) -> list[str]:
     return _table(header, rows) + [note, ""]
 
 
+def _pooled_note_lines(heads: list[str], run_config: dict[str, Any]) -> list[str]:
+    """The single-key note when dual_attn ran on pooled features (a run's config.json records "tokens"; runs written
+    before that key were all pooled)."""
+    note = pooled_dual_attn_note(heads, tokens=run_config.get("tokens") is True)
+    return [f"Note: {note}.", ""] if note else []
+
+
 def _write_text(path: Path, lines: list[str]) -> Path:
     write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path
@@ -367,6 +375,7 @@ def _write_grid_report(grid_dir: Path) -> Report:
     lines = [f"# Grid report: {results['cache']['dataset']}", "",
              f"{len(results['rows'])} runs ({len(summaries)} settings x up to {seeds} seeds), "
              f"selected by validation {METRIC_NAMES[metric]}.", ""]
+    lines += _pooled_note_lines([row["config"]["head"] for row in results["rows"]], best.config)
     lines += _encoder_lines(results["cache"]) + ["## Validation metric over learning rate x dropout", ""]
     lines += _figure_lines([heatmap], grid_dir) + ["## Best configuration per head", ""]
     uncertainty = results.get("uncertainty")
@@ -384,5 +393,6 @@ def write_report(run_dir: Path) -> Report:
     run = read_run_record(run_dir)
     figures = _run_figures(run)
     title = f"# Run report: {run.config['head']} on {run.config['cache']['dataset']}"
-    lines = [title, ""] + _run_lines(run, figures, run_dir, f"this run ({run.config['head']})")
+    lines = [title, ""] + _pooled_note_lines([run.config["head"]], run.config)
+    lines += _run_lines(run, figures, run_dir, f"this run ({run.config['head']})")
     return Report(_write_text(run_dir / "report.md", lines), figures)

@@ -70,18 +70,20 @@ def pair_self_attention(first: Tensor, second: Tensor, qkv_weight: Tensor) -> Te
     return attention(query, key, value).reshape(models, batch, 2 * dim)
 
 
-def cross_attention(query_latent: Tensor, query_weight: Tensor, others: Tensor, key_value_weight: Tensor,
-                    others_mask: Tensor) -> Tensor:
-    """One modality's latent (M, B, d) attends to the other modality's tokens (M, B, L, d) -> (M, B, d) (Eqs. 8-10).
+def token_cross_attention(query: Tensor, tokens: Tensor, mask: Tensor, proj_weight: Tensor, proj_bias: Tensor,
+                          key_weight: Tensor, value_weight: Tensor) -> Tensor:
+    """Queries (M, B, d) attend to the other modality's tokens, kept in the encoder's feature space -> (M, B, d).
 
-    key_value_weight (M, 2d, d) is the other modality's [W_K; W_V]; others_mask (B, L) masks its padding.
+    tokens (B, L, D) are the other modality's unprojected features, mask (B, L) True = a real token; proj_weight
+    (M, d, D) and proj_bias (M, d) are its projection P, b (Eqs. 1, 4); key_weight, value_weight (M, d, d) its W_K, W_V.
+    With K_j = W_K (P x_j + b), q.K_j = x_j.u + q.W_K b where u = (W_K P)^T q: the second term is the same for every
+    key, so it cancels in the softmax, and as the weights a_j sum to 1 the output sum_j a_j W_V (P x_j + b) is
+    W_V (P (sum_j a_j x_j) + b). Exactly the attention over projected tokens, at O(L D) per row and model instead of
+    O(L D d): no token is ever projected. A masked token gets exactly zero weight, whatever its values.
     """
-    models, batch, length, dim = others.shape
-    if length == 1:
-        # A softmax over a single key is exactly 1, so the result is that key's value: Q and K are skipped
-        # (mathematically identical, and the pooled-cache case costs one matmul instead of three).
-        return stacked_linear(others[:, :, 0], key_value_weight[:, dim:])
-    query = stacked_linear(query_latent, query_weight).unsqueeze(2)  # (M, B, 1, d)
-    key_value = stacked_linear(others.reshape(models, batch * length, dim), key_value_weight)
-    key, value = key_value.view(models, batch, length, 2 * dim).split(dim, dim=-1)
-    return attention(query, key, value, others_mask).squeeze(2)  # the (B, L) mask broadcasts over models
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    feature_query = torch.bmm(torch.bmm(query, key_weight), proj_weight)  # (M, B, D): u of each row and model
+    scores = torch.bmm(feature_query.transpose(0, 1), tokens.transpose(1, 2)) * scale  # (B, M, L)
+    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))  # token 0 is always real: no row is all -inf
+    mean_token = torch.bmm(torch.softmax(scores, dim=-1), tokens).transpose(0, 1)  # (M, B, D): sum_j a_j x_j
+    return stacked_linear(stacked_linear(mean_token, proj_weight, proj_bias), value_weight)

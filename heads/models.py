@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from fusion.heads.config import FitConfig
 from fusion.heads.registry import HEADS, NUM_CLASSES, HeadSpec, fused_dim
 from fusion.heads.features import Modality, pooled_modality
-from fusion.heads.layers import cross_attention, dropout, linear_init, pair_self_attention, shared_linear, stacked_linear
+from fusion.heads.layers import (dropout, linear_init, pair_self_attention, shared_linear, stacked_linear,
+                                 token_cross_attention)
 
 def param_shapes(spec: HeadSpec, text_dim: int, image_dim: int, proj_dim: int, hidden: int) -> dict[str, tuple]:
     """Every parameter's name and single-model shape, in a fixed order (the init draws follow it)."""
@@ -66,11 +67,6 @@ def _latent(params: dict[str, Tensor], modality: str, features: Modality) -> Ten
     return shared_linear(features.tokens[:, 0], params[f"{modality}_proj.weight"], params[f"{modality}_proj.bias"])
 
 
-def _sequence(params: dict[str, Tensor], modality: str, features: Modality) -> Tensor:
-    """All projected tokens h_i / g_i (Eqs. 1, 4) -> (M, B, L, d)."""
-    return shared_linear(features.tokens, params[f"{modality}_proj.weight"], params[f"{modality}_proj.bias"])
-
-
 def _concat(spec, params, text, image) -> Tensor:
     return torch.cat((_latent(params, "text", text), _latent(params, "image", image)), dim=-1)
 
@@ -81,15 +77,25 @@ def _self_attn(spec, params, text, image) -> Tensor:
 
 
 def _dual_attn(spec, params, text, image) -> Tensor:
-    text_tokens, image_tokens = _sequence(params, "text", text), _sequence(params, "image", image)
-    text_qkv, image_qkv = params["cross.text_qkv.weight"], params["cross.image_qkv.weight"]
-    dim = text_tokens.shape[-1]
-    # T' = softmax(Q_t K_v^T / sqrt(d)) V_v and V' = softmax(Q_v K_t^T / sqrt(d)) V_t (Eqs. 8-10).
-    text_adjusted = cross_attention(text_tokens[:, :, 0], text_qkv[:, :dim], image_tokens, image_qkv[:, dim:],
-                                    image.mask)
-    image_adjusted = cross_attention(image_tokens[:, :, 0], image_qkv[:, :dim], text_tokens, text_qkv[:, dim:],
-                                     text.mask)
+    # T' = softmax(Q_t K_v^T / sqrt(d)) V_v and V' = softmax(Q_v K_t^T / sqrt(d)) V_t (Eqs. 8-10), then Eq. 7.
+    text_latent, image_latent = _latent(params, "text", text), _latent(params, "image", image)
+    text_adjusted = _cross(params, text_latent, "text", image_latent, "image", image)
+    image_adjusted = _cross(params, image_latent, "image", text_latent, "text", text)
     return pair_self_attention(text_adjusted, image_adjusted, params["fusion.qkv.weight"])
+
+
+def _cross(params: dict[str, Tensor], latent: Tensor, modality: str, other_latent: Tensor, other: str,
+           other_features: Modality) -> Tensor:
+    """One modality's latent (M, B, d) attends to the other modality's tokens -> (M, B, d)."""
+    query_weight, other_qkv = params[f"cross.{modality}_qkv.weight"], params[f"cross.{other}_qkv.weight"]
+    dim = latent.shape[-1]
+    if other_features.pooled:
+        # A softmax over a single key is exactly 1, so the result is that key's value: W_Q and W_K drop out
+        # (registry.pooled_dual_attn_note says so to the user).
+        return stacked_linear(other_latent, other_qkv[:, 2 * dim:])
+    query = stacked_linear(latent, query_weight[:, :dim])
+    return token_cross_attention(query, other_features.tokens, other_features.mask, params[f"{other}_proj.weight"],
+                                 params[f"{other}_proj.bias"], other_qkv[:, dim:2 * dim], other_qkv[:, 2 * dim:])
 
 
 def _single(spec, params, text, image) -> Tensor:

@@ -4,6 +4,7 @@ can validate a head name and the models can build one without importing each oth
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 NUM_CLASSES = 3
 
@@ -31,3 +32,17 @@ def list_heads() -> list[str]:
 
 def fused_dim(spec: HeadSpec, proj_dim: int) -> int:
     return proj_dim * len(spec.modalities)
+
+
+POOLED_DUAL_ATTN_NOTE = ("dual_attn on pooled features is a single-key (linear) variant of cross-modal attention; "
+                         "extract with --tokens and train with --tokens for real token attention")
+
+
+def pooled_dual_attn_note(heads: Iterable[str], tokens: bool) -> str | None:
+    """The one-line note for a fit, grid or report that trained dual_attn on pooled features, else None.
+
+    With one key per modality the attention weight is exactly 1, so W_Q and W_K never act (heads/models.py _cross).
+    """
+    if tokens or not any(HEADS[head].fusion == "dual_attn" for head in heads if head in HEADS):
+        return None
+    return POOLED_DUAL_ATTN_NOTE
