@@ -11,7 +11,6 @@ measured on. matplotlib is imported inside the functions only, so the rest of fu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass

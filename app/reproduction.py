@@ -66,7 +66,7 @@ def _dataset_lines(result: DatasetResult, figure: str) -> list[str]:
              + ", ".join(f"{split} {n}" for split, n in result.counts.items()) + "."]
     lines += split_lines(cache) + ["", f"### Our heads (test; selected on validation {METRIC_NAMES[result.metric]})",
                                    ""]
-    lines += _heads_table(result) + [f"### Beside the published numbers", ""] + _published_table(result)
+    lines += _heads_table(result) + ["### Beside the published numbers", ""] + _published_table(result)
     lines += [split_note(cache), ""]
     lines += ["### Paired comparisons", ""] + comparison_lines(result.uncertainty)
     return lines + [f"![{TITLES.get(result.name, result.name)}: ours beside the published numbers]({figure})", ""]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
+from machine_load import OtherLoad, bf16_units  # benchmarks/machine_load.py, beside this script
 from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -282,17 +282,6 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="extract-speed-") as temp:
         workdir = Path(args.workdir or temp)
         run_benchmark(args, workdir, Path(tempfile.mkdtemp(dir=temp)))
-
-
-def bf16_units() -> str:
-    """What bf16 can gain on this CPU: AMX tiles (many times fp32) or avx512_bf16 dot products (at most 2x)."""
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return "unknown"
-    found = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]
-    return ", ".join(found) or "none (bf16 is emulated)"
 
 
 def run_benchmark(args, workdir: Path, work: Path) -> None:

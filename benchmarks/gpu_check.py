@@ -95,7 +95,6 @@ class Steps:
 
 def prepared_batches(config, encoders):
     """The extraction's own batches of this data (decoded in workers, untimed), normalised on the GPU."""
-    import torch
 
     from fusion.extract.batches import image_loader, pad_token_ids
     from fusion.extract.datasets import load_dataset

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
+from machine_load import OtherLoad, bf16_units  # benchmarks/machine_load.py, beside this script
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,15 +113,6 @@ async def clients_posts_per_s(url: str, uploads: list[tuple[bytes, str]], client
 def batch_counters(url: str) -> tuple[int, int]:
     health = httpx.get(f"{url}/health", timeout=30).json()
     return health["batches_run"], health["posts_predicted"]
-
-
-def bf16_units() -> str:
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return "unknown"
-    return ", ".join(flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags) or "none"
 
 
 def main(argv: list[str] | None = None) -> dict:

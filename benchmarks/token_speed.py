@@ -32,10 +32,9 @@ import json
 import os
 import resource
 import time
-from pathlib import Path
 
 import torch
-from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
+from machine_load import OtherLoad, bf16_units  # benchmarks/machine_load.py, beside this script
 
 from fusion.heads.features import Modality, SplitFeatures
 from fusion.heads.layers import attention, pair_self_attention, shared_linear, stacked_linear
@@ -46,16 +45,6 @@ from fusion.heads.registry import HEADS
 
 DUAL = HEADS["dual_attn"]
 TEXT_LENGTH, TEXT_DIM, PATCHES, IMAGE_DIM = 128, 768, 257, 384
-
-
-def cpu_bf16_units() -> str:
-    """"amx", "avx512_bf16" or "none": what bf16 matrix products can run on in this CPU."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    return next((name for flag, name in (("amx_bf16", "amx"), ("avx512_bf16", "avx512_bf16")) if flag in flags.split()),
-                "none")
 
 
 def token_rows(rows: int, seed: int) -> SplitFeatures:
@@ -188,7 +177,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load = OtherLoad()
     print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__} with {torch.get_num_threads()} threads, CPU bf16 "
-          f"units: {cpu_bf16_units()}; load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"units: {bf16_units()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     print(f"shapes: text {TEXT_LENGTH}x{TEXT_DIM}, image {PATCHES}x{IMAGE_DIM}, {args.models} stacked models, batch "
           f"{args.batch_size}, {args.rows} rows per epoch (MVSA-Multi has ~17k), float32", flush=True)
     tokens = token_rows(args.rows, seed=0)
@@ -220,7 +209,7 @@ def main() -> None:
                       "steps_per_epoch": steps["token"], "rows": args.rows, "models": args.models,
                       "batch_size": args.batch_size, "direct_steps_timed": direct_steps,
                       "direct_models_per_forward": args.direct_chunk, "threads": torch.get_num_threads(),
-                      "bf16_units": cpu_bf16_units(), "other_load_cores": round(others, 2),
+                      "bf16_units": bf16_units(), "other_load_cores": round(others, 2),
                       "peak_rss_gib": round(peak / 2**30, 2)}))
 
 

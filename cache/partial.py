@@ -22,7 +22,6 @@ A batch file (numpy .npz, loaded with allow_pickle=False) holds:
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -8,7 +8,6 @@ share every line of the math.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn

@@ -15,7 +15,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
 
