@@ -29,7 +29,7 @@ def _optuna():
 
 
 def open_storage(url: str):
-    _optuna()  # says how to install optuna when it is missing
+    _optuna()  # one line on how to install optuna when it is missing, before its submodule import below
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -51,7 +51,7 @@ def search_space(configs: list[FitConfig]) -> dict[str, list]:
 def run_study(features, configs: list[FitConfig], *, storage: str, study_name: str, sampler: str = "grid",
               trials: int | None = None, on_trial: Callable[[dict], None] | None = None) -> list[dict]:
     """Runs trials until the grid is exhausted (or `trials` are done); returns every finished trial's row."""
-    _optuna()  # says how to install optuna when it is missing
+    optuna = _optuna()
     space = search_space(configs)
     chosen = optuna.samplers.GridSampler(space, seed=0) if sampler == "grid" else optuna.samplers.TPESampler(seed=0)
     study = optuna.create_study(study_name=study_name, storage=open_storage(storage), sampler=chosen,
