@@ -22,7 +22,7 @@ from fusion.extract.embedding import embed_posts
 from fusion.extract.encoders import Encoders, load_encoders
 from fusion.extract.images import ImageUnreadable
 from fusion.extract.textio import read_csv
-from fusion.heads.features import pooled_modality, token_features
+from fusion.heads.features import Modality, pooled_modality, token_features
 from fusion.heads.models import Head, predict_proba
 from fusion.labels import LABELS
 
@@ -63,7 +63,9 @@ def predict_posts(head: Head, encoders: Encoders, posts: list[Post], *, max_leng
     """Unreadable images are reported per post; the other posts are still predicted.
 
     tokens: the head was fitted on token sequences (LoadedRun.tokens); a dual_attn head is then given them too.
+    The head runs on the encoders' device (moved there), in fp32 whatever precision it was fitted in.
     """
+    head = head.to(encoders.device)
     sequences = tokens and head.spec.fusion == "dual_attn"
     predictions: list[Prediction] = []
     for start in range(0, len(posts), batch_size):
@@ -95,11 +97,17 @@ def _probabilities(head: Head, encoders: Encoders, texts: list[str], pixels: lis
     token_ids = encoders.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     arrays = embed_posts(encoders, token_ids, torch.stack(pixels), with_tokens=sequences)
     if not sequences:
-        return list(predict_proba(head, pooled_modality(arrays["text"]), pooled_modality(arrays["image"])))
-    # The sequences as fit --tokens reads them from the cache: token 0 replaced by the pooled embedding.
-    features = token_features(arrays["text_tokens"], arrays["text_mask"], arrays["image_tokens"], arrays["text"],
-                              arrays["image"], np.zeros(len(texts)))
-    return list(predict_proba(head, features.text, features.image))
+        text, image = pooled_modality(arrays["text"]), pooled_modality(arrays["image"])
+    else:
+        # The sequences as fit --tokens reads them from the cache: token 0 replaced by the pooled embedding.
+        features = token_features(arrays["text_tokens"], arrays["text_mask"], arrays["image_tokens"], arrays["text"],
+                                  arrays["image"], np.zeros(len(texts)))
+        text, image = features.text, features.image
+    return list(predict_proba(head, _on(text, encoders.device), _on(image, encoders.device)).cpu())
+
+
+def _on(modality: Modality, device: torch.device) -> Modality:
+    return Modality(modality.tokens.to(device), modality.mask.to(device))
 
 
 def _prediction(post: Post, probabilities, error: str | None) -> Prediction:

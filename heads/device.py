@@ -52,3 +52,10 @@ def autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def training_device(name: str, precision: str) -> torch.device:
+    """The device `fit`/`grid --device NAME --precision P` train on; refused in one line when it cannot."""
+    device = resolve_device(name)
+    check_precision(precision, device)
+    return device
