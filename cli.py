@@ -30,6 +30,9 @@ app.add_typer(cache_app, name="cache")
 
 STREAM_HELP = "With --tokens: read each minibatch's sequences from the cache instead of loading them."
 STREAM_DEFAULT = "stream when loading would take over half the available memory"
+PRECISION_HELP = ("fp32, or bf16: matmuls in bf16 under autocast, weights and Adam state in fp32 (a GPU, or a CPU "
+                  "with AMX or avx512_bf16). Recorded with the results.")
+DEVICE_HELP = "auto (cuda when torch sees one), cpu or cuda."
 
 
 @app.command()
@@ -163,22 +166,27 @@ def fit(
     stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help=STREAM_HELP,
                                          show_default=STREAM_DEFAULT),
     out: Optional[Path] = typer.Option(None, help="Run directory.", show_default="runs/CACHE-HEAD"),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Train one fusion head on a cache; writes config.json, metrics.json and head.safetensors."""
     from fusion.app.console import console, epoch_progress, metrics_table
     from fusion.heads.checkpoint import save_run
     from fusion.heads.config import FitConfig
     from fusion.heads.registry import pooled_dual_attn_note
+    from fusion.heads.device import training_device
     from fusion.heads.runs import default_metric
     from fusion.heads.train import train_head
 
+    target = training_device(device, precision)
     features, meta = _load_features(cache, tokens, stream)
     if note := pooled_dual_attn_note([head], tokens):
         console.print(f"note: {note}", soft_wrap=True)
     config = FitConfig(head=head, lr=lr, dropout=dropout, loss=loss, gamma=gamma, epochs=epochs, patience=patience,
-                       batch_size=batch_size, metric=metric or default_metric(meta["dataset"]), seed=seed)
+                       batch_size=batch_size, metric=metric or default_metric(meta["dataset"]), seed=seed,
+                       precision=precision)
     with epoch_progress(f"fit {head}", config.epochs) as on_epoch:
-        result = train_head(features, config, on_epoch=on_epoch)
+        result = train_head(features, config, on_epoch=on_epoch, device=target)
     run_dir = out or Path("runs") / f"{Path(cache).stem}-{head}"
     save_run(run_dir, result, cache=meta, tokens=tokens)
     console.print(metrics_table(f"{head} on {meta['dataset']} (best epoch {result.best_epoch} of "
@@ -212,16 +220,24 @@ def grid(
     tokens: bool = typer.Option(False, "--tokens", help="Train on token sequences (needs a --tokens cache)."),
     stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help=STREAM_HELP,
                                          show_default=STREAM_DEFAULT),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    prune: bool = typer.Option(False, "--prune", help="Successive halving inside each head's pass: at epochs 2, 6, "
+                                                      "18 keep the best third still training (not the paper's "
+                                                      "protocol; pruned rows are kept and marked)."),
 ) -> None:
     """Train the paper's hyper-parameter grid (144 configurations by default); resumable."""
     from fusion.heads.config import FitConfig
+    from fusion.heads.device import training_device
     from fusion.heads.grid import grid_configs
     from fusion.app.grid_command import run_grid_command
     from fusion.heads.runs import default_metric
 
+    target = training_device(device, precision)
+
     def configs_for(meta: dict) -> list:
         base = FitConfig(epochs=epochs, patience=patience, batch_size=batch_size,
-                         metric=metric or default_metric(meta["dataset"]))
+                         metric=metric or default_metric(meta["dataset"]), precision=precision)
         return grid_configs(base, heads=_split_list(heads), lrs=_split_list(lrs, float),
                             dropouts=_split_list(dropouts, float), losses=_split_list(losses), seeds=range(seeds))
 
@@ -229,11 +245,13 @@ def grid(
         from fusion.app.sweep_command import run_sweep_command
 
         run_sweep_command(cache, configs_for, out or Path("runs") / f"{Path(cache[0]).stem}-sweep",
-                          load=lambda path: _load_features(path, tokens, stream), tokens=tokens, storage=storage)
+                          load=lambda path: _load_features(path, tokens, stream), tokens=tokens, storage=storage,
+                          device=target, prune=prune)
         return
     features, meta = _load_features(cache[0], tokens, stream)
     run_grid_command(features, meta, configs_for(meta), out or Path("runs") / f"{Path(cache[0]).stem}-grid",
-                     storage=storage, study=study, sampler=sampler, trials=trials, tokens=tokens)
+                     storage=storage, study=study, sampler=sampler, trials=trials, tokens=tokens, device=target,
+                     prune=prune)
 
 
 def _load_features(cache: Path, tokens: bool, stream: Optional[bool]):
@@ -257,7 +275,7 @@ def predict(
     image: Optional[Path] = typer.Option(None, help="Image of one post."),
     text: Optional[str] = typer.Option(None, help="Text of one post."),
     csv: Optional[Path] = typer.Option(None, help="CSV with columns image,text."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda: the encoders and the head."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ) -> None:
     """Label new posts with a trained run: its encoders, then its head."""

@@ -23,7 +23,7 @@ from fusion.extract.encoders import Encoders, load_encoders, resolve_device
 from fusion.extract.images import ImageUnreadable
 from fusion.extract.pooling import pooling_choice
 from fusion.extract.textio import read_csv
-from fusion.heads.features import pooled_modality, token_features
+from fusion.heads.features import Modality, pooled_modality, token_features
 from fusion.heads.models import Head, predict_proba
 from fusion.labels import LABELS
 
@@ -77,7 +77,9 @@ def predict_posts(head: Head, encoders: Encoders, posts: list[Post], *, max_leng
     """Unreadable images are reported per post; the other posts are still predicted.
 
     tokens: the head was fitted on token sequences (LoadedRun.tokens); a dual_attn head is then given them too.
+    The head runs on the encoders' device (moved there), in fp32 whatever precision it was fitted in.
     """
+    head = head.to(encoders.device)
     sequences = reads_sequences(head, tokens)
     predictions: list[Prediction] = []
     for start in range(0, len(posts), batch_size):
@@ -115,11 +117,17 @@ def post_probabilities(head: Head, encoders: Encoders, texts: list[str], pixels:
     token_ids = encoders.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     arrays = embed_posts(encoders, token_ids, torch.stack(pixels), with_tokens=sequences)
     if not sequences:
-        return list(predict_proba(head, pooled_modality(arrays["text"]), pooled_modality(arrays["image"])))
-    # The sequences as fit --tokens reads them from the cache: token 0 replaced by the pooled embedding.
-    features = token_features(arrays["text_tokens"], arrays["text_mask"], arrays["image_tokens"], arrays["text"],
-                              arrays["image"], np.zeros(len(texts)))
-    return list(predict_proba(head, features.text, features.image))
+        text, image = pooled_modality(arrays["text"]), pooled_modality(arrays["image"])
+    else:
+        # The sequences as fit --tokens reads them from the cache: token 0 replaced by the pooled embedding.
+        features = token_features(arrays["text_tokens"], arrays["text_mask"], arrays["image_tokens"], arrays["text"],
+                                  arrays["image"], np.zeros(len(texts)))
+        text, image = features.text, features.image
+    return list(predict_proba(head, _on(text, encoders.device), _on(image, encoders.device)).cpu())
+
+
+def _on(modality: Modality, device: torch.device) -> Modality:
+    return Modality(modality.tokens.to(device), modality.mask.to(device))
 
 
 def _prediction(post: Post, probabilities, error: str | None) -> Prediction:

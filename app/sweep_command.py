@@ -20,8 +20,9 @@ from fusion.heads.config import FitConfig
 
 def run_sweep_command(paths: list[Path], configs_for: Callable[[dict], list[FitConfig]], out: Path, *,
                       load: Callable[[Path], tuple], tokens: bool = False, storage: str | None = None,
-                      resamples: int = RESAMPLES) -> dict:
-    """configs_for(cache meta) -> the grid; load(path) -> (features, meta), as `fusion grid` loads one cache."""
+                      resamples: int = RESAMPLES, device=None, prune: bool = False) -> dict:
+    """configs_for(cache meta) -> the grid; load(path) -> (features, meta), as `fusion grid` loads one cache; device
+    and prune as `fusion grid` takes them."""
     from fusion.app.console import console
 
     if storage:
@@ -34,7 +35,7 @@ def run_sweep_command(paths: list[Path], configs_for: Callable[[dict], list[FitC
         configs = configs_for(meta)
         metric = configs[0].metric
         rows[cache.name] = run_grid_command(features, meta, configs, out / cache.name, storage=None, study="",
-                                            sampler="grid", trials=None, tokens=tokens)
+                                            sampler="grid", trials=None, tokens=tokens, device=device, prune=prune)
     document = compare(caches, rows, metric, resamples=resamples)
     write_text_atomic(out / SWEEP_FILE, json.dumps(document, indent=1, sort_keys=True))
     markdown, figure = write_sweep_report(out, document)

@@ -1,58 +1,76 @@
-"""Seconds per epoch of our trainer against a plain DataLoader loop, and achieved FLOP/s against the machine's GEMM.
+"""Seconds per configuration-epoch of the stacked trainer against the same head written plainly, at the same batch
+size, and the fraction of the machine's matmul rate each reaches; measured in one run.
 
-    .venv/bin/python benchmarks/fit_speed.py [--threads 2] [--epochs 3] [--stack 12]
+    .venv/bin/python benchmarks/fit_speed.py [--threads 2] [--models 48] [--train-rows 4096] [--epochs 2]
 
-Problem: MVSA-Multi sized (13,624 train / 1,700 val / 1,700 test), 768-d text, 384-d image, random features and
-labels, in memory. For each of the 5 heads, all in one run:
-- ours: train_head with the default FitConfig (its batch size), `--epochs` epochs (early stopping off); an epoch
-  includes the validation pass and metrics; also `--stack` configs (different lr/dropout/gamma) in one train_many
-  pass, reported per config.
-- baseline: the same head (build_head: the same nn.Module math) trained the way peer repositories do: DataLoader
-  over a TensorDataset, batch 32, shuffle=True, torch.optim.Adam, the same focal loss, one config; each epoch then
-  scores the validation split in one forward pass (cheaper than our epoch's validation, so the ratio is not
-  flattered).
-- FLOP/s: the matmul FLOPs of forward + backward of one training epoch plus the validation forward, counted
-  analytically (flops_per_sample; torch.utils.flop_counter agrees within 0.3%), divided by our seconds per epoch,
-  as a fraction of the float32 GEMM throughput measured here with a large torch.mm.
-- ceiling: the speedup a trainer running at 100% of the GEMM throughput would reach (baseline seconds / (epoch
-  FLOPs / GEMM FLOP/s)); both loops do the same matmuls, so no trainer can beat it at float32.
-The last line is JSON with the slowest head's figures (single config).
+Problem: pooled features (768-d text, 384-d image) with a learnable signal (signal_features), `--train-rows` train
+and an eighth as many validation rows (MVSA-Multi has 13,624 / 1,700: every cost below is per epoch and grows with
+the rows). For the paper's three heads and batch 32 and 256:
+- stacked: `train_many` on `--models` configurations of the paper's grid (lr x dropout x loss) in one pass, early
+  stopping off, `--epochs` epochs of which the first is a warm-up; seconds per configuration-epoch.
+- plain: the same head written plainly (PlainHead: nn.Linear modules, nn.Dropout, softmax attention over the two
+  latents; torch.optim.Adam; randperm and index_select minibatches; the same focal loss), one configuration, the
+  same batch size and epochs, timed after a warm-up epoch; each epoch scores the validation split as ours does.
+- peer-style (informational): the plain head trained the way peer repositories do: DataLoader(batch 32, shuffle).
+- limit: the epoch's matmul FLOPs (training forward + backward, validation forward; flops_per_sample) divided by
+  the GEMM rate measured here for that precision (a large torch.mm); "of limit" is the limit over the measured
+  time, the fraction of the machine's matmul rate reached. The plain loop does the same matmuls.
+- bf16: the stacked self_attn pass at batch 256 in bf16 against fp32. Where the CPU has no bf16 units (AMX or
+  avx512_bf16) bf16 is emulated, so only `--bf16-steps` steps are timed, each precision after one warm-up step.
+The last line is JSON: gemm_fraction_fp32 (stacked self_attn, batch 256), stacked_vs_plain_same_batch_32 and _256
+(plain seconds over stacked seconds per configuration-epoch, self_attn), bf16_speedup, bf16_units, threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import time
 
 import torch
+import torch.nn.functional as F
+from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fusion.heads.config import FitConfig
+from fusion.heads.device import bf16_units
 from fusion.heads.features import split_features
+from fusion.heads.grid import PAPER_DROPOUTS, PAPER_LOSSES, PAPER_LRS, grid_configs
 from fusion.heads.losses import focal_loss
 from fusion.heads.metrics import classification_metrics
-from fusion.heads.models import build_head
-from fusion.heads.registry import HEADS, list_heads
-from fusion.heads.train import train_head, train_many
+from fusion.heads.registry import HEADS
+from fusion.heads.train import train_many
 
-SIZES = {"train": 13_624, "val": 1_700, "test": 1_700}
+SIZES = {"train": 13_624, "val": 1_700, "test": 1_700}  # MVSA-Multi after cleaning, split 8:1:1
 TEXT_DIM, IMAGE_DIM = 768, 384
+BENCH_HEADS = ("basic", "self_attn", "dual_attn")
 
 
-def synthetic_features(seed: int = 0) -> dict:
+def signal_features(sizes: dict[str, int] = SIZES, *, text_dim: int = TEXT_DIM, image_dim: int = IMAGE_DIM,
+                    separation: float = 1.0, seed: int = 0) -> dict:
+    """Three equal-prior classes; each modality is N(class mean, I), the means `separation` from the origin in
+    random directions, so both modalities carry part of the label (about 0.7 accuracy is reachable)."""
     generator = torch.Generator().manual_seed(seed)
-    return {split: split_features(torch.randn(n, TEXT_DIM, generator=generator),
-                                  torch.randn(n, IMAGE_DIM, generator=generator),
-                                  torch.randint(0, 3, (n,), generator=generator))
-            for split, n in SIZES.items()}
+    means = [F.normalize(torch.randn(3, dim, generator=generator), dim=1) * separation for dim in (text_dim,
+                                                                                                      image_dim)]
+    features = {}
+    for split, n in sizes.items():
+        label = torch.randint(0, 3, (n,), generator=generator)
+        text = means[0][label] + torch.randn(n, text_dim, generator=generator)
+        image = means[1][label] + torch.randn(n, image_dim, generator=generator)
+        features[split] = split_features(text, image, label)
+    return features
 
 
-def flops_per_sample(head: str, proj: int, hidden: int) -> tuple[int, int]:
+def flops_per_sample(head: str, proj: int, hidden: int, text_dim: int = TEXT_DIM,
+                     image_dim: int = IMAGE_DIM) -> tuple[int, int]:
     """Matmul FLOPs of one sample (forward, backward) for pooled features. The backward of a matmul costs twice its
     forward (input and weight gradients), except the first layer, whose input needs no gradient."""
     spec = HEADS[head]
-    first = sum(2 * dim * proj for name, dim in (("text", TEXT_DIM), ("image", IMAGE_DIM)) if name in spec.modalities)
+    first = sum(2 * dim * proj for name, dim in (("text", text_dim), ("image", image_dim)) if name in spec.modalities)
     middle = 0
     if spec.fusion in ("self_attn", "dual_attn"):
         middle += 2 * 2 * proj * 3 * proj + 2 * (2 * 2 * 2 * proj)  # QKV of 2 tokens; scores and weights x values
@@ -63,101 +81,193 @@ def flops_per_sample(head: str, proj: int, hidden: int) -> tuple[int, int]:
     return first + middle, first + 2 * middle
 
 
-def gemm_flops_per_second(size: int = 4096, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
+def epoch_flops(head: str, train_rows: int, val_rows: int) -> int:
+    forward, backward = flops_per_sample(head, FitConfig().proj_dim, FitConfig().hidden)
+    return train_rows * (forward + backward) + val_rows * forward
+
+
+def gemm_rate(dtype: torch.dtype, budget: float = 1.0) -> float:
+    """FLOP/s of a square torch.mm in `dtype`: the size doubles from 256 until one product takes a tenth of the
+    budget (or 4096), so an emulated precision does not take minutes; then repeated for the budget."""
+    size = 256
+    while True:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.mm(a, b)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        once = time.perf_counter() - start
+        if once > budget / 10 or size >= 4096:
+            break
+        size *= 2
+    repeats = max(1, int(budget / max(once, 1e-6)))
     start = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
     return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
-def ours_seconds_per_epoch(features: dict, head: str, epochs: int) -> float:
-    config = FitConfig(head=head, epochs=epochs, patience=epochs + 1)
-    result = train_head(features, config)
-    return result.seconds / result.epochs_run
+class PlainHead(nn.Module):
+    """basic, self_attn or dual_attn on pooled features, written plainly (the math of heads/models.py)."""
+
+    def __init__(self, head: str, dropout: float, proj: int = 256, hidden: int = 256):
+        super().__init__()
+        self.head, self.proj = head, proj
+        self.text_proj, self.image_proj = nn.Linear(TEXT_DIM, proj), nn.Linear(IMAGE_DIM, proj)
+        if head == "dual_attn":  # a softmax over one key is 1: each modality becomes the other's value
+            self.text_value, self.image_value = (nn.Linear(proj, proj, bias=False) for _ in range(2))
+        if head != "basic":
+            self.qkv = nn.Linear(proj, 3 * proj, bias=False)
+        self.hidden, self.out, self.dropout = nn.Linear(2 * proj, hidden), nn.Linear(hidden, 3), nn.Dropout(dropout)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        t, v = self.text_proj(text), self.image_proj(image)
+        if self.head == "dual_attn":
+            t, v = self.image_value(v), self.text_value(t)
+        if self.head == "basic":
+            fused = torch.cat((t, v), dim=-1)
+        else:
+            query, key, value = self.qkv(torch.stack((t, v), dim=1)).chunk(3, dim=-1)
+            weights = torch.softmax(query @ key.transpose(1, 2) / math.sqrt(self.proj), dim=-1)
+            fused = (weights @ value).flatten(1)
+        return self.out(self.dropout(torch.relu(self.hidden(self.dropout(fused)))))
 
 
-def stacked_seconds_per_config_epoch(features: dict, head: str, epochs: int, count: int) -> float:
-    grid = [(lr, dropout, gamma) for lr in (1e-2, 1e-3, 1e-4, 1e-5) for dropout in (0.0, 0.2, 0.5)
-            for gamma in (0.0, 2.0, 3.0, 4.0)]
-    configs = [FitConfig(head=head, lr=lr, dropout=d, loss="focal", gamma=g, epochs=epochs, patience=epochs + 1)
-               for lr, d, g in grid[:count]]
-    start = time.perf_counter()
-    train_many(features, configs)
-    return (time.perf_counter() - start) / epochs / count
+class PlainRun:
+    """One configuration trained plainly; epoch() trains one epoch then scores validation -> the val metrics."""
 
+    def __init__(self, features: dict, config: FitConfig, seed: int = 0):
+        torch.manual_seed(seed)
+        self.features, self.config = features, config
+        self.model = PlainHead(config.head, config.dropout)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        train = features["train"]
+        self.text, self.image, self.label = train.text.tokens[:, 0], train.image.tokens[:, 0], train.label
 
-def dataloader_seconds_per_epoch(features: dict, head: str, epochs: int = 1) -> float:
-    """The peer-repository loop: DataLoader(batch 32, shuffle) + nn.Module + torch.optim.Adam, one config."""
-    config = FitConfig(head=head)
-    train, val = features["train"], features["val"]
-    model = build_head(config, TEXT_DIM, IMAGE_DIM)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loader = DataLoader(TensorDataset(train.text.tokens[:, 0], train.image.tokens[:, 0], train.label),
-                        batch_size=32, shuffle=True)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        for text, image, label in loader:
-            optimizer.zero_grad()
-            loss = focal_loss(model(text, image), label, config.focal_gamma)
-            loss.backward()
-            optimizer.step()
-        model.eval()
+    def epoch(self) -> dict:
+        self.model.train()
+        order = torch.randperm(len(self.label))
+        for start in range(0, len(order), self.config.batch_size):
+            rows = order[start:start + self.config.batch_size]
+            self.step(self.text.index_select(0, rows), self.image.index_select(0, rows),
+                      self.label.index_select(0, rows))
+        return self.validate()
+
+    def step(self, text: torch.Tensor, image: torch.Tensor, label: torch.Tensor) -> None:
+        loss = focal_loss(self.model(text, image), label, self.config.focal_gamma)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def validate(self) -> dict:
+        val = self.features["val"]
+        self.model.eval()
         with torch.no_grad():
-            predictions = model(val.text, val.image).argmax(dim=-1)
-        classification_metrics(val.label.numpy(), predictions.numpy())
-    return (time.perf_counter() - start) / epochs
+            predictions = self.model(val.text.tokens[:, 0], val.image.tokens[:, 0]).argmax(dim=-1)
+        return classification_metrics(val.label.numpy(), predictions.numpy())
+
+
+def plain_seconds_per_epoch(features: dict, config: FitConfig, epochs: int) -> float:
+    run = PlainRun(features, config)
+    run.epoch()  # warm-up
+    start = time.perf_counter()
+    for _ in range(epochs - 1):
+        run.epoch()
+    return (time.perf_counter() - start) / (epochs - 1)
+
+
+def peer_seconds_per_epoch(features: dict, config: FitConfig) -> float:
+    """DataLoader(batch 32, shuffle) over a TensorDataset, as peer repositories train; one epoch after a warm-up."""
+    run = PlainRun(features, config)
+    loader = DataLoader(TensorDataset(run.text, run.image, run.label), batch_size=32, shuffle=True)
+
+    def epoch():
+        run.model.train()
+        for text, image, label in loader:
+            run.step(text, image, label)
+        run.validate()
+
+    epoch()
+    start = time.perf_counter()
+    epoch()
+    return time.perf_counter() - start
+
+
+def stack_configs(head: str, models: int, batch_size: int, epochs: int, precision: str = "fp32") -> list[FitConfig]:
+    base = FitConfig(head=head, epochs=epochs, patience=epochs + 1, batch_size=batch_size, precision=precision)
+    configs = grid_configs(base, heads=[head], lrs=PAPER_LRS, dropouts=PAPER_DROPOUTS, losses=PAPER_LOSSES)
+    return (configs * math.ceil(models / len(configs)))[:models]
+
+
+def stacked_seconds_per_config_epoch(features: dict, head: str, models: int, batch_size: int, epochs: int) -> float:
+    """A pass of `models` configurations; the first epoch is the warm-up (its time is subtracted)."""
+    first = {}
+    configs = stack_configs(head, models, batch_size, epochs)
+    start = time.perf_counter()
+    train_many(features, configs, on_epoch=lambda epoch, index, _: first.setdefault(epoch, time.perf_counter()))
+    end = time.perf_counter()
+    return (end - first[1]) / (epochs - 1) / models
+
+
+def bf16_speedup(features: dict, models: int, steps: int) -> tuple[float, float]:
+    """Seconds per step of the stacked self_attn pass at batch 256 (one epoch of `steps` steps over that many rows,
+    validation on 64), fp32 and bf16, each after a one-step warm-up run."""
+    seconds = []
+    for precision in ("fp32", "bf16"):
+        configs = stack_configs("self_attn", models, 256, 1, precision)
+        for rows in (256, 256 * steps):
+            subset = {"train": features["train"].rows(slice(0, rows)), "val": features["val"].rows(slice(0, 64))}
+            start = time.perf_counter()
+            train_many(subset, configs)
+        seconds.append((time.perf_counter() - start) / steps)
+    return seconds[0], seconds[1]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--stack", type=int, default=12, help="configs per train_many pass (0 skips it)")
+    parser.add_argument("--models", type=int, default=48)
+    parser.add_argument("--train-rows", type=int, default=4096)
+    parser.add_argument("--epochs", type=int, default=2, help="including the warm-up epoch")
+    parser.add_argument("--bf16-steps", type=int, default=None, help="default: 4 without bf16 units, else an epoch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    features = synthetic_features()
-    gemm = gemm_flops_per_second()
-    default = FitConfig()
-    print(f"threads {args.threads}; float32 GEMM {gemm / 1e9:.1f} GFLOP/s; our batch {default.batch_size}, "
-          f"baseline batch 32; sizes {SIZES}")
-    print(f"{'head':<11} {'dataloader s/ep':>15} {'ours s/ep':>10} {'speedup':>8} {'ceiling':>8} {'GFLOP/s':>8} "
-          f"{'of GEMM':>8} "
-          f"{'stacked s/cfg/ep':>17} {'stacked of GEMM':>16}")
-    rows = {}
-    for head in list_heads():
-        rows[head] = measure_head(features, head, args, gemm)
-        print_row(head, rows[head])
-    slowest = max(rows.values(), key=lambda row: row["ours"])
-    summary = {"speedup_vs_dataloader": round(slowest["speedup"], 2), "gemm_fraction": round(slowest["fraction"], 3),
-               "slowest_head": slowest["head"], "speedup_ceiling": round(slowest["ceiling"], 2),
-               "stacked_gemm_fraction": slowest.get("stacked_fraction"),
-               "threads": args.threads}
+    load = OtherLoad()
+    rows = {"train": args.train_rows, "val": args.train_rows // 8}
+    features = signal_features(rows)
+    units = bf16_units()
+    rates = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    print(f"threads {torch.get_num_threads()}; CPU bf16 units: {units}; GEMM fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, "
+          f"bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s; {args.models} stacked models; epochs over {rows} rows "
+          f"(MVSA-Multi: 13,624 / 1,700); load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"{'head':<10} {'batch':>5} {'stacked s/cfg-ep':>16} {'of limit':>8} {'plain s/ep':>10} {'of limit':>8} "
+          f"{'stacked vs plain':>16}")
+    table = {}
+    for head in BENCH_HEADS:
+        limit = epoch_flops(head, rows["train"], rows["val"]) / rates["fp32"]
+        for batch in (32, 256):
+            config = FitConfig(head=head, batch_size=batch)
+            stacked = stacked_seconds_per_config_epoch(features, head, args.models, batch, args.epochs)
+            plain = plain_seconds_per_epoch(features, config, args.epochs)
+            table[head, batch] = {"stacked": stacked, "plain": plain, "fraction": limit / stacked}
+            print(f"{head:<10} {batch:>5} {stacked:>16.3f} {limit / stacked:>8.1%} {plain:>10.3f} "
+                  f"{limit / plain:>8.1%} {plain / stacked:>15.1f}x", flush=True)
+    peer = peer_seconds_per_epoch(features, FitConfig(head="self_attn"))
+    print(f"peer-style self_attn (DataLoader, batch 32, one configuration): {peer:.3f} s/epoch, "
+          f"{peer / table['self_attn', 32]['stacked']:.1f}x the stacked batch-32 seconds per configuration-epoch "
+          "(informational)")
+    steps = args.bf16_steps or (4 if units == "none" else max(1, rows["train"] // 256))
+    fp32_step, bf16_step = bf16_speedup(features, args.models, steps)
+    print(f"bf16 vs fp32, stacked self_attn at batch 256, {steps} steps: {fp32_step:.3f} s/step fp32, "
+          f"{bf16_step:.3f} s/step bf16" + (" (emulated: this CPU has no bf16 units)" if units == "none" else ""))
+    summary = {"gemm_fraction_fp32": round(table["self_attn", 256]["fraction"], 3),
+               "stacked_vs_plain_same_batch_32": round(table["self_attn", 32]["plain"] /
+                                                       table["self_attn", 32]["stacked"], 2),
+               "stacked_vs_plain_same_batch_256": round(table["self_attn", 256]["plain"] /
+                                                        table["self_attn", 256]["stacked"], 2),
+               "bf16_speedup": round(fp32_step / bf16_step, 3), "bf16_units": units,
+               "threads": torch.get_num_threads(), "other_load_cores": round(load.cores(), 2)}
     print(json.dumps(summary))
     return summary
-
-
-def measure_head(features: dict, head: str, args, gemm: float) -> dict:
-    default = FitConfig()
-    forward, backward = flops_per_sample(head, default.proj_dim, default.hidden)
-    epoch_flops = SIZES["train"] * (forward + backward) + SIZES["val"] * forward
-    baseline = dataloader_seconds_per_epoch(features, head)
-    ours = ours_seconds_per_epoch(features, head, args.epochs)
-    row = {"head": head, "baseline": baseline, "ours": ours, "speedup": baseline / ours,
-           "flops": epoch_flops / ours, "fraction": epoch_flops / ours / gemm,
-           "ceiling": baseline / (epoch_flops / gemm)}
-    if args.stack:
-        stacked = stacked_seconds_per_config_epoch(features, head, args.epochs, args.stack)
-        row.update(stacked=stacked, stacked_fraction=round(epoch_flops / stacked / gemm, 3))
-    return row
-
-
-def print_row(head: str, row: dict) -> None:
-    stacked = (f"{row['stacked']:>17.3f} {row['stacked_fraction']:>16.1%}" if "stacked" in row else "")
-    print(f"{head:<11} {row['baseline']:>15.3f} {row['ours']:>10.3f} {row['speedup']:>7.1f}x {row['ceiling']:>7.1f}x "
-          f"{row['flops'] / 1e9:>8.1f} {row['fraction']:>8.1%} {stacked}")
 
 
 if __name__ == "__main__":

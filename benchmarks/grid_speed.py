@@ -1,21 +1,29 @@
-"""The paper's whole 144-configuration grid on an MVSA-Multi-sized cache, against the naive way, in one run.
+"""The paper's 144-configuration grid at MVSA-Multi size: ours (stacked passes, --prune) against the plain loop, and
+whether --prune chooses what the exhaustive grid chooses; measured in one run.
 
-    .venv/bin/python benchmarks/grid_speed.py [--threads 2] [--epochs 30] [--naive-sample 3]
+    .venv/bin/python benchmarks/grid_speed.py [--threads 2] [--plain-sample 2] [--check-size mvsa-single]
 
-Problem: 13,624 train / 1,700 val / 1,700 test rows, 768-d text and 384-d image features (random, in memory).
-- ours: `run_grid` over the default grid (3 heads x 4 lrs x 3 dropouts x 4 losses), default FitConfig (early
-  stopping on validation macro F1, at most --epochs epochs), timed end to end;
-- naive: one configuration at a time, DataLoader(batch 32, shuffle) + nn.Module + torch.optim.Adam, validation scored
-  each epoch (benchmarks/fit_speed.py's loop). Timing all 144 would take hours, so --naive-sample configurations
-  per head are timed for one epoch each, and the naive total is extrapolated as seconds per epoch of each head times
-  the epochs our grid actually ran for that head's configurations (the naive loop would stop at the same epochs).
-Last line: {"configs": 144, "seconds": ..., "speedup_vs_naive": ...}.
+Features: benchmarks/fit_speed.py signal_features (a learnable signal in both modalities, so "best" means
+something), 768-d text and 384-d image, MVSA-Multi's 13,624 / 1,700 / 1,700 rows, in memory.
+- ours: `run_grid` over the paper's grid (3 heads x 4 lrs x 3 dropouts x 4 losses) with --prune, in bf16 where the
+  CPU has bf16 units (AMX or avx512_bf16), else fp32; the default FitConfig otherwise (batch size, at most 30
+  epochs, patience 5, macro F1); timed end to end.
+- plain: the paper's protocol run plainly, one configuration at a time, exhaustive (fit_speed.PlainRun: nn.Linear
+  modules, torch.optim.Adam, index_select minibatches at the same batch size and precision, the same early
+  stopping). --plain-sample configurations per head, drawn at random (seed 0), each run COMPLETELY and timed; each
+  head's 48 configurations are charged the mean of its sample.
+- pruned_same_best: the exhaustive and the pruned grid (ours, same precision) on features of --check-size drawn
+  the same way (other rows); whether both choose the same configuration, and epochs_saved = 1 - pruned epochs /
+  exhaustive epochs there. The check may run at MVSA-Single size to fit the time: the size is printed.
+The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import statistics
 import sys
 import tempfile
@@ -25,39 +33,102 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fit_speed import dataloader_seconds_per_epoch, synthetic_features  # noqa: E402
+from fit_speed import SIZES, PlainRun, signal_features  # noqa: E402
+from machine_load import OtherLoad  # noqa: E402
 
 from fusion.heads.config import FitConfig  # noqa: E402
-from fusion.heads.grid import PAPER_HEADS, grid_configs, run_grid  # noqa: E402
+from fusion.heads.device import autocast, bf16_units  # noqa: E402
+from fusion.heads.grid import PAPER_HEADS, grid_configs, run_grid, summarise  # noqa: E402
+from fusion.heads.prune import Pruning  # noqa: E402
+
+CHECK_SIZES = {"mvsa-multi": SIZES, "mvsa-single": {"train": 3_608, "val": 451, "test": 452}}
 
 
-def naive_seconds_per_epoch(features: dict, head: str, sample: int) -> float:
-    return statistics.fmean(dataloader_seconds_per_epoch(features, head, epochs=1) for _ in range(sample))
+def timed_grid(features, configs, prune: Pruning | None) -> tuple[list[dict], float]:
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        rows = run_grid(features, configs, Path(out), prune=prune)
+        return rows, time.perf_counter() - start
+
+
+def plain_complete_run(features, config: FitConfig) -> tuple[float, int]:
+    """Seconds and epochs of one configuration trained plainly to its early stop (the trainer's rule)."""
+    run, best, best_epoch, epoch = PlainRun(features, config, seed=config.seed), -1.0, 0, 0
+    start = time.perf_counter()
+    with autocast(config.precision, torch.device("cpu")):
+        while epoch < config.epochs and epoch - best_epoch < config.patience:
+            epoch += 1
+            score = run.epoch()[config.metric]
+            if score > best:
+                best, best_epoch = score, epoch
+    return time.perf_counter() - start, epoch
+
+
+def plain_total(features, configs: list[FitConfig], sample: int) -> tuple[float, dict]:
+    PlainRun(features, configs[0]).epoch()  # warm-up: allocator, threads
+    total, by_head = 0.0, {}
+    for head in PAPER_HEADS:
+        mine = [c for c in configs if c.head == head]
+        runs = [plain_complete_run(features, config) for config in random.Random(0).sample(mine, sample)]
+        mean = statistics.fmean(seconds for seconds, _ in runs)
+        by_head[head] = {"runs": [(round(s, 1), e) for s, e in runs], "charged": round(mean * len(mine), 1)}
+        print(f"plain {head}: sampled runs (seconds, epochs) {by_head[head]['runs']} -> {len(mine)} configurations "
+              f"charged {mean * len(mine):.0f} s", flush=True)
+        total += mean * len(mine)
+    return total, by_head
+
+
+def pruned_same_best(size: str, precision: str, scale: float) -> tuple[bool, float, str]:
+    features = signal_features(scaled(CHECK_SIZES[size], scale), seed=1)
+    configs = grid_configs(FitConfig(precision=precision))
+    exhaustive, exhaustive_seconds = timed_grid(features, configs, None)
+    pruned, pruned_seconds = timed_grid(features, configs, Pruning())
+    chosen = [summarise(rows, "macro_f1")[0] for rows in (exhaustive, pruned)]
+    epochs = [sum(row["epochs_run"] for row in rows) for rows in (exhaustive, pruned)]
+    same = chosen[0].config == chosen[1].config
+    print(f"check at {size} size {scaled(CHECK_SIZES[size], scale)}: exhaustive chooses {_name(chosen[0].config)} "
+          f"(val {chosen[0].val_mean:.4f}) in {epochs[0]} epochs, {exhaustive_seconds:.0f} s; pruned chooses "
+          f"{_name(chosen[1].config)} (val {chosen[1].val_mean:.4f}) in {epochs[1]} epochs, {pruned_seconds:.0f} s",
+          flush=True)
+    return same, 1 - epochs[1] / epochs[0], size
+
+
+def scaled(sizes: dict[str, int], scale: float) -> dict[str, int]:
+    return {split: max(30, round(n * scale)) for split, n in sizes.items()}
+
+
+def _name(config: dict) -> str:
+    loss = "ce" if config["loss"] == "ce" else f"focal{config['gamma']:g}"
+    return f"{config['head']} lr {config['lr']:g} dropout {config['dropout']:g} {loss}"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=FitConfig().epochs)
-    parser.add_argument("--naive-sample", type=int, default=2, help="naive one-epoch runs timed per head")
+    parser.add_argument("--plain-sample", type=int, default=2, help="complete plain runs timed per head")
+    parser.add_argument("--check-size", choices=sorted(CHECK_SIZES), default="mvsa-single")
+    parser.add_argument("--scale", type=float, default=1.0, help="rows x SCALE everywhere (a quick look; printed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    features = synthetic_features()
-    configs = grid_configs(FitConfig(epochs=args.epochs))
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        rows = run_grid(features, configs, Path(out))
-        seconds = time.perf_counter() - start
-    epochs_by_head = {head: sum(r["epochs_run"] for r in rows if r["config"]["head"] == head) for head in PAPER_HEADS}
-    naive = {head: naive_seconds_per_epoch(features, head, args.naive_sample) for head in PAPER_HEADS}
-    naive_total = sum(naive[head] * epochs_by_head[head] for head in PAPER_HEADS)
-    print(f"threads {args.threads}; {len(configs)} configurations, at most {args.epochs} epochs each")
-    for head in PAPER_HEADS:
-        print(f"{head:<10} epochs run {epochs_by_head[head]:>5}  naive {naive[head]:.2f} s/epoch "
-              f"-> {naive[head] * epochs_by_head[head]:8.0f} s")
-    print(f"ours: {seconds:.1f} s for the whole grid; naive (extrapolated): {naive_total:.0f} s")
-    summary = {"configs": len(configs), "seconds": round(seconds, 1),
-               "speedup_vs_naive": round(naive_total / seconds, 1)}
+    load = OtherLoad()
+    units = bf16_units()
+    precision = "fp32" if units == "none" else "bf16"
+    sizes = scaled(SIZES, args.scale)
+    features = signal_features(sizes)
+    configs = grid_configs(FitConfig(precision=precision))
+    print(f"threads {torch.get_num_threads()}; CPU bf16 units: {units} -> {precision}; {len(configs)} configurations "
+          f"at {'MVSA-Multi size' if args.scale == 1 else f'{args.scale} x MVSA-Multi size'} {sizes}, batch {configs[0].batch_size}, at most {configs[0].epochs} epochs; load "
+          f"average {os.getloadavg()[0]:.2f}", flush=True)
+    rows, seconds = timed_grid(features, configs, Pruning())
+    pruned = sum(1 for row in rows if row["pruned_at"] is not None)
+    print(f"ours (--prune, {precision}): {seconds:.0f} s; {sum(r['epochs_run'] for r in rows)} configuration-epochs; "
+          f"{pruned} configurations pruned; chooses {_name(summarise(rows, 'macro_f1')[0].config)}", flush=True)
+    plain_seconds, _ = plain_total(features, configs, args.plain_sample)
+    same, saved, size = pruned_same_best(args.check_size, precision, args.scale)
+    summary = {"configs": len(configs), "seconds": round(seconds, 1), "plain_seconds": round(plain_seconds),
+               "speedup_vs_plain": round(plain_seconds / seconds, 1), "pruned_same_best": same,
+               "epochs_saved": round(saved, 3), "check_size": size, "scale": args.scale, "precision": precision, "bf16_units": units,
+               "threads": torch.get_num_threads(), "other_load_cores": round(load.cores(), 2)}
     print(json.dumps(summary))
     return summary
 

@@ -10,6 +10,10 @@ from fusion.heads.registry import HEADS
 
 LOSSES = ("ce", "focal")
 METRICS = ("macro_f1", "weighted_f1", "accuracy")
+PRECISIONS = ("fp32", "bf16")
+# Fields added after results were first saved, with the value every earlier result was trained with: a saved config
+# without them still loads, and means what it meant.
+ADDED_FIELDS = {"precision": "fp32"}
 
 
 class ConfigError(FusionError, ValueError):
@@ -33,6 +37,9 @@ class FitConfig:
     seed: int = 0
     proj_dim: int = 256
     hidden: int = 256
+    # bf16: matmuls under autocast, weights and Adam state in fp32. Part of the config because it changes the numbers
+    # (a bf16 result is recorded and resumed as such); the device is not, it only changes where they are computed.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -55,11 +62,13 @@ def loss_label(loss: str, gamma: float) -> str:
 
 
 def config_from_dict(values: dict) -> FitConfig:
-    """A FitConfig from JSON-like values (alpha as a list); unknown or missing keys are a ConfigError."""
+    """A FitConfig from JSON-like values (alpha as a list); unknown or missing keys are a ConfigError, except the
+    ADDED_FIELDS, which take the value results saved before them were trained with."""
     names = {field.name for field in fields(FitConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    values = {**ADDED_FIELDS, **values}
     missing = sorted(names - set(values))
     if missing:
         raise ConfigError(f"missing config key(s): {', '.join(missing)}")
@@ -120,6 +129,6 @@ def _check_choice(name: str, value: str) -> None:
     if name == "head":
         choices = tuple(HEADS)
     else:
-        choices = {"loss": LOSSES, "metric": METRICS}[name]
+        choices = {"loss": LOSSES, "metric": METRICS, "precision": PRECISIONS}[name]
     if value not in choices:
         raise ConfigError(f"config {name} {value!r} is not one of {', '.join(choices)}")

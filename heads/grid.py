@@ -6,6 +6,11 @@ The default grid is the paper's: 3 heads x 4 learning rates x 3 dropouts x 4 los
 that share a head and a seed train together in one vectorised pass (`train_many`). Each finished pass is appended to
 `results.jsonl` (one fsynced line per configuration), so a killed grid resumes without losing or repeating one.
 Selection uses the validation metric only; the chosen configuration's test metric is reported beside it.
+
+With `prune` (`fusion grid --prune`, heads/prune.py) each pass drops its worst models at the rungs. Their rows are
+still written, marked with `pruned_at` (the rung epoch) and holding their best validation score until then, so the
+results stay complete and the choice is made among all rows. A later exhaustive run of the same grid retrains the
+pruned configurations (a pruned row is not a finished run); a pruned run keeps them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusion.errors import FusionError
-from fusion.heads.config import FitConfig
+from fusion.heads.config import FitConfig, config_from_dict
+from fusion.heads.prune import Pruning
 from fusion.heads.result import FitResult, encode_labels
 from fusion.heads.train import train_many
 
@@ -63,7 +69,8 @@ def result_row(result: FitResult) -> dict:
     predictions = result.test_predictions
     return {"config": dataclasses.asdict(result.config), "val": result.val, "test": result.test,
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": result.seconds,
-            "test_pred": None if predictions is None else encode_labels(predictions.y_pred)}
+            "test_pred": None if predictions is None else encode_labels(predictions.y_pred),
+            "pruned_at": result.pruned_at, "device": result.device}
 
 
 def read_log(path: Path) -> list[dict]:
@@ -107,27 +114,38 @@ def pending_groups(configs: list[FitConfig], done: set[str]) -> list[list[FitCon
 
 
 def run_grid(features, configs: list[FitConfig], out: Path, *,
-             on_pass: Callable[[int, int], None] | None = None, on_epoch=None) -> list[dict]:
-    """Train every configuration not yet in `out/results.jsonl`; returns all rows of this grid (old and new)."""
+             on_pass: Callable[[int, int], None] | None = None, on_epoch=None, prune: Pruning | None = None,
+             device=None) -> list[dict]:
+    """Train every configuration not yet in `out/results.jsonl`; returns all rows of this grid (old and new).
+
+    prune: successive halving inside each pass (see the module docstring); device: where to train (train_many)."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / RESULTS_LOG
     drop_torn_tail(log)
     wanted = {config_key(c) for c in configs}
-    rows = {config_key_from_row(r): r for r in read_log(log) if config_key_from_row(r) in wanted}
-    groups = pending_groups(configs, set(rows))
+    rows = {config_key_from_row(r): _with_config_defaults(r) for r in read_log(log) if config_key_from_row(r) in wanted}
+    done = {key for key, row in rows.items() if prune is not None or row.get("pruned_at") is None}
+    groups = pending_groups(configs, done)
     if on_pass:
-        on_pass(len(rows), len(configs))
+        on_pass(len(done), len(configs))
     for group in groups:
         started = time.perf_counter()
-        results = train_many(features, group, on_epoch=on_epoch)
+        results = train_many(features, group, on_epoch=on_epoch, prune=prune, device=device)
         new_rows = [result_row(result) for result in results]
         for row in new_rows:
             row["pass_seconds"] = time.perf_counter() - started
         append_rows(log, new_rows)
         rows.update((config_key_from_row(row), row) for row in new_rows)
+        done.update(config_key_from_row(row) for row in new_rows)
         if on_pass:
-            on_pass(len(rows), len(configs))
+            on_pass(len(done), len(configs))
     return [rows[config_key(c)] for c in configs]
+
+
+def _with_config_defaults(row: dict) -> dict:
+    """A row logged before a config field existed, with that field's value then (FitConfig's ADDED_FIELDS), so
+    it reads like the rows written now."""
+    return {**row, "config": dataclasses.asdict(config_from_dict(row["config"]))}
 
 
 def config_key_from_row(row: dict) -> str:

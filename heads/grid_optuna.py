@@ -49,7 +49,7 @@ def search_space(configs: list[FitConfig]) -> dict[str, list]:
 
 
 def run_study(features, configs: list[FitConfig], *, storage: str, study_name: str, sampler: str = "grid",
-              trials: int | None = None, on_trial: Callable[[dict], None] | None = None) -> list[dict]:
+              trials: int | None = None, on_trial: Callable[[dict], None] | None = None, device=None) -> list[dict]:
     """Runs trials until the grid is exhausted (or `trials` are done); returns every finished trial's row."""
     optuna = _optuna()
     space = search_space(configs)
@@ -65,7 +65,7 @@ def run_study(features, configs: list[FitConfig], *, storage: str, study_name: s
                                      dropout=trial.suggest_categorical("dropout", space["dropout"]),
                                      seed=trial.suggest_categorical("seed", space["seed"]), loss=kind,
                                      gamma=gamma if kind == "focal" else base.gamma)
-        row = result_row(train_head(features, config))
+        row = result_row(train_head(features, config, device=device))
         trial.set_user_attr("row", row)
         if on_trial:
             on_trial(row)

@@ -10,7 +10,8 @@ from pathlib import Path
 from fusion.atomic import write_text_atomic
 from fusion.labels import LABELS
 
-CONFIG_COLUMNS = ("head", "lr", "dropout", "loss", "gamma", "seed", "batch_size", "epochs", "patience", "metric")
+CONFIG_COLUMNS = ("head", "lr", "dropout", "loss", "gamma", "seed", "batch_size", "epochs", "patience", "metric",
+                  "precision")
 METRIC_COLUMNS = ("accuracy", "macro_f1", "weighted_f1")
 
 
@@ -24,7 +25,8 @@ def csv_row(row: dict) -> dict:
             flat[f"{block}_{name}"] = row[block][name]
         for label in LABELS:
             flat[f"{block}_f1_{label}"] = row[block]["per_class_f1"][label]
-    flat.update(best_epoch=row["best_epoch"], epochs_run=row["epochs_run"], seconds=round(row["seconds"], 3))
+    flat.update(best_epoch=row["best_epoch"], epochs_run=row["epochs_run"], seconds=round(row["seconds"], 3),
+                pruned_at=row.get("pruned_at"))
     return flat
 
 

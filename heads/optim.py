@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,9 +19,10 @@ class ParamStack:
         self.params = {name: view.requires_grad_() for name, view in self.split(flat).items()}
 
     @classmethod
-    def from_models(cls, shapes: dict[str, tuple], per_model: list[dict[str, Tensor]]) -> "ParamStack":
+    def from_models(cls, shapes: dict[str, tuple], per_model: list[dict[str, Tensor]],
+                    device: torch.device | str = "cpu") -> "ParamStack":
         flat = torch.cat([torch.stack([p[name] for p in per_model]).reshape(-1) for name in shapes])
-        return cls(shapes, flat, len(per_model))
+        return cls(shapes, flat.to(device), len(per_model))
 
     def split(self, flat: Tensor) -> dict[str, Tensor]:
         """Views (M, *shape) into any buffer with this layout."""
@@ -45,26 +47,31 @@ class BatchedAdam:
     """torch.optim.Adam with its defaults (betas 0.9/0.999, eps 1e-8, no weight decay, bias-corrected) over a
     ParamStack, with one learning rate per model. All models of a pass step together, so one step count serves.
 
-    Where torch has its fused CPU Adam kernel (torch.optim.Adam(fused=True)), each model is one kernel call over its
-    own parameter blocks with its own lr (one pass over memory instead of ~9); otherwise a vectorised update of the
-    whole buffer with the learning rates spread per element. Both compute torch's formula.
+    Where torch has its fused Adam kernel for the buffer's device (torch.optim.Adam(fused=True); on CPUs since torch
+    2.4), one kernel call per run of neighbouring models that share a learning rate, over their rows of every
+    parameter block: one pass over memory instead of ~9, and a handful of calls per step (the paper's grid orders a
+    head's models by learning rate: 4 runs), each call a parallel region per block. Otherwise a vectorised update of
+    the whole buffer with the learning rates spread per element. Both compute torch's formula.
     """
 
     def __init__(self, stack: ParamStack, lrs: list[float], betas=(0.9, 0.999), eps: float = 1e-8,
                  fused: bool | None = None):
         self.stack, self.lrs, self.betas, self.eps, self.steps = stack, list(lrs), betas, eps, 0
-        self.fused = _HAS_FUSED_ADAM if fused is None else fused
+        self.fused = has_fused_adam(stack.flat.device.type) if fused is None else fused
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(stack.flat), torch.zeros_like(stack.flat)
         self._views()
 
     def _views(self) -> None:
-        """Per-model lists of parameter/state blocks (fused path) or the per-element lr and work buffers."""
+        """Per-run lists of parameter/state blocks (fused path) or the per-element lr and work buffers."""
         if self.fused:
-            self._step_count = torch.zeros(())
-            self._per_model = [[list(block[m] for block in self.stack.split(t).values()) for m in range(len(self.lrs))]
-                               for t in (self.stack.flat, self.exp_avg, self.exp_avg_sq)]
+            # The fused kernels read the step from a tensor on the parameters' device (torch.optim.Adam's layout).
+            self._step_count = torch.zeros((), device=self.stack.flat.device)
+            self._runs = lr_runs(self.lrs)
+            self._blocks = [list(self.stack.split(t).values()) for t in (self.stack.flat, self.exp_avg,
+                                                                          self.exp_avg_sq)]
         else:
-            self._lr = self.stack.per_model(torch.tensor(self.lrs, dtype=self.stack.flat.dtype))
+            lrs = torch.tensor(self.lrs, dtype=self.stack.flat.dtype, device=self.stack.flat.device)
+            self._lr = self.stack.per_model(lrs)
             self._grad, self._work = torch.empty_like(self.stack.flat), torch.empty_like(self.stack.flat)
 
     @torch.no_grad()
@@ -77,15 +84,18 @@ class BatchedAdam:
             self._vectorised_step(grads)
 
     def _fused_step(self, grads: list[Tensor]) -> None:
-        # The fused kernel reads each tensor's memory as if contiguous: the gradient of a weight used transposed
-        # (stacked_linear's bmm) has transposed strides and would be applied to the wrong elements.
+        # The CPU kernel reads each tensor's memory as if contiguous: the gradient of a weight used transposed
+        # (stacked_linear's bmm) has transposed strides and would be applied to the wrong elements. CUDA's
+        # multi-tensor kernels want dense tensors too.
         grads = [grad.contiguous() for grad in grads]
         self._step_count.fill_(self.steps)
-        params, exp_avgs, exp_avg_sqs = self._per_model
-        for model, lr in enumerate(self.lrs):
-            torch._fused_adam_(params[model], [g[model] for g in grads], exp_avgs[model], exp_avg_sqs[model], [],
-                               [self._step_count] * len(grads), lr=lr, beta1=self.betas[0], beta2=self.betas[1],
-                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+        params, exp_avgs, exp_avg_sqs = self._blocks
+        for first, end, lr in self._runs:
+            rows = slice(first, end)
+            torch._fused_adam_([p[rows] for p in params], [g[rows] for g in grads], [m[rows] for m in exp_avgs],
+                               [v[rows] for v in exp_avg_sqs], [], [self._step_count] * len(grads), lr=lr,
+                               beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=self.eps,
+                               amsgrad=False, maximize=False)
 
     def _vectorised_step(self, grads: list[Tensor]) -> None:
         grad, work = self._grad, self._work  # preallocated: fresh multi-MB temporaries every step cost page faults
@@ -113,15 +123,25 @@ class BatchedAdam:
         return kept
 
 
-def _has_fused_adam() -> bool:
-    """torch's fused Adam kernel runs on CPU since torch 2.4; probe it once on a tiny tensor."""
+def lr_runs(lrs: list[float]) -> list[tuple[int, int, float]]:
+    """(first, end, lr) of each run of neighbouring models with the same learning rate."""
+    runs: list[tuple[int, int, float]] = []
+    for position, lr in enumerate(lrs):
+        if runs and runs[-1][2] == lr:
+            runs[-1] = (runs[-1][0], position + 1, lr)
+        else:
+            runs.append((position, position + 1, lr))
+    return runs
+
+
+@functools.cache
+def has_fused_adam(device_type: str) -> bool:
+    """Whether torch has its fused Adam kernel for this device type (CPU: since torch 2.4); probed once on a tiny
+    tensor there."""
     try:
-        tensors = [[torch.zeros(1)] for _ in range(4)]
-        torch._fused_adam_(*tensors, [], [torch.ones(())], lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0,
-                           eps=1e-8, amsgrad=False, maximize=False)
+        tensors = [[torch.zeros(1, device=device_type)] for _ in range(4)]
+        torch._fused_adam_(*tensors, [], [torch.ones((), device=device_type)], lr=1e-3, beta1=0.9, beta2=0.999,
+                           weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
         return True
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except (AttributeError, AssertionError, RuntimeError, NotImplementedError):  # no kernel, or no such device
         return False
-
-
-_HAS_FUSED_ADAM = _has_fused_adam()

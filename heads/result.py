@@ -43,3 +43,5 @@ class FitResult:
     state_dict: dict[str, Tensor]  # the best weights of this one model (single-head layout, CPU)
     seconds: float  # wall-clock seconds of the (shared) pass until this model stopped
     test_predictions: TestPredictions | None = None  # None without a test split
+    pruned_at: int | None = None  # the rung epoch at which `grid --prune` stopped it; None: it ran to its own end
+    device: str = "cpu"  # where it trained (not part of the config: it changes no result beyond float rounding)

@@ -13,7 +13,12 @@ How the vectorisation works
   float rounding (tests/test_train.py). Different seeds (or batch sizes) go to different passes.
 - Each model's initial weights come from its own generator seeded by its head name and seed (models.init_params).
 - A model that stops early (patience or its own epoch limit) is dropped from the stack, so it costs nothing more;
-  its best-on-validation weights were copied aside whenever it improved, and test metrics come from those.
+  its best-on-validation weights were copied aside whenever it improved, and test metrics come from those. With
+  `prune` (heads/prune.py), the worst models still training are also dropped at the rungs, the same way.
+- Device and precision: every tensor is made on the device the features are moved to (random draws come from CPU
+  generators, so a seed means the same minibatches and dropout masks everywhere). A bf16 config runs its forward
+  passes under autocast (heads/device.py) and its loss in fp32, with fp32 weights and Adam state; an fp32 config runs
+  no autocast at all. Precision is part of the config, so bf16 and fp32 models never share a pass.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import torch
 from torch import Tensor
 
 from fusion.heads.config import FitConfig
+from fusion.heads.device import autocast
 from fusion.heads.optim import BatchedAdam, ParamStack
+from fusion.heads.prune import Pruning
 from fusion.heads.result import FitResult, TestPredictions
-from fusion.heads.features import SplitFeatures
+from fusion.heads.features import Modality, SplitFeatures
 from fusion.heads.losses import focal_loss, focal_loss_per_sample
 from fusion.heads.metrics import classification_metrics, confusion_counts
 from fusion.heads.models import head_forward, init_params, param_shapes
@@ -40,30 +47,45 @@ from fusion.memory import available_memory
 
 
 def train_head(features: dict[str, SplitFeatures], config: FitConfig, on_epoch=None, *,
-               threads: int | None = None) -> FitResult:
+               threads: int | None = None, device: torch.device | str | None = None) -> FitResult:
     """Train one head; on_epoch(epoch, 0, metrics) after every epoch."""
-    return train_many(features, [config], on_epoch, threads=threads)[0]
+    return train_many(features, [config], on_epoch, threads=threads, device=device)[0]
 
 
 def train_many(features: dict[str, SplitFeatures], configs: list[FitConfig], on_epoch=None, *,
-               threads: int | None = None, memory_budget: int | None = None) -> list[FitResult]:
+               threads: int | None = None, memory_budget: int | None = None,
+               device: torch.device | str | None = None, prune: Pruning | None = None) -> list[FitResult]:
     """Train every config (results in the same order), vectorised across configs; on_epoch(epoch, index, metrics).
 
     threads: torch's intra-op thread count for the call (restored afterwards); None leaves it alone.
-    memory_budget: bytes a pass's activations may take (default: half the memory available now); a group whose
-    models would need more trains in several passes, which changes no result.
+    memory_budget: bytes a pass's activations may take (default: half the memory available now on the device); a
+    group whose models would need more trains in several passes, which changes no result (but pruning then ranks
+    each pass's models apart).
+    device: where to train (default: where the training features are); the features are moved there (a streamed
+    split, each minibatch as it is read).
+    prune: successive halving inside each pass (heads/prune.py); None trains every model to its own end.
     """
     _check_features(features)
-    budget = available_memory() // 2 if memory_budget is None else memory_budget
+    device = torch.device(device) if device is not None else features["train"].label.device
+    if device.type == "cuda" and device.index is None:  # "cuda" names the current GPU; tensors say which
+        device = torch.device("cuda", torch.cuda.current_device())
+    budget = _available_memory(device) // 2 if memory_budget is None else memory_budget
     results: list[FitResult | None] = [None] * len(configs)
     with _num_threads(threads):
         for group in group_configs(configs).values():
             size = models_per_pass(configs[group[0]], features, budget)
             for indices in (group[start:start + size] for start in range(0, len(group), size)):
                 passed = [configs[i] for i in indices]
-                for index, result in zip(indices, _Pass(features, passed, indices, on_epoch).run()):
+                trained = _Pass(features, passed, indices, on_epoch, device, prune).run()
+                for index, result in zip(indices, trained):
                     results[index] = result
     return results
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()
 
 
 def models_per_pass(config: FitConfig, features: dict[str, SplitFeatures], budget: int) -> int:
@@ -80,10 +102,10 @@ ACTIVATION_COPIES = 6
 
 
 def group_configs(configs: list[FitConfig]) -> dict[tuple, list[int]]:
-    """Indices of the configs that can share a pass: same architecture, seed and batch size."""
+    """Indices of the configs that can share a pass: same architecture, seed, batch size and precision."""
     groups: dict[tuple, list[int]] = {}
     for index, config in enumerate(configs):
-        key = (config.head, config.seed, config.batch_size, config.proj_dim, config.hidden)
+        key = (config.head, config.seed, config.batch_size, config.proj_dim, config.hidden, config.precision)
         groups.setdefault(key, []).append(index)
     return groups
 
@@ -96,6 +118,7 @@ class _Tracker:
     best_score: float = -math.inf
     best_epoch: int = 0
     seconds: float = 0.0
+    pruned_at: int | None = None  # the rung epoch at which pruning stopped this model
 
     def update(self, entry: dict) -> tuple[bool, bool]:
         """Record an epoch -> (improved, done)."""
@@ -110,21 +133,28 @@ class _Tracker:
 class _Pass:
     """The configs of one group trained together (see the module docstring)."""
 
-    def __init__(self, features: dict[str, SplitFeatures], configs: list[FitConfig], indices: list[int], on_epoch):
+    def __init__(self, features: dict[str, SplitFeatures], configs: list[FitConfig], indices: list[int], on_epoch,
+                 device: torch.device, prune: Pruning | None = None):
         first = configs[0]
         self.spec = HEADS[first.head]
         if self.spec.fusion != "dual_attn":  # only cross-modal attention reads past token 0: gather less per step
             features = {name: split.latents_only() for name, split in features.items()}
-        self.features, self.configs, self.indices, self.on_epoch = features, configs, indices, on_epoch
+        self.device = device
+        self.features = {name: _moved(split, device) for name, split in features.items()}
+        self.configs, self.indices, self.on_epoch = configs, indices, on_epoch
         self.proj_dim = first.proj_dim
         self.batch_size = first.batch_size
+        self.precision = first.precision
         self.noise_dims = (fused_dim(self.spec, first.proj_dim), first.hidden)
         self.shapes = param_shapes(self.spec, *features["train"].dims, first.proj_dim, first.hidden)
-        stack = ParamStack.from_models(self.shapes, [init_params(self.shapes, c.head, c.seed) for c in configs])
+        stack = ParamStack.from_models(self.shapes, [init_params(self.shapes, c.head, c.seed) for c in configs],
+                                       device)
         self.adam = BatchedAdam(stack, [c.lr for c in configs])
         self.best = {name: p.detach().clone() for name, p in stack.params.items()}
         self.trackers = [_Tracker(c) for c in configs]
         self.active = torch.arange(len(configs))  # config positions of the models still training
+        self.prune = prune
+        self.rungs = set(prune.rungs(max(c.epochs for c in configs))) if prune else set()
         self.order = torch.Generator().manual_seed(zlib.crc32(f"order:{first.seed}".encode()))
         self.noise = torch.Generator().manual_seed(zlib.crc32(f"dropout:{first.seed}".encode()))
         self.started = time.perf_counter()
@@ -141,11 +171,12 @@ class _Pass:
     def _model_inputs(self, positions: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None]:
         """Dropout rates (None when all 0: no noise drawn), focal gammas and alphas (None when all None)."""
         configs = [self.configs[i] for i in positions.tolist()]
-        rates = torch.tensor([c.dropout for c in configs])
-        gammas = torch.tensor([c.focal_gamma for c in configs])
+        rates = torch.tensor([c.dropout for c in configs], device=self.device)
+        gammas = torch.tensor([c.focal_gamma for c in configs], device=self.device)
         alphas = None
         if any(c.alpha is not None for c in configs):
-            alphas = torch.tensor([c.alpha if c.alpha is not None else (1.0, 1.0, 1.0) for c in configs])
+            alphas = torch.tensor([c.alpha if c.alpha is not None else (1.0, 1.0, 1.0) for c in configs],
+                                  device=self.device)
         return (rates if bool((rates > 0).any()) else None), gammas, alphas
 
     def _train_epoch(self) -> Tensor:
@@ -153,14 +184,16 @@ class _Pass:
         train, stack = self.features["train"], self.adam.stack
         rates, gammas, alphas = self._model_inputs(self.active)
         params = list(stack.params.values())
-        order = torch.randperm(len(train), generator=self.order)
-        total = torch.zeros(len(self.active))
+        order = torch.randperm(len(train), generator=self.order).to(train.label.device)
+        total = torch.zeros(len(self.active), device=self.device)
         for batch in train.batches(order[start:start + self.batch_size] for start in range(0, len(train),
                                                                                           self.batch_size)):
-            noise = None if rates is None else tuple(torch.rand(len(batch), d, generator=self.noise)
+            batch = _moved(batch, self.device)
+            noise = None if rates is None else tuple(torch.rand(len(batch), d, generator=self.noise).to(self.device)
                                                      for d in self.noise_dims)
-            logits = head_forward(self.spec, stack.params, batch.text, batch.image, rates, noise)
-            losses = focal_loss(logits, batch.label, gammas, alphas)
+            with autocast(self.precision, self.device):
+                logits = head_forward(self.spec, stack.params, batch.text, batch.image, rates, noise)
+            losses = focal_loss(logits.float(), batch.label, gammas, alphas)
             # Parameters a head never uses (Q/K of a single-key cross-attention) get zero gradients: Adam leaves them.
             grads = torch.autograd.grad(losses.sum(), params, allow_unused=True, materialize_grads=True)
             self.adam.step(grads)
@@ -172,16 +205,18 @@ class _Pass:
         """Mean loss (M,) and predictions (M, N) of the models at `positions` (no dropout)."""
         _, gammas, alphas = self._model_inputs(positions)
         chunk = _eval_chunk(split, len(positions), self.proj_dim)
-        loss_sum, predictions = torch.zeros(len(positions)), []
+        loss_sum, predictions = torch.zeros(len(positions), device=self.device), []
         for rows in split.batches(slice(start, start + chunk) for start in range(0, len(split), chunk)):
-            logits = head_forward(self.spec, params, rows.text, rows.image)
+            rows = _moved(rows, self.device)
+            with autocast(self.precision, self.device):
+                logits = head_forward(self.spec, params, rows.text, rows.image).float()
             loss_sum += focal_loss_per_sample(logits, rows.label, gammas, alphas).sum(dim=-1)
             predictions.append(logits.argmax(dim=-1))
-        return loss_sum / max(len(split), 1), torch.cat(predictions, dim=1)
+        return (loss_sum / max(len(split), 1)).cpu(), torch.cat(predictions, dim=1).cpu()
 
     def _record(self, epoch: int, train_loss: Tensor, val_loss: Tensor, val_pred: Tensor) -> None:
         """Metrics, callbacks and early stopping for the active models; copies improved weights, drops stopped ones."""
-        labels = self.features["val"].label.numpy()
+        labels = self.features["val"].label.cpu().numpy()
         improved, keep = [], []
         for row, position in enumerate(self.active.tolist()):
             entry = {"epoch": epoch, "train_loss": float(train_loss[row]), "val_loss": float(val_loss[row]),
@@ -196,15 +231,28 @@ class _Pass:
             if self.on_epoch is not None:
                 self.on_epoch(epoch, self.indices[position], entry)
         self._copy_best(torch.tensor(improved, dtype=torch.long))
+        if epoch in self.rungs:
+            keep = self._prune(epoch, keep)
         if len(keep) < len(self.active):
             keep_rows = torch.tensor(keep, dtype=torch.long)
             self.adam = self.adam.keep(keep_rows)
             self.active = self.active[keep_rows]
 
+    def _prune(self, epoch: int, keep: list[int]) -> list[int]:
+        """The rows of `keep` (models still training) that survive this rung; the others stop here."""
+        positions = [int(self.active[row]) for row in keep]
+        chosen = set(self.prune.survivors([self.trackers[p].best_score for p in positions]))
+        for rank, position in enumerate(positions):
+            if rank not in chosen:
+                self.trackers[position].pruned_at = epoch
+                self.trackers[position].seconds = time.perf_counter() - self.started
+        return [row for rank, row in enumerate(keep) if rank in chosen]
+
     def _copy_best(self, rows: Tensor) -> None:
         if len(rows):
+            targets, rows = self.active[rows].to(self.device), rows.to(self.device)
             for name, param in self.adam.stack.params.items():
-                self.best[name].index_copy_(0, self.active[rows], param.detach()[rows])
+                self.best[name].index_copy_(0, targets, param.detach()[rows])
 
     def _results(self) -> list[FitResult]:
         everyone = torch.arange(len(self.configs))
@@ -213,7 +261,7 @@ class _Pass:
         test_predictions: list[TestPredictions | None] = [None] * len(self.configs)
         if test is not None and len(test):
             losses, predictions = self._evaluate(test, self.best, everyone)
-            labels = test.label.numpy()
+            labels = test.label.cpu().numpy()
             test_metrics = [{**classification_metrics(labels, predictions[i].numpy()), "loss": float(losses[i]),
                              "confusion_matrix": confusion_counts(labels, predictions[i].numpy())}
                             for i in range(len(self.configs))]
@@ -229,9 +277,9 @@ class _Pass:
         best = tracker.history[tracker.best_epoch - 1]
         val = {key: value for key, value in best.items() if key not in ("epoch", "train_loss", "val_loss")}
         val["loss"] = best["val_loss"]
-        state = {name: tensor[position].clone() for name, tensor in self.best.items()}
+        state = {name: tensor[position].cpu().clone() for name, tensor in self.best.items()}
         return FitResult(tracker.config, tracker.best_epoch, len(tracker.history), tracker.history, val, test,
-                         state, tracker.seconds)
+                         state, tracker.seconds, pruned_at=tracker.pruned_at, device=str(self.device))
 
 
 def _eval_chunk(split: SplitFeatures, models: int, proj_dim: int) -> int:
@@ -239,6 +287,15 @@ def _eval_chunk(split: SplitFeatures, models: int, proj_dim: int) -> int:
     (32M float32 values)."""
     per_row = split.tokens_per_row * (models * proj_dim + max(split.dims))
     return max(1, min(4096, (1 << 25) // per_row))
+
+
+def _moved(split, device: torch.device):
+    """An in-memory split (or minibatch) on `device`; the same object when it is there already. A streamed split
+    stays where it is: its minibatches are moved as they are read."""
+    if not isinstance(split, SplitFeatures) or split.label.device == device:
+        return split
+    return SplitFeatures(*(Modality(m.tokens.to(device), m.mask.to(device)) for m in (split.text, split.image)),
+                         split.label.to(device))
 
 
 def _check_features(features: dict[str, SplitFeatures]) -> None:

@@ -39,7 +39,9 @@ def test_loss_names_parse_and_bad_ones_are_refused():
 
 def test_vectorised_grid_equals_training_each_configuration_alone(tmp_path):
     features = xor_features(seed=1)
-    configs = grid_configs(SMALL, heads=["self_attn"], lrs=[1e-2, 1e-3], dropouts=[0.0, 0.5], losses=["ce", "focal2"])
+    # Not lr 1e-2: 256-d heads on this task are chaotic there, so the last-bit differences between a stacked and a
+    # single pass (GEMMs of other widths sum in other orders) grow into different predictions within a few epochs.
+    configs = grid_configs(SMALL, heads=["self_attn"], lrs=[1e-3, 1e-4], dropouts=[0.0, 0.5], losses=["ce", "focal2"])
     rows = run_grid(features, configs, tmp_path)
     assert len(rows) == len(configs)
     for config, row in zip(configs, rows):

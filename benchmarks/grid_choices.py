@@ -1,0 +1,149 @@
+"""What the grid's options change in its answer, measured in one run: bf16 against fp32, `--prune` against the
+exhaustive grid, and batch 32 against batch 256 (the paper gives no batch size).
+
+    .venv/bin/python benchmarks/grid_choices.py --cache demo_out/demo.h5 [--parts bf16,prune,batch] [--seeds 3]
+
+Data: the cache given (`make demo` writes demo_out/demo.h5) and a synthetic task (benchmarks/fit_speed.py
+signal_features: three gaussian classes whose means lie in random directions of both modalities; 2,000 / 500 / 500
+rows of 768-d text and 384-d image features).
+- bf16: a 6-configuration grid (basic, self_attn, dual_attn x lr 1e-3, 1e-4; dropout 0.2, cross-entropy) in fp32
+  and in bf16; the best validation metric of each and the largest difference of any one configuration's. A CPU
+  without bf16 units emulates bf16 matmuls: slow, and the same rounding (bf16 inputs, fp32 sums) as the units.
+- prune: the paper's 144 configurations exhaustive and with --prune, for each seed (the seed of initialisation,
+  shuffling and dropout): the configuration each chooses, whether it is the same one, how much worse the pruned
+  choice scored in the exhaustive grid (0 when the same), and the epochs each trained.
+- batch: the paper's grid on the cache at batch 256 and at batch 32: the configuration chosen, its validation and
+  test metric, and how many configurations never beat always predicting the majority class on validation.
+Every grid uses the default FitConfig otherwise (at most 30 epochs, patience 5) and the dataset's metric.
+The last line is one JSON object with the figures README quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fit_speed import signal_features  # noqa: E402
+from machine_load import OtherLoad  # noqa: E402
+
+from fusion.heads.config import FitConfig  # noqa: E402
+from fusion.heads.device import bf16_units  # noqa: E402
+from fusion.heads.grid import PAPER_HEADS, grid_configs, run_grid, summarise  # noqa: E402
+from fusion.heads.prune import Pruning  # noqa: E402
+from fusion.heads.runs import default_metric, load_features  # noqa: E402
+
+SYNTHETIC_SIZES = {"train": 2_000, "val": 500, "test": 500}
+CHOICE = ("head", "lr", "dropout", "loss", "gamma")
+
+
+def grid(features, configs, prune=None) -> tuple[list[dict], float]:
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        rows = run_grid(features, configs, Path(out), prune=prune)
+        return rows, time.perf_counter() - started
+
+
+def choice(row_or_config: dict) -> str:
+    config = row_or_config.get("config", row_or_config)
+    gamma = "" if config["loss"] == "ce" else f"{config['gamma']:g}"
+    return f"{config['head']} lr {config['lr']:g} dropout {config['dropout']:g} {config['loss']}{gamma}"
+
+
+def compare_bf16(name: str, features, metric: str) -> dict:
+    base = FitConfig(metric=metric, loss="ce")
+    fp32_configs = grid_configs(base, heads=PAPER_HEADS, lrs=(1e-3, 1e-4), dropouts=(0.2,), losses=("ce",))
+    fp32, fp32_seconds = grid(features, fp32_configs)
+    bf16, bf16_seconds = grid(features, [dataclasses.replace(c, precision="bf16") for c in fp32_configs])
+    best = {p: summarise(rows, metric)[0] for p, rows in (("fp32", fp32), ("bf16", bf16))}
+    worst = max(abs(a["val"][metric] - b["val"][metric]) for a, b in zip(fp32, bf16))
+    result = {"best_fp32": round(best["fp32"].val_mean, 4), "best_bf16": round(best["bf16"].val_mean, 4),
+              "best_diff": round(abs(best["fp32"].val_mean - best["bf16"].val_mean), 4),
+              "max_config_diff": round(worst, 4), "same_choice": choice(best["fp32"].config) == choice(
+                  best["bf16"].config)}
+    print(f"bf16 on {name}: best val {metric} fp32 {result['best_fp32']:.4f} ({choice(best['fp32'].config)}), "
+          f"bf16 {result['best_bf16']:.4f} ({choice(best['bf16'].config)}); largest difference of one "
+          f"configuration {worst:.4f}; {fp32_seconds:.0f} s fp32, {bf16_seconds:.0f} s bf16", flush=True)
+    return result
+
+
+def compare_prune(name: str, features, metric: str, seeds: int, batch_size: int) -> dict:
+    outcomes = []
+    for seed in range(seeds):
+        configs = grid_configs(FitConfig(metric=metric, batch_size=batch_size), seeds=(seed,))
+        exhaustive, exhaustive_seconds = grid(features, configs)
+        pruned, pruned_seconds = grid(features, configs, prune=Pruning())
+        full_best, pruned_best = summarise(exhaustive, metric)[0], summarise(pruned, metric)[0]
+        by_choice = {choice(row): row["val"][metric] for row in exhaustive}
+        epochs = [sum(row["epochs_run"] for row in rows) for rows in (exhaustive, pruned)]
+        outcome = {"seed": seed, "same": choice(full_best.config) == choice(pruned_best.config),
+                   "gap": round(full_best.val_mean - by_choice[choice(pruned_best.config)], 4),
+                   "epochs": epochs, "seconds": [round(exhaustive_seconds, 1), round(pruned_seconds, 1)]}
+        outcomes.append(outcome)
+        print(f"prune on {name}, seed {seed}: exhaustive {choice(full_best.config)} ({full_best.val_mean:.4f}), "
+              f"pruned {choice(pruned_best.config)} ({pruned_best.val_mean:.4f}); same: {outcome['same']}, "
+              f"gap {outcome['gap']:.4f}; epochs {epochs[0]} -> {epochs[1]} "
+              f"({1 - epochs[1] / epochs[0]:.0%} saved); {exhaustive_seconds:.0f} s -> {pruned_seconds:.0f} s",
+              flush=True)
+    exhaustive_epochs, pruned_epochs = (sum(o["epochs"][i] for o in outcomes) for i in (0, 1))
+    return {"same_best": sum(o["same"] for o in outcomes), "seeds": seeds,
+            "max_gap": max(o["gap"] for o in outcomes), "epochs_saved": round(1 - pruned_epochs / exhaustive_epochs, 3)}
+
+
+def compare_batch(name: str, features, metric: str) -> dict:
+    majority = Counter(features["val"].label.tolist()).most_common(1)[0][1] / len(features["val"])
+    result = {}
+    for batch_size in (256, 32):
+        rows, seconds = grid(features, grid_configs(FitConfig(metric=metric, batch_size=batch_size)))
+        best = summarise(rows, metric)[0]
+        stuck = sum(1 for row in rows if row["val"]["accuracy"] <= majority + 1e-9)
+        stuck_by_lr = Counter(row["config"]["lr"] for row in rows if row["val"]["accuracy"] <= majority + 1e-9)
+        result[f"batch_{batch_size}"] = {"choice": choice(best.config), "val": round(best.val_mean, 4),
+                                         "test": round(best.test[metric], 4), "stuck": stuck}
+        print(f"batch {batch_size} on {name}: chooses {choice(best.config)}: val {metric} {best.val_mean:.4f}, test "
+              f"{best.test[metric]:.4f}; {stuck} of {len(rows)} configurations never beat the majority class on "
+              f"validation (by lr: {dict(sorted(stuck_by_lr.items()))}); "
+              f"{sum(r['epochs_run'] for r in rows)} epochs in {seconds:.0f} s", flush=True)
+    result["same_choice"] = result["batch_256"]["choice"] == result["batch_32"]["choice"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, required=True, help="a pooled cache, e.g. demo_out/demo.h5")
+    parser.add_argument("--parts", default="bf16,prune,batch")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load = OtherLoad()
+    cache, meta = load_features(args.cache)
+    cache_metric = default_metric(meta["dataset"])
+    synthetic = signal_features(SYNTHETIC_SIZES, seed=1)
+    parts = args.parts.split(",")
+    print(f"threads {args.threads}; CPU bf16 units: {bf16_units()}; cache {args.cache} ({meta['dataset']}, "
+          f"{ {name: len(split) for name, split in cache.items()} }, metric {cache_metric}); synthetic "
+          f"{SYNTHETIC_SIZES}, metric macro_f1", flush=True)
+    summary: dict = {"bf16_units": bf16_units(), "threads": args.threads}
+    for name, features, metric in (("cache", cache, cache_metric), ("synthetic", synthetic, "macro_f1")):
+        if "bf16" in parts:
+            summary[f"bf16_{name}"] = compare_bf16(name, features, metric)
+        if "prune" in parts:
+            summary[f"prune_{name}"] = compare_prune(name, features, metric, args.seeds, FitConfig().batch_size)
+    if "batch" in parts:
+        summary["batch_cache"] = compare_batch("cache", cache, cache_metric)
+    summary["other_load_cores"] = round(load.cores(), 2)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
