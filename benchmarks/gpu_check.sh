@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Extraction speed on a GPU machine: `fusion extract` samples/s in fp32 and bf16, the ratio to the encoders' pure
-# forward on the same prepared batches, bf16's speed-up and its cosine similarity to fp32. Not part of the tests.
+# Extraction and grid speed on a GPU machine: `fusion extract` samples/s in fp32 and bf16, the ratio to the encoders'
+# pure forward on the same prepared batches, bf16's speed-up and its cosine similarity to fp32; then the paper's grid
+# (benchmarks/grid_speed.py --device cuda). Not part of the tests.
 #
 #     benchmarks/gpu_check.sh                  # from anywhere; needs .venv with a CUDA build of torch
 #     N=8192 BATCH=256 benchmarks/gpu_check.sh # bigger run
 #
-# Budget: under 5 minutes (random bert-base / dinov2-small shaped models are written once, the JPEGs in parallel;
-# each precision then runs one extraction and one pure forward). The memory (RSS) check is CPU-only and skipped here.
+# Budget: under 10 minutes, 5 for extraction (random bert-base / dinov2-small shaped models are written once, the JPEGs
+# in parallel; each precision then runs one extraction and one pure forward) and 5 for the grid. The memory (RSS)
+# check is CPU-only and skipped here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,5 +29,11 @@ PY
 echo "cpus: $CORES, decode workers: $WORKERS, N=$N, batch $BATCH, precisions $PRECISIONS"
 
 # timeout: a stuck run reports as a failure instead of eating the machine's time.
-exec timeout 290 "$PY" benchmarks/extract_speed.py --device cuda --n "$N" --batch-size "$BATCH" \
+timeout 290 "$PY" benchmarks/extract_speed.py --device cuda --n "$N" --batch-size "$BATCH" \
     --workers "$WORKERS" --precisions "$PRECISIONS" --skip-rss
+
+# Stage 2 on the GPU: the paper's 144-configuration grid at MVSA-Multi size with --prune in bf16, against complete
+# plain runs (GRID=0 skips it).
+if [ "${GRID:-1}" != 0 ]; then
+    exec timeout 290 "$PY" benchmarks/grid_speed.py --device cuda --plain-sample "${PLAIN_SAMPLE:-1}"
+fi
