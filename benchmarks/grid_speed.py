@@ -6,8 +6,8 @@ whether --prune chooses what the exhaustive grid chooses; measured in one run.
 Features: benchmarks/fit_speed.py signal_features (a learnable signal in both modalities, so "best" means
 something), 768-d text and 384-d image, MVSA-Multi's 13,624 / 1,700 / 1,700 rows, in memory.
 - ours: `run_grid` over the paper's grid (3 heads x 4 lrs x 3 dropouts x 4 losses) with --prune, in bf16 on a GPU
-  (--device cuda) or where the CPU has bf16 units (AMX or avx512_bf16), else fp32; the default FitConfig otherwise (batch size, at most 30
-  epochs, patience 5, macro F1); timed end to end.
+  (--device cuda) or where the CPU has bf16 units (AMX or avx512_bf16), else fp32; the default FitConfig otherwise
+  (batch size, at most 30 epochs, patience 5, macro F1); timed end to end.
 - plain: the paper's protocol run plainly, one configuration at a time, exhaustive (fit_speed.PlainRun: nn.Linear
   modules, torch.optim.Adam, index_select minibatches at the same batch size and precision, the same early
   stopping). --plain-sample configurations per head, drawn at random (seed 0), each run COMPLETELY and timed; each
@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     configs = grid_configs(FitConfig(precision=precision))
     print(f"device {device}; threads {torch.get_num_threads()}; CPU bf16 units: {bf16_units()} -> {precision}; "
           f"{len(configs)} configurations "
-          f"at {'MVSA-Multi size' if args.scale == 1 else f'{args.scale} x MVSA-Multi size'} {sizes}, batch {configs[0].batch_size}, at most {configs[0].epochs} epochs; load "
-          f"average {os.getloadavg()[0]:.2f}", flush=True)
+          f"at {'MVSA-Multi size' if args.scale == 1 else f'{args.scale} x MVSA-Multi size'} {sizes}, batch "
+          f"{configs[0].batch_size}, at most {configs[0].epochs} epochs; load average {os.getloadavg()[0]:.2f}",
+          flush=True)
     rows, seconds = timed_grid(features, configs, Pruning(), device)
     pruned = sum(1 for row in rows if row["pruned_at"] is not None)
     print(f"ours (--prune, {precision}): {seconds:.0f} s; {sum(r['epochs_run'] for r in rows)} configuration-epochs; "
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     same, saved, size = pruned_same_best(args.check_size, precision, args.scale, device)
     summary = {"configs": len(configs), "seconds": round(seconds, 1), "plain_seconds": round(plain_seconds),
                "speedup_vs_plain": round(plain_seconds / seconds, 1), "pruned_same_best": same,
-               "epochs_saved": round(saved, 3), "check_size": size, "scale": args.scale, "precision": precision, "device": str(device),
-               "bf16_units": bf16_units(),
+               "epochs_saved": round(saved, 3), "check_size": size, "scale": args.scale, "precision": precision,
+               "device": str(device), "bf16_units": bf16_units(),
                "threads": torch.get_num_threads(), "other_load_cores": round(load.cores(), 2)}
     print(json.dumps(summary))
     return summary
