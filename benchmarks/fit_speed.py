@@ -135,17 +135,21 @@ class PlainHead(nn.Module):
 class PlainRun:
     """One configuration trained plainly; epoch() trains one epoch then scores validation -> the val metrics."""
 
-    def __init__(self, features: dict, config: FitConfig, seed: int = 0):
+    def __init__(self, features: dict, config: FitConfig, seed: int = 0, device: str | torch.device = "cpu"):
         torch.manual_seed(seed)
-        self.features, self.config = features, config
-        self.model = PlainHead(config.head, config.dropout)
+        self.features, self.config, self.device = features, config, torch.device(device)
+        self.model = PlainHead(config.head, config.dropout).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        train = features["train"]
-        self.text, self.image, self.label = train.text.tokens[:, 0], train.image.tokens[:, 0], train.label
+        self.text, self.image, self.label = self._pooled("train")
+        self.val_text, self.val_image, self.val_label = self._pooled("val")
+
+    def _pooled(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = self.features[split]
+        return tuple(t.to(self.device) for t in (rows.text.tokens[:, 0], rows.image.tokens[:, 0], rows.label))
 
     def epoch(self) -> dict:
         self.model.train()
-        order = torch.randperm(len(self.label))
+        order = torch.randperm(len(self.label)).to(self.device)
         for start in range(0, len(order), self.config.batch_size):
             rows = order[start:start + self.config.batch_size]
             self.step(self.text.index_select(0, rows), self.image.index_select(0, rows),
@@ -159,11 +163,10 @@ class PlainRun:
         self.optimizer.step()
 
     def validate(self) -> dict:
-        val = self.features["val"]
         self.model.eval()
         with torch.no_grad():
-            predictions = self.model(val.text.tokens[:, 0], val.image.tokens[:, 0]).argmax(dim=-1)
-        return classification_metrics(val.label.numpy(), predictions.numpy())
+            predictions = self.model(self.val_text, self.val_image).argmax(dim=-1).cpu()
+        return classification_metrics(self.features["val"].label.numpy(), predictions.numpy())
 
 
 def plain_seconds_per_epoch(features: dict, config: FitConfig, epochs: int) -> float:

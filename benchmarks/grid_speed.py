@@ -5,9 +5,9 @@ whether --prune chooses what the exhaustive grid chooses; measured in one run.
 
 Features: benchmarks/fit_speed.py signal_features (a learnable signal in both modalities, so "best" means
 something), 768-d text and 384-d image, MVSA-Multi's 13,624 / 1,700 / 1,700 rows, in memory.
-- ours: `run_grid` over the paper's grid (3 heads x 4 lrs x 3 dropouts x 4 losses) with --prune, in bf16 where the
-  CPU has bf16 units (AMX or avx512_bf16), else fp32; the default FitConfig otherwise (batch size, at most 30
-  epochs, patience 5, macro F1); timed end to end.
+- ours: `run_grid` over the paper's grid (3 heads x 4 lrs x 3 dropouts x 4 losses) with --prune, in bf16 on a GPU
+  (--device cuda) or where the CPU has bf16 units (AMX or avx512_bf16), else fp32; the default FitConfig otherwise
+  (batch size, at most 30 epochs, patience 5, macro F1); timed end to end.
 - plain: the paper's protocol run plainly, one configuration at a time, exhaustive (fit_speed.PlainRun: nn.Linear
   modules, torch.optim.Adam, index_select minibatches at the same batch size and precision, the same early
   stopping). --plain-sample configurations per head, drawn at random (seed 0), each run COMPLETELY and timed; each
@@ -37,39 +37,48 @@ from fit_speed import SIZES, PlainRun, signal_features  # noqa: E402
 from machine_load import OtherLoad  # noqa: E402
 
 from fusion.heads.config import FitConfig  # noqa: E402
-from fusion.heads.device import autocast, bf16_units  # noqa: E402
+from fusion.heads.device import autocast, bf16_units, resolve_device  # noqa: E402
 from fusion.heads.grid import PAPER_HEADS, grid_configs, run_grid, summarise  # noqa: E402
 from fusion.heads.prune import Pruning  # noqa: E402
 
 CHECK_SIZES = {"mvsa-multi": SIZES, "mvsa-single": {"train": 3_608, "val": 451, "test": 452}}
 
 
-def timed_grid(features, configs, prune: Pruning | None) -> tuple[list[dict], float]:
+def timed_grid(features, configs, prune: Pruning | None, device: torch.device) -> tuple[list[dict], float]:
     with tempfile.TemporaryDirectory() as out:
+        _synchronize(device)
         start = time.perf_counter()
-        rows = run_grid(features, configs, Path(out), prune=prune)
+        rows = run_grid(features, configs, Path(out), prune=prune, device=device)
+        _synchronize(device)
         return rows, time.perf_counter() - start
 
 
-def plain_complete_run(features, config: FitConfig) -> tuple[float, int]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_complete_run(features, config: FitConfig, device: torch.device) -> tuple[float, int]:
     """Seconds and epochs of one configuration trained plainly to its early stop (the trainer's rule)."""
-    run, best, best_epoch, epoch = PlainRun(features, config, seed=config.seed), -1.0, 0, 0
+    run, best, best_epoch, epoch = PlainRun(features, config, seed=config.seed, device=device), -1.0, 0, 0
+    _synchronize(device)
     start = time.perf_counter()
-    with autocast(config.precision, torch.device("cpu")):
+    with autocast(config.precision, device):
         while epoch < config.epochs and epoch - best_epoch < config.patience:
             epoch += 1
             score = run.epoch()[config.metric]
             if score > best:
                 best, best_epoch = score, epoch
+    _synchronize(device)
     return time.perf_counter() - start, epoch
 
 
-def plain_total(features, configs: list[FitConfig], sample: int) -> tuple[float, dict]:
-    PlainRun(features, configs[0]).epoch()  # warm-up: allocator, threads
+def plain_total(features, configs: list[FitConfig], sample: int, device: torch.device) -> tuple[float, dict]:
+    PlainRun(features, configs[0], device=device).epoch()  # warm-up: allocator, threads, kernels
     total, by_head = 0.0, {}
     for head in PAPER_HEADS:
         mine = [c for c in configs if c.head == head]
-        runs = [plain_complete_run(features, config) for config in random.Random(0).sample(mine, sample)]
+        runs = [plain_complete_run(features, config, device) for config in random.Random(0).sample(mine, sample)]
         mean = statistics.fmean(seconds for seconds, _ in runs)
         by_head[head] = {"runs": [(round(s, 1), e) for s, e in runs], "charged": round(mean * len(mine), 1)}
         print(f"plain {head}: sampled runs (seconds, epochs) {by_head[head]['runs']} -> {len(mine)} configurations "
@@ -78,11 +87,11 @@ def plain_total(features, configs: list[FitConfig], sample: int) -> tuple[float,
     return total, by_head
 
 
-def pruned_same_best(size: str, precision: str, scale: float) -> tuple[bool, float, str]:
+def pruned_same_best(size: str, precision: str, scale: float, device: torch.device) -> tuple[bool, float, str]:
     features = signal_features(scaled(CHECK_SIZES[size], scale), seed=1)
     configs = grid_configs(FitConfig(precision=precision))
-    exhaustive, exhaustive_seconds = timed_grid(features, configs, None)
-    pruned, pruned_seconds = timed_grid(features, configs, Pruning())
+    exhaustive, exhaustive_seconds = timed_grid(features, configs, None, device)
+    pruned, pruned_seconds = timed_grid(features, configs, Pruning(), device)
     chosen = [summarise(rows, "macro_f1")[0] for rows in (exhaustive, pruned)]
     epochs = [sum(row["epochs_run"] for row in rows) for rows in (exhaustive, pruned)]
     same = chosen[0].config == chosen[1].config
@@ -108,26 +117,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plain-sample", type=int, default=2, help="complete plain runs timed per head")
     parser.add_argument("--check-size", choices=sorted(CHECK_SIZES), default="mvsa-single")
     parser.add_argument("--scale", type=float, default=1.0, help="rows x SCALE everywhere (a quick look; printed)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (benchmarks/gpu_check.sh)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load = OtherLoad()
-    units = bf16_units()
+    device = resolve_device(args.device)
+    units = bf16_units() if device.type == "cpu" else "gpu"
     precision = "fp32" if units == "none" else "bf16"
     sizes = scaled(SIZES, args.scale)
     features = signal_features(sizes)
     configs = grid_configs(FitConfig(precision=precision))
-    print(f"threads {torch.get_num_threads()}; CPU bf16 units: {units} -> {precision}; {len(configs)} configurations "
-          f"at {'MVSA-Multi size' if args.scale == 1 else f'{args.scale} x MVSA-Multi size'} {sizes}, batch {configs[0].batch_size}, at most {configs[0].epochs} epochs; load "
-          f"average {os.getloadavg()[0]:.2f}", flush=True)
-    rows, seconds = timed_grid(features, configs, Pruning())
+    print(f"device {device}; threads {torch.get_num_threads()}; CPU bf16 units: {bf16_units()} -> {precision}; "
+          f"{len(configs)} configurations "
+          f"at {'MVSA-Multi size' if args.scale == 1 else f'{args.scale} x MVSA-Multi size'} {sizes}, batch "
+          f"{configs[0].batch_size}, at most {configs[0].epochs} epochs; load average {os.getloadavg()[0]:.2f}",
+          flush=True)
+    rows, seconds = timed_grid(features, configs, Pruning(), device)
     pruned = sum(1 for row in rows if row["pruned_at"] is not None)
     print(f"ours (--prune, {precision}): {seconds:.0f} s; {sum(r['epochs_run'] for r in rows)} configuration-epochs; "
           f"{pruned} configurations pruned; chooses {_name(summarise(rows, 'macro_f1')[0].config)}", flush=True)
-    plain_seconds, _ = plain_total(features, configs, args.plain_sample)
-    same, saved, size = pruned_same_best(args.check_size, precision, args.scale)
+    plain_seconds, _ = plain_total(features, configs, args.plain_sample, device)
+    same, saved, size = pruned_same_best(args.check_size, precision, args.scale, device)
     summary = {"configs": len(configs), "seconds": round(seconds, 1), "plain_seconds": round(plain_seconds),
                "speedup_vs_plain": round(plain_seconds / seconds, 1), "pruned_same_best": same,
-               "epochs_saved": round(saved, 3), "check_size": size, "scale": args.scale, "precision": precision, "bf16_units": units,
+               "epochs_saved": round(saved, 3), "check_size": size, "scale": args.scale, "precision": precision,
+               "device": str(device), "bf16_units": bf16_units(),
                "threads": torch.get_num_threads(), "other_load_cores": round(load.cores(), 2)}
     print(json.dumps(summary))
     return summary

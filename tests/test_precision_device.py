@@ -1,4 +1,4 @@
-"""Devices and precision for the heads: the stacked optimiser, autocast bf16, device-generic training, the CLI options."""
+"""Devices and precision for the heads: the stacked optimiser, bf16 autocast, device-generic training, CLI options."""
 
 from dataclasses import replace
 

@@ -56,8 +56,8 @@ def test_each_rung_keeps_the_best_third_of_the_models_still_training():
     results = train_many(features, configs, prune=Pruning())
     eta, pruned_somewhere = 3, 0
     for rung in Pruning().rungs(20):
-        contenders = [i for i, r in enumerate(results) if len(r.history) >= rung and (r.pruned_at is None or r.pruned_at >= rung)
-                      and _still_training(r, rung)]
+        contenders = [i for i, r in enumerate(results) if len(r.history) >= rung
+                      and (r.pruned_at is None or r.pruned_at >= rung) and _still_training(r, rung)]
         best = {i: max(e["accuracy"] for e in results[i].history[:rung]) for i in contenders}
         expected = sorted(sorted(contenders, key=lambda i: (-best[i], i))[:math.ceil(len(contenders) / eta)])
         survivors = [i for i in contenders if results[i].pruned_at is None or results[i].pruned_at > rung]
