@@ -290,6 +290,8 @@ def run_intervals(run_dir: Path) -> dict[str, Interval] | None:
     return {name: metric_ci(y_true, y_pred, name) for name in METRICS}
 
 
+BATCH_NOTE = ("`batch_size` is our choice where the paper is silent (it gives no batch size); README, \"The batch "
+              "size\", says how it was chosen.")
 FIGURE_TITLES = {"f1_per_class.png": "Per-class F1 on validation by epoch (best epoch marked)",
                  "losses.png": "Training and validation loss", "confusion_test.png": "Confusion matrix on test",
                  "grid_heatmap.png": "Validation metric over learning rate x dropout, per head"}
@@ -305,7 +307,7 @@ def _run_lines(run: Run, figures: list[Path], base: Path, label: str, level: str
     settings = [[key, f"`{value}`"] for key, value in run.config.items() if not isinstance(value, dict)]
     epochs = run.metrics.get("epochs_run", len(run.metrics["history"]))
     lines = [f"Best epoch {_fmt(run.metrics['best_epoch'])} of {epochs} run.", "", f"{level} Configuration", ""]
-    lines += _table(["setting", "value"], settings) + [f"{level} Cache and encoders", ""]
+    lines += _table(["setting", "value"], settings) + [BATCH_NOTE, "", f"{level} Cache and encoders", ""]
     lines += _encoder_lines(run.config["cache"]) + [f"{level} Results", ""] + _results_lines(run.metrics, intervals)
     lines += [f"{level} Beside the published numbers (test)", ""]
     lines += _published_lines(run.config["cache"], label, run.metrics["test"], intervals)

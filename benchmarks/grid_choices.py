@@ -6,9 +6,10 @@ exhaustive grid, and batch 32 against batch 256 (the paper gives no batch size).
 Data: the cache given (`make demo` writes demo_out/demo.h5) and a synthetic task (benchmarks/fit_speed.py
 signal_features: three gaussian classes whose means lie in random directions of both modalities; 2,000 / 500 / 500
 rows of 768-d text and 384-d image features).
-- bf16: a 6-configuration grid (basic, self_attn, dual_attn x lr 1e-3, 1e-4; dropout 0.2, cross-entropy) in fp32
-  and in bf16; the best validation metric of each and the largest difference of any one configuration's. A CPU
-  without bf16 units emulates bf16 matmuls: slow, and the same rounding (bf16 inputs, fp32 sums) as the units.
+- bf16: a 6-configuration grid (basic, self_attn, dual_attn x lr 1e-3, 1e-4; dropout 0.2, cross-entropy) x --seeds
+  in fp32 and in bf16; the best validation metric of each (mean over seeds, as `grid --seeds` ranks), the seeds'
+  spread of fp32's best for scale, and the largest difference of any one run's. A CPU without bf16 units emulates
+  bf16 matmuls: slow, and the same rounding (bf16 inputs, fp32 sums) as the units.
 - prune: the paper's 144 configurations exhaustive and with --prune, for each seed (the seed of initialisation,
   shuffling and dropout): the configuration each chooses, whether it is the same one, how much worse the pruned
   choice scored in the exhaustive grid (0 when the same), and the epochs each trained.
@@ -58,20 +59,23 @@ def choice(row_or_config: dict) -> str:
     return f"{config['head']} lr {config['lr']:g} dropout {config['dropout']:g} {config['loss']}{gamma}"
 
 
-def compare_bf16(name: str, features, metric: str) -> dict:
+def compare_bf16(name: str, features, metric: str, seeds: int) -> dict:
     base = FitConfig(metric=metric, loss="ce")
-    fp32_configs = grid_configs(base, heads=PAPER_HEADS, lrs=(1e-3, 1e-4), dropouts=(0.2,), losses=("ce",))
+    fp32_configs = grid_configs(base, heads=PAPER_HEADS, lrs=(1e-3, 1e-4), dropouts=(0.2,), losses=("ce",),
+                                seeds=range(seeds))
     fp32, fp32_seconds = grid(features, fp32_configs)
     bf16, bf16_seconds = grid(features, [dataclasses.replace(c, precision="bf16") for c in fp32_configs])
     best = {p: summarise(rows, metric)[0] for p, rows in (("fp32", fp32), ("bf16", bf16))}
     worst = max(abs(a["val"][metric] - b["val"][metric]) for a, b in zip(fp32, bf16))
     result = {"best_fp32": round(best["fp32"].val_mean, 4), "best_bf16": round(best["bf16"].val_mean, 4),
-              "best_diff": round(abs(best["fp32"].val_mean - best["bf16"].val_mean), 4),
+              "best_diff": round(abs(best["fp32"].val_mean - best["bf16"].val_mean), 4), "seeds": seeds,
+              "fp32_seed_sd": round(best["fp32"].val_std, 4),
               "max_config_diff": round(worst, 4), "same_choice": choice(best["fp32"].config) == choice(
                   best["bf16"].config)}
-    print(f"bf16 on {name}: best val {metric} fp32 {result['best_fp32']:.4f} ({choice(best['fp32'].config)}), "
+    print(f"bf16 on {name} ({seeds} seeds): best val {metric} fp32 {result['best_fp32']:.4f} ± "
+          f"{result['fp32_seed_sd']:.4f} ({choice(best['fp32'].config)}), "
           f"bf16 {result['best_bf16']:.4f} ({choice(best['bf16'].config)}); largest difference of one "
-          f"configuration {worst:.4f}; {fp32_seconds:.0f} s fp32, {bf16_seconds:.0f} s bf16", flush=True)
+          f"run {worst:.4f}; {fp32_seconds:.0f} s fp32, {bf16_seconds:.0f} s bf16", flush=True)
     return result
 
 
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary: dict = {"bf16_units": bf16_units(), "threads": args.threads}
     for name, features, metric in (("cache", cache, cache_metric), ("synthetic", synthetic, "macro_f1")):
         if "bf16" in parts:
-            summary[f"bf16_{name}"] = compare_bf16(name, features, metric)
+            summary[f"bf16_{name}"] = compare_bf16(name, features, metric, args.seeds)
         if "prune" in parts:
             summary[f"prune_{name}"] = compare_prune(name, features, metric, args.seeds, FitConfig().batch_size)
     if "batch" in parts:

@@ -160,6 +160,9 @@ def test_fit_records_bf16_and_refuses_what_cannot_run_in_one_line(cache_file, tm
     assert main(["fit", "--cache", str(cache_file), "--head", "basic", "--epochs", "2", "--batch-size", "16",
                  "--precision", "bf16", "--device", "cpu", "--out", str(run)]) == 0
     assert load_run(run).config.precision == "bf16"
+    assert main(["report", "--run", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "| precision | `bf16` |" in report and "our choice where the paper is silent" in report
     capsys.readouterr()
     monkeypatch.setattr(device_module, "bf16_units", lambda: "none")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
