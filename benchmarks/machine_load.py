@@ -28,13 +28,3 @@ class OtherLoad:
         others = (self._busy() - self.busy) - (self._ours() - self.ours)
         return max(0.0, others / (time.perf_counter() - self.started))
 
-
-def bf16_units() -> str:
-    """"amx", "avx512_bf16" or "none": what bf16 matrix products run on in this CPU, which sets how much bf16 can
-    gain (AMX tiles many times fp32, avx512_bf16 dot products at most 2x, none: emulated)."""
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return "unknown"
-    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"

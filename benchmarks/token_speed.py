@@ -34,7 +34,8 @@ import resource
 import time
 
 import torch
-from machine_load import OtherLoad, bf16_units  # benchmarks/machine_load.py, beside this script
+from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
+from fusion.heads.device import bf16_units  # noqa: E402 (torch's own AMX / avx512_bf16 probes)
 
 from fusion.heads.features import Modality, SplitFeatures
 from fusion.heads.layers import attention, pair_self_attention, shared_linear, stacked_linear
