@@ -22,7 +22,8 @@ import typer
 from fusion.errors import FusionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Multimodal (image + text) sentiment analysis: extract embeddings once, train fusion heads fast.")
+                  help="Multimodal (image + text) sentiment analysis: extract embeddings once, "
+                       "train fusion heads fast.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect embedding caches.")
 app.add_typer(cache_app, name="cache")
 
@@ -52,13 +53,15 @@ def extract(
     workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding workers of each rank.",
                                           show_default="cores / ranks of the node, less 1 beside a GPU, half on CPU"),
     seed: int = typer.Option(0, help="Seed of the train/val/test split."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off: never run code from data)."),
+    trust_remote_code: bool = typer.Option(False,
+                                           help="Allow model code from the hub (off: never run code from data)."),
     split_file: Optional[Path] = typer.Option(None, help="CSV/TSV of id,split (train/val/test) fixing the splits, "
                                                          "e.g. a published split; rows it does not name are left out."),
     text_pooling: Optional[str] = typer.Option(None, help="cls or mean (over real tokens); projected for CLIP/SigLIP.",
                                                show_default="cls; projected for a dual encoder"),
     image_pooling: Optional[str] = typer.Option(None, help="cls, mean (patch tokens), cls+mean; projected for "
-                                                           "CLIP/SigLIP.", show_default="cls; projected for a dual encoder"),
+                                                           "CLIP/SigLIP.",
+                                                show_default="cls; projected for a dual encoder"),
     columns: Optional[str] = typer.Option(None, help="--dataset hf: ROLE=COLUMN pairs, e.g. "
                                                      "image=img,text=caption,label=sentiment[,id=post_id].",
                                           show_default="image,text,label"),

@@ -1,4 +1,5 @@
-"""Errors a user can act on: the CLI prints their message as one line and exits 1 (traceback only with FUSION_DEBUG=1)."""
+"""Errors a user can act on: the CLI prints their message as one line and exits 1 (traceback only with
+FUSION_DEBUG=1)."""
 
 
 class FusionError(Exception):

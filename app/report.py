@@ -257,7 +257,8 @@ def _published_lines(cache: dict[str, Any], label: str, test: dict[str, Any],
     ours = [with_interval(test[m], (intervals or {}).get(m)) for m in METRICS]
     rows = [[f"**{label}**"] + ours + ["this report (test split" + (", 95% CI)" if intervals else ")")]]
     rows += [[p.model] + [_fmt(getattr(p, m), p.digits) for m in METRICS] + [p.source] for p in published]
-    notes = [split_note(cache), "'-' = not published. F1 on MVSA is the weighted F1, as the MVSA literature reports it."]
+    notes = [split_note(cache),
+             "'-' = not published. F1 on MVSA is the weighted F1, as the MVSA literature reports it."]
     return _table(["model", "accuracy", "weighted F1", "macro F1", "source"], rows) + notes + [""]
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
-from fusion.heads.device import bf16_units  # noqa: E402 (torch's own AMX / avx512_bf16 probes)
+from fusion.heads.device import bf16_units  # noqa: E402
 from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -13,8 +13,11 @@ the rows). For the paper's three heads and batch 32 and 256:
   same batch size and epochs, timed after a warm-up epoch; each epoch scores the validation split as ours does.
 - peer-style (informational): the plain head trained the way peer repositories do: DataLoader(batch 32, shuffle).
 - limit: the epoch's matmul FLOPs (training forward + backward, validation forward; flops_per_sample) divided by
-  the GEMM rate measured here for that precision (a large torch.mm); "of limit" is the limit over the measured
-  time, the fraction of the machine's matmul rate reached. The plain loop does the same matmuls.
+  the GEMM rate measured here for that precision (a large torch.mm; for each row the faster of a measurement just
+  before and one just after it, as the rate of a shared machine drifts); "of limit" is the limit over the measured
+  time, the fraction of the machine's matmul rate reached. Each side counts its own FLOPs: the plain head computes
+  Q, K and V of both tokens, ours a third fewer attention products (heads/layers.py pair_self_attention), so the
+  same seconds are a smaller fraction for ours.
 - bf16: the stacked self_attn pass at batch 256 in bf16 against fp32. Where the CPU has no bf16 units (AMX or
   avx512_bf16) bf16 is emulated, so only `--bf16-steps` steps are timed, each precision after one warm-up step.
 The last line is JSON: gemm_fraction_fp32 (stacked self_attn, batch 256), stacked_vs_plain_same_batch_32 and _256
@@ -65,14 +68,17 @@ def signal_features(sizes: dict[str, int] = SIZES, *, text_dim: int = TEXT_DIM, 
     return features
 
 
-def flops_per_sample(head: str, proj: int, hidden: int, text_dim: int = TEXT_DIM,
+def flops_per_sample(head: str, proj: int, hidden: int, written: str = "stacked", text_dim: int = TEXT_DIM,
                      image_dim: int = IMAGE_DIM) -> tuple[int, int]:
-    """Matmul FLOPs of one sample (forward, backward) for pooled features. The backward of a matmul costs twice its
-    forward (input and weight gradients), except the first layer, whose input needs no gradient."""
+    """Matmul FLOPs of one sample (forward, backward) for pooled features, as `written` ("stacked": heads/models.py,
+    or "plain": PlainHead). The backward of a matmul costs twice its forward (input and weight gradients), except
+    the first layer, whose input needs no gradient."""
     spec = HEADS[head]
     first = sum(2 * dim * proj for name, dim in (("text", text_dim), ("image", image_dim)) if name in spec.modalities)
     middle = 0
-    if spec.fusion in ("self_attn", "dual_attn"):
+    if spec.fusion in ("self_attn", "dual_attn") and written == "stacked":
+        middle += 4 * 2 * proj * proj  # heads/layers.py pair_self_attention: w (two products), W_V of two mixtures
+    elif spec.fusion in ("self_attn", "dual_attn"):
         middle += 2 * 2 * proj * 3 * proj + 2 * (2 * 2 * 2 * proj)  # QKV of 2 tokens; scores and weights x values
     if spec.fusion == "dual_attn":
         middle += 2 * (2 * proj * proj)  # one value projection each way (single-key cross-attention)
@@ -81,8 +87,8 @@ def flops_per_sample(head: str, proj: int, hidden: int, text_dim: int = TEXT_DIM
     return first + middle, first + 2 * middle
 
 
-def epoch_flops(head: str, train_rows: int, val_rows: int) -> int:
-    forward, backward = flops_per_sample(head, FitConfig().proj_dim, FitConfig().hidden)
+def epoch_flops(head: str, train_rows: int, val_rows: int, written: str = "stacked") -> int:
+    forward, backward = flops_per_sample(head, FitConfig().proj_dim, FitConfig().hidden, written)
     return train_rows * (forward + backward) + val_rows * forward
 
 
@@ -205,7 +211,6 @@ def stacked_seconds_per_config_epoch(features: dict, head: str, models: int, bat
     """A pass of `models` configurations; the first epoch is the warm-up (its time is subtracted)."""
     first = {}
     configs = stack_configs(head, models, batch_size, epochs)
-    start = time.perf_counter()
     train_many(features, configs, on_epoch=lambda epoch, index, _: first.setdefault(epoch, time.perf_counter()))
     end = time.perf_counter()
     return (end - first[1]) / (epochs - 1) / models
@@ -243,17 +248,19 @@ def main(argv: list[str] | None = None) -> dict:
           f"bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s; {args.models} stacked models; epochs over {rows} rows "
           f"(MVSA-Multi: 13,624 / 1,700); load average {os.getloadavg()[0]:.2f}", flush=True)
     print(f"{'head':<10} {'batch':>5} {'stacked s/cfg-ep':>16} {'of limit':>8} {'plain s/ep':>10} {'of limit':>8} "
-          f"{'stacked vs plain':>16}")
+          f"{'stacked vs plain':>16} {'GEMM GFLOP/s':>12}")
     table = {}
     for head in BENCH_HEADS:
-        limit = epoch_flops(head, rows["train"], rows["val"]) / rates["fp32"]
         for batch in (32, 256):
-            config = FitConfig(head=head, batch_size=batch)
+            before = gemm_rate(torch.float32)
             stacked = stacked_seconds_per_config_epoch(features, head, args.models, batch, args.epochs)
-            plain = plain_seconds_per_epoch(features, config, args.epochs)
+            plain = plain_seconds_per_epoch(features, FitConfig(head=head, batch_size=batch), args.epochs)
+            rate = max(before, gemm_rate(torch.float32))
+            limit, plain_limit = (epoch_flops(head, rows["train"], rows["val"], written) / rate
+                                  for written in ("stacked", "plain"))
             table[head, batch] = {"stacked": stacked, "plain": plain, "fraction": limit / stacked}
             print(f"{head:<10} {batch:>5} {stacked:>16.3f} {limit / stacked:>8.1%} {plain:>10.3f} "
-                  f"{limit / plain:>8.1%} {plain / stacked:>15.1f}x", flush=True)
+                  f"{plain_limit / plain:>8.1%} {plain / stacked:>15.1f}x {rate / 1e9:>6.1f}", flush=True)
     peer = peer_seconds_per_epoch(features, FitConfig(head="self_attn"))
     print(f"peer-style self_attn (DataLoader, batch 32, one configuration): {peer:.3f} s/epoch, "
           f"{peer / table['self_attn', 32]['stacked']:.1f}x the stacked batch-32 seconds per configuration-epoch "

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import torch
 from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
-from fusion.heads.device import bf16_units  # noqa: E402 (torch's own AMX / avx512_bf16 probes)
+from fusion.heads.device import bf16_units  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

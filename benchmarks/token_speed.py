@@ -2,7 +2,7 @@
 token_cross_attention) against the pooled path and the direct formula (every token projected), in one run.
 
     .venv/bin/python benchmarks/token_speed.py                  # a few minutes on 2 idle cores
-    .venv/bin/python benchmarks/token_speed.py --rows 4096      # more rows per epoch (~1.2 GB of features per 1024 rows)
+    .venv/bin/python benchmarks/token_speed.py --rows 4096  # more rows per epoch (~1.2 GB of features per 1024 rows)
 
 Shapes: text 128 x 768 (BERT-base tokens; tweet-like lengths, the rest padding), image 257 x 384 (DINOv2-small's CLS
 and 256 patches), 12 stacked dual_attn models (proj 256, hidden 256), batch 256, float32. The rows are random
@@ -34,11 +34,12 @@ import resource
 import time
 
 import torch
+import torch.nn.functional as F
 from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
-from fusion.heads.device import bf16_units  # noqa: E402 (torch's own AMX / avx512_bf16 probes)
 
+from fusion.heads.device import bf16_units
 from fusion.heads.features import Modality, SplitFeatures
-from fusion.heads.layers import attention, pair_self_attention, shared_linear, stacked_linear
+from fusion.heads.layers import shared_linear, stacked_linear
 from fusion.heads.losses import cross_entropy
 from fusion.heads.models import head_forward, init_params, param_shapes
 from fusion.heads.optim import BatchedAdam, ParamStack
@@ -70,7 +71,7 @@ def direct_logits(params: dict, text: Modality, image: Modality) -> torch.Tensor
     dim = h.shape[-1]
     text_adjusted = direct_cross(h[:, :, 0], text_qkv[:, :dim], g, image_qkv[:, dim:], image.mask)
     image_adjusted = direct_cross(g[:, :, 0], image_qkv[:, :dim], h, text_qkv[:, dim:], text.mask)
-    fused = pair_self_attention(text_adjusted, image_adjusted, params["fusion.qkv.weight"])
+    fused = direct_pair_attention(text_adjusted, image_adjusted, params["fusion.qkv.weight"])
     hidden = torch.relu(stacked_linear(fused, params["classifier.hidden.weight"], params["classifier.hidden.bias"]))
     return stacked_linear(hidden, params["classifier.out.weight"], params["classifier.out.bias"])
 
@@ -80,7 +81,15 @@ def direct_cross(latent, query_weight, others, key_value_weight, mask):
     query = stacked_linear(latent, query_weight).unsqueeze(2)
     key_value = stacked_linear(others.reshape(models, batch * length, dim), key_value_weight)
     key, value = key_value.view(models, batch, length, 2 * dim).split(dim, dim=-1)
-    return attention(query, key, value, mask).squeeze(2)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask.unsqueeze(-2)).squeeze(2)
+
+
+def direct_pair_attention(first, second, qkv_weight):
+    """Eq. 7 over [first, second] with Q, K and V of both tokens and a softmax."""
+    models, batch, dim = first.shape
+    sequence = torch.stack((first, second), dim=2).reshape(models, batch * 2, dim)
+    query, key, value = stacked_linear(sequence, qkv_weight).view(models, batch, 2, 3 * dim).split(dim, dim=-1)
+    return F.scaled_dot_product_attention(query, key, value).reshape(models, batch, 2 * dim)
 
 
 # ------------------------------------------------------------------ training steps

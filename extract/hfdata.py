@@ -110,7 +110,8 @@ def parquet_splits(root: Path) -> dict[str, list[str]]:
         return {"train": [str(root)]}
     found = DataFilesDict.from_patterns(get_data_patterns(str(root)), base_path=str(root))
     splits = {split: sorted(str(f) for f in files if str(f).endswith(".parquet")) for split, files in found.items()}
-    return {split: files for split, files in splits.items() if files} or {"train": [str(f) for f in parquet_files(root)]}
+    found = {split: files for split, files in splits.items() if files}
+    return found or {"train": [str(f) for f in parquet_files(root)]}
 
 
 def parquet_files(root: Path) -> list[Path]:

@@ -63,9 +63,9 @@ def check_token_widths(text_pooling: str, image_pooling: str) -> None:
     space, often another width) are refused."""
     for modality, how in (("text", text_pooling), ("image", image_pooling)):
         if how in ("cls+mean", PROJECTED):
-            raise PoolingError(f"--tokens cannot be combined with --{modality}-pooling {how}: token sequences carry the "
-                               f"pooled vector as their first token, so it must have the tokens' width; use cls or "
-                               f"mean, or extract without --tokens")
+            raise PoolingError(f"--tokens cannot be combined with --{modality}-pooling {how}: token "
+                               "sequences carry the pooled vector as their first token, so it must have the tokens' "
+                               "width; use cls or mean, or extract without --tokens")
 
 
 def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:

@@ -47,27 +47,24 @@ def dropout(x: Tensor, rates: Tensor | None, noise: Tensor | None) -> Tensor:
     return x * keep
 
 
-def attention(query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None = None) -> Tensor:
-    """softmax(Q K^T / sqrt(d)) V over (..., Lq, d) x (..., Lk, d); key_mask (..., Lk) True = attend.
-
-    torch's fused scaled_dot_product_attention: with our 1- or 2-token queries, batched matmuls would be B*M tiny
-    GEMMs, and written-out products materialise (..., Lq, Lk, d); the fused kernel is 2x faster than either here.
-    A masked key gets exactly zero weight, so padding (whatever its values) cannot change the output.
-    """
-    mask = None if key_mask is None else key_mask.unsqueeze(-2)  # (..., 1, Lk): the same keys for every query
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-
-
 def pair_self_attention(first: Tensor, second: Tensor, qkv_weight: Tensor) -> Tensor:
-    """Eq. 7 over the two-token sequence [first, second] (each (M, B, d)) -> both attended tokens, concatenated.
+    """Eq. 7 over the two-token sequence [x_1, x_2] = [first, second] (each (M, B, d)) -> both attended tokens,
+    concatenated (M, B, 2d); qkv_weight (M, 3d, d) holds W_Q, W_K, W_V stacked.
 
-    qkv_weight (M, 3d, d) holds W_Q, W_K, W_V stacked; the result is (M, B, 2d).
+    Over two keys a softmax is a sigmoid of the score difference: token i gives weight
+    a_i = sigmoid(q_i.(k_1 - k_2) / sqrt(d)) = sigmoid(x_i.w) to x_1, with w = W_Q^T W_K (x_1 - x_2) / sqrt(d), and
+    1 - a_i to x_2. As the weights sum to 1, its output is W_V (x_2 + a_i (x_1 - x_2)). Exactly Eq. 7, with four
+    d x d products per row (w, then W_V of the two mixtures) instead of the six of Q, K and V for both tokens.
     """
-    models, batch, dim = first.shape
-    sequence = torch.stack((first, second), dim=2)  # (M, B, 2, d)
-    qkv = stacked_linear(sequence.reshape(models, batch * 2, dim), qkv_weight).view(models, batch, 2, 3 * dim)
-    query, key, value = qkv.split(dim, dim=-1)
-    return attention(query, key, value).reshape(models, batch, 2 * dim)
+    dim = first.shape[-1]
+    query_weight, key_weight, value_weight = qkv_weight.split(dim, dim=1)
+    difference = first - second
+    direction = torch.bmm(stacked_linear(difference, key_weight), query_weight) / math.sqrt(dim)  # w, as rows
+    weight_first = torch.sigmoid(torch.stack(((first * direction).sum(-1), (second * direction).sum(-1)), dim=-1))
+    mixtures = second.unsqueeze(2) + weight_first.unsqueeze(-1) * difference.unsqueeze(2)  # (M, B, 2, d)
+    models, batch = first.shape[:2]
+    attended = stacked_linear(mixtures.reshape(models, batch * 2, dim), value_weight)
+    return attended.reshape(models, batch, 2 * dim)
 
 
 def token_cross_attention(query: Tensor, tokens: Tensor, mask: Tensor, proj_weight: Tensor, proj_bias: Tensor,

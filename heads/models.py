@@ -1,4 +1,5 @@
-"""The fusion heads of the BERT-DINOv2 paper: projection (Eqs. 1, 4) -> fusion -> classifier MLP with dropout -> 3 logits.
+"""The fusion heads of the BERT-DINOv2 paper: projection (Eqs. 1, 4) -> fusion -> classifier MLP with dropout ->
+3 logits.
 
 One functional forward, `head_forward`, computes M models of one architecture at once from stacked parameters; the
 single-model `Head` module (checkpoints, prediction) runs the same function with M = 1, so training and inference

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PRELOAD = ["fusion.cli", "fusion.app.console", "fusion.extract.pipeline", "fusion.app.grid_command", "fusion.heads.runs",
-           "fault_helpers"]
+PRELOAD = ["fusion.cli", "fusion.app.console", "fusion.extract.pipeline", "fusion.app.grid_command",
+           "fusion.heads.runs", "fault_helpers"]
 
 # Figures for the issue's closing note, printed at the end of each fault test module (visible with -s).
 FIGURES: Counter = Counter()
@@ -251,7 +251,8 @@ def _gif_image_descriptor(data: bytes) -> int:
 
 
 def damage(draw, original: bytes, *, max_edits: int, garbage_size: int) -> bytes:
-    """A hypothesis-drawn damaged copy of `original`: cut short, bits flipped, bytes inserted, or replaced by garbage."""
+    """A hypothesis-drawn damaged copy of `original`: cut short, bits flipped, bytes inserted, or replaced by
+    garbage."""
     from hypothesis import strategies as st
 
     data = bytearray(original)

@@ -50,7 +50,8 @@ def assert_matches(data, plan: Plan, rows: dict, *, tokens: bool = False) -> Non
             np.testing.assert_array_equal(got.text_mask, rows["text_mask"][wanted])
             np.testing.assert_array_equal(got.text_tokens, rows["text_tokens"][wanted])
             np.testing.assert_array_equal(got.image_tokens, rows["image_tokens"][wanted])
-    assert data.skipped == [(plan.ids[row], plan.splits[row], reason) for row, reason in sorted(rows["skipped"].items())]
+    expected = [(plan.ids[row], plan.splits[row], reason) for row, reason in sorted(rows["skipped"].items())]
+    assert data.skipped == expected
 
 
 @pytest.mark.parametrize("tokens", [False, True])

@@ -1,4 +1,5 @@
-"""The demo dataset: exact MVSA-Single format, deterministic, and a signal that is real in each modality but not perfect."""
+"""The demo dataset: exact MVSA-Single format, deterministic, and a signal that is real in each modality but not
+perfect."""
 
 import re
 from collections import Counter

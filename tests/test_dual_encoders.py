@@ -87,7 +87,8 @@ def test_one_dual_encoder_for_both_extracts_its_own_features_and_trains(name, du
     assert (attrs["text_dim"], attrs["image_dim"]) == (len(reference.text("a", 8)), len(reference.image(
         dataset.root.parent / next(iter(dataset.sample_ids)))))
     assert_cache_matches(out, dataset, reference, reference)
-    assert main(["fit", "--cache", str(out), "--head", "self_attn", "--epochs", "2", "--out", str(tmp_path / "run")]) == 0
+    assert main(["fit", "--cache", str(out), "--head", "self_attn", "--epochs", "2",
+                 "--out", str(tmp_path / "run")]) == 0
 
 
 def test_two_different_dual_encoders(duals, dataset, tmp_path):

@@ -35,7 +35,8 @@ def direct_forward(models, text: str, image_path, max_length: int = 128):
     """The embeddings computed straight with transformers, one sample at a time, no padding."""
     bert, dinov2 = models
     tokenizer, text_model = AutoTokenizer.from_pretrained(bert), AutoModel.from_pretrained(bert).eval()
-    processor, image_model = AutoImageProcessor.from_pretrained(dinov2, backend="pil"), AutoModel.from_pretrained(dinov2).eval()
+    processor = AutoImageProcessor.from_pretrained(dinov2, backend="pil")
+    image_model = AutoModel.from_pretrained(dinov2).eval()
     with torch.inference_mode():
         encoded = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
         text_hidden = text_model(**encoded).last_hidden_state[0]

@@ -173,7 +173,8 @@ def processor(tiny_models):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's own notes on damaged TIFF tags and near-bombs
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=damaged_image(), extension=st.sampled_from([".jpg", ".png", ".gif", ".webp", ".bmp", ".txt", ""]))
 def test_a_damaged_image_decodes_or_is_unreadable_with_a_reason(tmp_path, processor, data, extension):
     path = tmp_path / f"image{extension}"
@@ -200,7 +201,8 @@ BOMB_SIZES = st.one_of(
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's note; the refusal is ours
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fmt=st.sampled_from(["PNG", "GIF", "BMP", "JPEG"]), size=BOMB_SIZES)
 def test_a_header_claiming_an_enormous_or_degenerate_image_is_refused_without_decoding(tmp_path, fmt, size):
     width, height = size
@@ -265,7 +267,8 @@ def tokenizer(tiny_models):
     return AutoTokenizer.from_pretrained(tiny_models[0])
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=st.one_of(st.binary(max_size=3000), st.text(max_size=3000).map(lambda t: t.encode("utf-8", "replace")),
                      st.sampled_from([b"", b"\xff\xfe", b"\xef\xbb\xbf", b"\x00" * 50, "a" * 100_000,
                                       ("good day " * 12_000)]).map(lambda v: v.encode() if isinstance(v, str) else v)))

@@ -115,7 +115,9 @@ def test_stacked_models_equal_single_heads(head):
 
 
 def test_init_is_seeded_by_seed_and_head():
-    weights = lambda head, seed: build_head(FitConfig(head=head, seed=seed), 6, 4).text_proj.weight
+    def weights(head, seed):
+        return build_head(FitConfig(head=head, seed=seed), 6, 4).text_proj.weight
+
     assert torch.equal(weights("basic", 0), weights("basic", 0))
     assert not torch.equal(weights("basic", 0), weights("basic", 1))
     assert not torch.equal(weights("basic", 0), weights("self_attn", 0))
@@ -214,7 +216,8 @@ def test_features_from_cache_pooled_and_tokens():
     pooled = features_from_cache(data)
     assert pooled["train"].text.tokens.shape == (5, 1, 6) and pooled["train"].text.tokens.dtype == torch.float32
     assert pooled["val"].image.mask.all() and pooled["test"].label.dtype == torch.long
-    np.testing.assert_array_equal(pooled["train"].text.tokens[:, 0].numpy(), data.splits["train"].text.astype(np.float32))
+    np.testing.assert_array_equal(pooled["train"].text.tokens[:, 0].numpy(),
+                                  data.splits["train"].text.astype(np.float32))
     tokens = features_from_cache(data, tokens=True)["train"]
     assert tokens.text.tokens.shape == (5, 5, 6) and tokens.image.tokens.shape == (5, 3, 4)
     assert torch.equal(tokens.text.tokens[:, 0], pooled["train"].text.tokens[:, 0])  # token 0 = the pooled latent

@@ -86,7 +86,8 @@ def test_extracting_a_saved_dataset_records_every_skip_with_its_reason(saved_dic
     cache = read_cache(out)
     assert {sid: reason for sid, _, reason in cache.skipped} == reasons
     assert {split: len(arrays.id) for split, arrays in cache.splits.items()} == {"train": 5, "val": 3, "test": 3}
-    assert cache.attrs["dataset"] == "hf" and cache.attrs["columns"] == "id=post_id,image=img,label=sentiment,text=caption"
+    assert cache.attrs["dataset"] == "hf"
+    assert cache.attrs["columns"] == "id=post_id,image=img,label=sentiment,text=caption"
 
 
 def test_parquet_files_without_splits_get_the_stratified_8_1_1_split(tmp_path, tiny_models):

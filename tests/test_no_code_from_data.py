@@ -94,7 +94,8 @@ def test_no_module_of_the_package_loads_pickles_or_runs_code():
     modules = sorted(path for folder in SOURCE_DIRS for path in folder.glob("*.py"))
     assert len(modules) > 20 and PACKAGE / "cache" / "partial.py" in modules
     problems = [problem for path in modules
-                for problem in code_from_data_problems(path.read_text(encoding="utf-8"), str(path.relative_to(PACKAGE)))]
+                for problem in code_from_data_problems(path.read_text(encoding="utf-8"),
+                                                       str(path.relative_to(PACKAGE)))]
     assert problems == []
     FIGURES["modules scanned for code-from-data calls"] += len(modules)
 

@@ -210,8 +210,8 @@ def _with_predictions(run_dir: Path, n: int = 200, seed: int = 0) -> tuple[np.nd
 def test_run_report_gives_test_metrics_with_bootstrap_intervals(tmp_path):
     from fusion.app.stats import metric_ci
 
-    run_dir = make_run(tmp_path / "run", cache_block("mvsa-single") | {"split_source": "seeded stratified 8:1:1 (seed 0)",
-                                                                       "split_kind": "stratified"})
+    split = {"split_source": "seeded stratified 8:1:1 (seed 0)", "split_kind": "stratified"}
+    run_dir = make_run(tmp_path / "run", cache_block("mvsa-single") | split)
     y_true, y_pred = _with_predictions(run_dir)
     text = write_report(run_dir).markdown.read_text()
     cells = [f"[{metric_ci(y_true, y_pred, m).low:.4f}, {metric_ci(y_true, y_pred, m).high:.4f}]"

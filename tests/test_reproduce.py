@@ -1,5 +1,6 @@
 """`fusion reproduce` end to end on the three datasets written in their real formats, with tiny encoders: a row per
-head per dataset, intervals, paired comparisons, the paper's numbers beside ours; resumable; missing datasets skipped."""
+head per dataset, intervals, paired comparisons, the paper's numbers beside ours; resumable; missing datasets
+skipped."""
 
 from __future__ import annotations
 

@@ -70,7 +70,8 @@ def test_applying_a_file_fixes_every_split_and_counts_the_mismatches(tmp_path):
     path = _write(tmp_path / "split.csv", "id,split\n" + "\n".join(lines) + "\n")
     data = with_splits(load_dataset("mvsa-single", expected.root), read_split_file(path), seed=0)
     assert {s.id: s.split for s in data.samples} | {i: s for i, s, _ in data.skipped} == wanted
-    assert [s.split for s in data.samples] == sorted((s.split for s in data.samples), key=("train", "val", "test").index)
+    order = ("train", "val", "test").index
+    assert [s.split for s in data.samples] == sorted((s.split for s in data.samples), key=order)
     assert data.split_counts == {"ids_in_file_not_in_data": 3, "rows_in_data_not_in_file": 2}
     assert data.split_source["split_kind"] == "file" and data.split_source["split_file"] == "split.csv"
     assert data.split_source["split_file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()

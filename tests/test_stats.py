@@ -18,7 +18,8 @@ def _sklearn(metric, y_true, y_pred):
 
 
 def _from_confusion(metric, y_true, y_pred):
-    """The same metric from a 3x3 confusion matrix (np.bincount): fast enough to score a thousand resamples in a loop."""
+    """The same metric from a 3x3 confusion matrix (np.bincount): fast enough to score a thousand resamples in a
+    loop."""
     counts = np.bincount(3 * y_true + y_pred, minlength=9).reshape(3, 3)
     support, predicted, hits = counts.sum(axis=1), counts.sum(axis=0), np.diag(counts)
     if metric == "accuracy":

@@ -27,8 +27,8 @@ from synthetic import gaussian_features
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZES = {"train": 150, "val": 60, "test": 40}
-BASE = FitConfig(lr=3e-2, dropout=0.0, loss="focal", gamma=2.0, batch_size=32, epochs=6, patience=6, metric="weighted_f1",
-                 proj_dim=8, hidden=12, seed=3)
+BASE = FitConfig(lr=3e-2, dropout=0.0, loss="focal", gamma=2.0, batch_size=32, epochs=6, patience=6,
+                 metric="weighted_f1", proj_dim=8, hidden=12, seed=3)
 
 
 class PlainHead(nn.Module):

@@ -26,7 +26,8 @@ IMAGE_SIZE = 28
 def write_tiny_roberta(folder: Path, *, hidden: int = 32, positions: int = 40, seed: int = 2) -> Path:
     """RoBERTa: <s> first (its CLS), positions numbered from padding_idx + 1, byte-level BPE without merges."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {token: i for i, token in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + sorted(ByteLevel.alphabet()))}
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + sorted(ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(tokens)}
     RobertaTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
     torch.manual_seed(seed)
     config = RobertaConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
