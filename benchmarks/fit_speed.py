@@ -13,9 +13,9 @@ the rows). For the paper's three heads and batch 32 and 256:
   same batch size and epochs, timed after a warm-up epoch; each epoch scores the validation split as ours does.
 - peer-style (informational): the plain head trained the way peer repositories do: DataLoader(batch 32, shuffle).
 - limit: the epoch's matmul FLOPs (training forward + backward, validation forward; flops_per_sample) divided by
-  the GEMM rate measured here for that precision (a large torch.mm; for each row the faster of a measurement just
-  before and one just after it, as the rate of a shared machine drifts); "of limit" is the limit over the measured
-  time, the fraction of the machine's matmul rate reached. Each side counts its own FLOPs: the plain head computes
+  the peak GEMM rate measured here for that precision (gemm_rate, at the start and after every row: the rate of a
+  shared machine drifts, so the highest seen is the limit); "of limit" is the limit over the measured time, the
+  fraction of the machine's matmul rate reached. Each side counts its own FLOPs: the plain head computes
   Q, K and V of both tokens, ours a third fewer attention products (heads/layers.py pair_self_attention), so the
   same seconds are a smaller fraction for ours.
 - bf16: the stacked self_attn pass at batch 256 in bf16 against fp32. Where the CPU has no bf16 units (AMX or
@@ -93,23 +93,25 @@ def epoch_flops(head: str, train_rows: int, val_rows: int, written: str = "stack
 
 
 def gemm_rate(dtype: torch.dtype, budget: float = 1.0) -> float:
-    """FLOP/s of a square torch.mm in `dtype`: the size doubles from 256 until one product takes a tenth of the
-    budget (or 4096), so an emulated precision does not take minutes; then repeated for the budget."""
+    """Peak FLOP/s of a square torch.mm in `dtype`: the size doubles from 256 until one product takes a fortieth of
+    the budget (or 2048), so an emulated precision does not take minutes; then the fastest of the products timed one
+    by one over the budget (a shared machine's slow spells lower the mean, not the peak)."""
     size = 256
     while True:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         torch.mm(a, b)
         start = time.perf_counter()
         torch.mm(a, b)
-        once = time.perf_counter() - start
-        if once > budget / 10 or size >= 4096:
+        fastest = time.perf_counter() - start
+        if fastest > budget / 40 or size >= 2048:
             break
         size *= 2
-    repeats = max(1, int(budget / max(once, 1e-6)))
-    start = time.perf_counter()
-    for _ in range(repeats):
+    deadline = time.perf_counter() + budget
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
         torch.mm(a, b)
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2 * size ** 3 / fastest
 
 
 class PlainHead(nn.Module):
@@ -247,20 +249,26 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"threads {torch.get_num_threads()}; CPU bf16 units: {units}; GEMM fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, "
           f"bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s; {args.models} stacked models; epochs over {rows} rows "
           f"(MVSA-Multi: 13,624 / 1,700); load average {os.getloadavg()[0]:.2f}", flush=True)
-    print(f"{'head':<10} {'batch':>5} {'stacked s/cfg-ep':>16} {'of limit':>8} {'plain s/ep':>10} {'of limit':>8} "
-          f"{'stacked vs plain':>16} {'GEMM GFLOP/s':>12}")
-    table = {}
+    table, fp32_rates = {}, [rates["fp32"]]
     for head in BENCH_HEADS:
         for batch in (32, 256):
-            before = gemm_rate(torch.float32)
             stacked = stacked_seconds_per_config_epoch(features, head, args.models, batch, args.epochs)
             plain = plain_seconds_per_epoch(features, FitConfig(head=head, batch_size=batch), args.epochs)
-            rate = max(before, gemm_rate(torch.float32))
-            limit, plain_limit = (epoch_flops(head, rows["train"], rows["val"], written) / rate
-                                  for written in ("stacked", "plain"))
-            table[head, batch] = {"stacked": stacked, "plain": plain, "fraction": limit / stacked}
-            print(f"{head:<10} {batch:>5} {stacked:>16.3f} {limit / stacked:>8.1%} {plain:>10.3f} "
-                  f"{plain_limit / plain:>8.1%} {plain / stacked:>15.1f}x {rate / 1e9:>6.1f}", flush=True)
+            fp32_rates.append(gemm_rate(torch.float32))
+            table[head, batch] = {"stacked": stacked, "plain": plain}
+            print(f"  {head} batch {batch}: stacked {stacked:.3f} s per configuration-epoch, plain {plain:.3f} s per "
+                  f"epoch; GEMM fp32 {fp32_rates[-1] / 1e9:.1f} GFLOP/s", flush=True)
+    peak = max(fp32_rates)
+    print(f"of limit: against the peak fp32 GEMM rate of the run, {peak / 1e9:.1f} GFLOP/s (measured "
+          f"{len(fp32_rates)} times: {min(fp32_rates) / 1e9:.1f} to {peak / 1e9:.1f})")
+    print(f"{'head':<10} {'batch':>5} {'stacked s/cfg-ep':>16} {'of limit':>8} {'plain s/ep':>10} {'of limit':>8} "
+          f"{'stacked vs plain':>16}")
+    for (head, batch), row in table.items():
+        limit, plain_limit = (epoch_flops(head, rows["train"], rows["val"], written) / peak
+                              for written in ("stacked", "plain"))
+        row["fraction"] = limit / row["stacked"]
+        print(f"{head:<10} {batch:>5} {row['stacked']:>16.3f} {row['fraction']:>8.1%} {row['plain']:>10.3f} "
+              f"{plain_limit / row['plain']:>8.1%} {row['plain'] / row['stacked']:>15.1f}x", flush=True)
     peer = peer_seconds_per_epoch(features, FitConfig(head="self_attn"))
     print(f"peer-style self_attn (DataLoader, batch 32, one configuration): {peer:.3f} s/epoch, "
           f"{peer / table['self_attn', 32]['stacked']:.1f}x the stacked batch-32 seconds per configuration-epoch "
