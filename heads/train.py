@@ -3,7 +3,7 @@ streamed token split reading its minibatches (heads/streamed.py).
 
 How the vectorisation works
 - Configs are grouped by (head, seed, batch_size, proj_dim, hidden); each group is ONE pass (several when its
-  models' activations would outgrow the memory budget: see models_per_pass) whose M models have their
+  models would outgrow the memory budget: see models_per_pass) whose M models have their
   parameters stacked with a leading model dimension (heads/layers.py): the shared first layer is one GEMM of width
   M*256, the rest batched matmuls. Per model: learning rate, dropout rate, loss (focal gamma, alpha), epochs,
   patience and metric.
@@ -89,16 +89,27 @@ def _available_memory(device: torch.device) -> int:
 
 
 def models_per_pass(config: FitConfig, features: dict[str, SplitFeatures], budget: int) -> int:
-    """How many models of `config`'s architecture fit `budget`: a training step keeps about ACTIVATION_COPIES
-    (batch, tokens, width) float32 tensors alive per model. Pooled features are 2 tokens a row, so only dual_attn on
-    token sequences (hundreds) comes near the budget: 48 such models at batch 256 would want ~30 GB."""
-    tokens = features["train"].tokens_per_row if HEADS[config.head].fusion == "dual_attn" else 2
-    per_model = ACTIVATION_COPIES * config.batch_size * tokens * max(config.proj_dim, config.hidden) * 4
-    return max(1, budget // per_model)
+    """How many models of `config`'s architecture fit `budget` bytes (bytes_per_model each)."""
+    return max(1, budget // bytes_per_model(config, features))
 
 
-# Measured: a dual_attn step on token sequences peaks at ~4.5 (batch, tokens, proj_dim) float32 tensors per model.
-ACTIVATION_COPIES = 6
+def bytes_per_model(config: FitConfig, features: dict[str, SplitFeatures]) -> int:
+    """One stacked model's memory in a training step: its parameters in PARAM_COPIES (weights, gradients, Adam's
+    two moments, the best weights) and ACTIVATION_COPIES float32 values per row of its batch: the latents, and for
+    dual_attn on token sequences a score per token and the queries and weighted means in the encoders' width
+    (heads/layers.py token_cross_attention projects no token)."""
+    spec, (text_dim, image_dim) = HEADS[config.head], features["train"].dims
+    parameters = sum(math.prod(shape) for shape in
+                     param_shapes(spec, text_dim, image_dim, config.proj_dim, config.hidden).values())
+    per_row = 2 * max(config.proj_dim, config.hidden)
+    if spec.fusion == "dual_attn" and features["train"].tokens_per_row > 2:
+        per_row += features["train"].tokens_per_row + 2 * (text_dim + image_dim)
+    return 4 * (PARAM_COPIES * parameters + ACTIVATION_COPIES * config.batch_size * per_row)
+
+
+# Measured: at batch 256 on 385 tokens a row (128 x 768 and 257 x 384), each dual_attn model stacked into a pass
+# (2, 10, 26) added ~30 MiB to the peak; these copies estimate 38.
+PARAM_COPIES, ACTIVATION_COPIES = 5, 6
 
 
 def group_configs(configs: list[FitConfig]) -> dict[tuple, list[int]]:
@@ -283,9 +294,10 @@ class _Pass:
 
 
 def _eval_chunk(split: SplitFeatures, models: int, proj_dim: int) -> int:
-    """Rows per evaluation chunk: a chunk's tokens, as read and as projected for every model, stay near 128 MB
-    (32M float32 values)."""
-    per_row = split.tokens_per_row * (models * proj_dim + max(split.dims))
+    """Rows per evaluation chunk: a chunk's tokens as read, and every model's scores over them and its latents and
+    feature-space queries (bytes_per_model), stay near 128 MB (32M float32 values)."""
+    per_row = split.tokens_per_row * max(split.dims) + models * (split.tokens_per_row + 2 * sum(split.dims)
+                                                                 + 2 * proj_dim)
     return max(1, min(4096, (1 << 25) // per_row))
 
 

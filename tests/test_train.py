@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from fusion.errors import FusionError, RunError
 from fusion.heads.checkpoint import load_run, save_run
 from fusion.heads.config import FitConfig
-from fusion.heads.features import SplitFeatures
+from fusion.heads.features import Modality, SplitFeatures
 from fusion.heads.metrics import classification_metrics
 from fusion.heads.models import build_head, predict_proba
 from fusion.heads.optim import BatchedAdam, ParamStack
@@ -81,7 +81,7 @@ def test_a_group_over_the_memory_budget_trains_in_several_passes_to_the_same_res
 
     features = {s: token_split(n, 4, 3, seed=i) for i, (s, n) in enumerate(SMALL_SIZES.items())}
     configs = [replace(c, head="dual_attn") for c in _mixed_configs()[:4]]  # one group: same head, seed, sizes
-    per_model = train.ACTIVATION_COPIES * FAST["batch_size"] * features["train"].tokens_per_row * FAST["proj_dim"] * 4
+    per_model = train.bytes_per_model(configs[0], features)
     assert train.models_per_pass(configs[0], features, 2 * per_model) == 2
     assert train.models_per_pass(replace(configs[0], head="basic"), features, 2 * per_model) > 2  # 2 tokens a row
     passes, real_pass = [], train._Pass
@@ -305,3 +305,14 @@ def test_streamed_tokens_train_exactly_as_tokens_in_memory(tmp_path):
         assert actual.history == expected.history and actual.test == expected.test
         for name, tensor in expected.state_dict.items():
             assert torch.equal(actual.state_dict[name], tensor), name
+
+
+def test_a_paper_sized_dual_attn_pass_on_token_sequences_fits_a_few_gigabytes():
+    """Feature-space attention projects no token, so 48 models at batch 256 on BERT- and DINOv2-shaped sequences
+    (128 x 768 and 257 x 384 a row) budget tens of MB each, not the ~600 MB of projecting every token."""
+    import fusion.heads.train as train
+
+    rows = SplitFeatures(Modality(torch.zeros(1, 128, 768), torch.ones(1, 128, dtype=torch.bool)),
+                         Modality(torch.zeros(1, 257, 384), torch.ones(1, 257, dtype=torch.bool)),
+                         torch.zeros(1, dtype=torch.long))
+    assert train.models_per_pass(FitConfig(head="dual_attn", batch_size=256), {"train": rows}, 4 << 30) >= 48
