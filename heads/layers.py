@@ -56,13 +56,12 @@ def pair_self_attention(first: Tensor, second: Tensor, qkv_weight: Tensor) -> Te
     1 - a_i to x_2. As the weights sum to 1, its output is W_V (x_2 + a_i (x_1 - x_2)). Exactly Eq. 7, with four
     d x d products per row (w, then W_V of the two mixtures) instead of the six of Q, K and V for both tokens.
     """
-    dim = first.shape[-1]
+    models, batch, dim = first.shape
     query_weight, key_weight, value_weight = qkv_weight.split(dim, dim=1)
     difference = first - second
     direction = torch.bmm(stacked_linear(difference, key_weight), query_weight) / math.sqrt(dim)  # w, as rows
     weight_first = torch.sigmoid(torch.stack(((first * direction).sum(-1), (second * direction).sum(-1)), dim=-1))
     mixtures = second.unsqueeze(2) + weight_first.unsqueeze(-1) * difference.unsqueeze(2)  # (M, B, 2, d)
-    models, batch = first.shape[:2]
     attended = stacked_linear(mixtures.reshape(models, batch * 2, dim), value_weight)
     return attended.reshape(models, batch, 2 * dim)
 

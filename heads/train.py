@@ -41,7 +41,7 @@ from fusion.heads.features import Modality, SplitFeatures
 from fusion.heads.losses import focal_loss, focal_loss_per_sample
 from fusion.heads.metrics import classification_metrics, confusion_counts
 from fusion.heads.models import head_forward, init_params, param_shapes
-from fusion.heads.registry import HEADS, fused_dim
+from fusion.heads.registry import HEADS, HeadSpec, fused_dim
 from fusion.errors import FusionError
 from fusion.memory import available_memory
 
@@ -95,16 +95,22 @@ def models_per_pass(config: FitConfig, features: dict[str, SplitFeatures], budge
 
 def bytes_per_model(config: FitConfig, features: dict[str, SplitFeatures]) -> int:
     """One stacked model's memory in a training step: its parameters in PARAM_COPIES (weights, gradients, Adam's
-    two moments, the best weights) and ACTIVATION_COPIES float32 values per row of its batch: the latents, and for
-    dual_attn on token sequences a score per token and the queries and weighted means in the encoders' width
+    two moments, the best weights) and ACTIVATION_COPIES times its values_per_row for each row of its batch
     (heads/layers.py token_cross_attention projects no token)."""
-    spec, (text_dim, image_dim) = HEADS[config.head], features["train"].dims
+    spec, train = HEADS[config.head], features["train"]
     parameters = sum(math.prod(shape) for shape in
-                     param_shapes(spec, text_dim, image_dim, config.proj_dim, config.hidden).values())
-    per_row = 2 * max(config.proj_dim, config.hidden)
-    if spec.fusion == "dual_attn" and features["train"].tokens_per_row > 2:
-        per_row += features["train"].tokens_per_row + 2 * (text_dim + image_dim)
+                     param_shapes(spec, *train.dims, config.proj_dim, config.hidden).values())
+    per_row = values_per_row(spec, train, config.proj_dim, config.hidden)
     return 4 * (PARAM_COPIES * parameters + ACTIVATION_COPIES * config.batch_size * per_row)
+
+
+def values_per_row(spec: HeadSpec, split: SplitFeatures, proj_dim: int, hidden: int) -> int:
+    """Float32 values one model holds per row: its latents, and for dual_attn on token sequences a score per token
+    and the queries and weighted means in the encoders' width."""
+    per_row = 2 * max(proj_dim, hidden)
+    if spec.fusion == "dual_attn" and split.tokens_per_row > 2:
+        per_row += split.tokens_per_row + 2 * sum(split.dims)
+    return per_row
 
 
 # Measured: at batch 256 on 385 tokens a row (128 x 768 and 257 x 384), each dual_attn model stacked into a pass
@@ -153,7 +159,7 @@ class _Pass:
         self.device = device
         self.features = {name: _moved(split, device) for name, split in features.items()}
         self.configs, self.indices, self.on_epoch = configs, indices, on_epoch
-        self.proj_dim = first.proj_dim
+        self.proj_dim, self.hidden = first.proj_dim, first.hidden
         self.batch_size = first.batch_size
         self.precision = first.precision
         self.noise_dims = (fused_dim(self.spec, first.proj_dim), first.hidden)
@@ -215,7 +221,7 @@ class _Pass:
     def _evaluate(self, split: SplitFeatures, params: dict[str, Tensor], positions: Tensor) -> tuple[Tensor, Tensor]:
         """Mean loss (M,) and predictions (M, N) of the models at `positions` (no dropout)."""
         _, gammas, alphas = self._model_inputs(positions)
-        chunk = _eval_chunk(split, len(positions), self.proj_dim)
+        chunk = _eval_chunk(split, len(positions), values_per_row(self.spec, split, self.proj_dim, self.hidden))
         loss_sum, predictions = torch.zeros(len(positions), device=self.device), []
         for rows in split.batches(slice(start, start + chunk) for start in range(0, len(split), chunk)):
             rows = _moved(rows, self.device)
@@ -293,11 +299,10 @@ class _Pass:
                          state, tracker.seconds, pruned_at=tracker.pruned_at, device=str(self.device))
 
 
-def _eval_chunk(split: SplitFeatures, models: int, proj_dim: int) -> int:
-    """Rows per evaluation chunk: a chunk's tokens as read, and every model's scores over them and its latents and
-    feature-space queries (bytes_per_model), stay near 128 MB (32M float32 values)."""
-    per_row = split.tokens_per_row * max(split.dims) + models * (split.tokens_per_row + 2 * sum(split.dims)
-                                                                 + 2 * proj_dim)
+def _eval_chunk(split: SplitFeatures, models: int, model_values_per_row: int) -> int:
+    """Rows per evaluation chunk: a chunk's tokens as read and every model's values_per_row stay near 128 MB (32M
+    float32 values)."""
+    per_row = split.tokens_per_row * max(split.dims) + models * model_values_per_row
     return max(1, min(4096, (1 << 25) // per_row))
 
 
