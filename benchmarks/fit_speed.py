@@ -76,10 +76,10 @@ def flops_per_sample(head: str, proj: int, hidden: int, written: str = "stacked"
     spec = HEADS[head]
     first = sum(2 * dim * proj for name, dim in (("text", text_dim), ("image", image_dim)) if name in spec.modalities)
     middle = 0
-    if spec.fusion in ("self_attn", "dual_attn") and written == "stacked":
-        middle += 4 * 2 * proj * proj  # heads/layers.py pair_self_attention: w (two products), W_V of two mixtures
-    elif spec.fusion in ("self_attn", "dual_attn"):
-        middle += 2 * 2 * proj * 3 * proj + 2 * (2 * 2 * 2 * proj)  # QKV of 2 tokens; scores and weights x values
+    if spec.fusion in ("self_attn", "dual_attn"):
+        # ours (heads/layers.py pair_self_attention): w (two products), W_V of two mixtures; plain: Q, K, V of both
+        # tokens, then scores and weights x values
+        middle += 4 * 2 * proj * proj if written == "stacked" else 2 * 2 * proj * 3 * proj + 2 * (2 * 2 * 2 * proj)
     if spec.fusion == "dual_attn":
         middle += 2 * (2 * proj * proj)  # one value projection each way (single-key cross-attention)
     fused = proj * len(spec.modalities)
@@ -92,26 +92,30 @@ def epoch_flops(head: str, train_rows: int, val_rows: int, written: str = "stack
     return train_rows * (forward + backward) + val_rows * forward
 
 
-def gemm_rate(dtype: torch.dtype, budget: float = 1.0) -> float:
+def gemm_rate(dtype: torch.dtype, budget: float = 1.0, device: torch.device = torch.device("cpu")) -> float:
     """Peak FLOP/s of a square torch.mm in `dtype`: the size doubles from 256 until one product takes a fortieth of
     the budget (or 2048), so an emulated precision does not take minutes; then the fastest of the products timed one
     by one over the budget (a shared machine's slow spells lower the mean, not the peak)."""
     size = 256
     while True:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        torch.mm(a, b)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        fastest = time.perf_counter() - start
+        a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+        timed_mm(a, b)
+        fastest = timed_mm(a, b)
         if fastest > budget / 40 or size >= 2048:
             break
         size *= 2
     deadline = time.perf_counter() + budget
     while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        torch.mm(a, b)
-        fastest = min(fastest, time.perf_counter() - start)
+        fastest = min(fastest, timed_mm(a, b))
     return 2 * size ** 3 / fastest
+
+
+def timed_mm(a: torch.Tensor, b: torch.Tensor) -> float:
+    start = time.perf_counter()
+    torch.mm(a, b)
+    if a.device.type == "cuda":
+        torch.cuda.synchronize(a.device)
+    return time.perf_counter() - start
 
 
 class PlainHead(nn.Module):

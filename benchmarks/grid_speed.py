@@ -15,6 +15,9 @@ something), 768-d text and 384-d image, MVSA-Multi's 13,624 / 1,700 / 1,700 rows
 - pruned_same_best: the exhaustive and the pruned grid (ours, same precision) on features of --check-size drawn
   the same way (other rows); whether both choose the same configuration, and epochs_saved = 1 - pruned epochs /
   exhaustive epochs there. The check may run at MVSA-Single size to fit the time: the size is printed.
+- limit: each side's matrix-product FLOPs (fit_speed.epoch_flops for every configuration-epoch it trained, its own
+  way of writing the head; the plain side over its sampled runs) against the peak GEMM rate of the precision on the
+  device (fit_speed.gemm_rate, at the start and after each timed part): "of limit" is the fraction reached.
 The last line is one JSON object.
 """
 
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fit_speed import SIZES, PlainRun, signal_features  # noqa: E402
+from fit_speed import SIZES, PlainRun, epoch_flops, gemm_rate, signal_features  # noqa: E402
 from machine_load import OtherLoad  # noqa: E402
 
 from fusion.heads.config import FitConfig  # noqa: E402
@@ -73,18 +76,27 @@ def plain_complete_run(features, config: FitConfig, device: torch.device) -> tup
     return time.perf_counter() - start, epoch
 
 
-def plain_total(features, configs: list[FitConfig], sample: int, device: torch.device) -> tuple[float, dict]:
+def plain_total(features, configs: list[FitConfig], sample: int, device: torch.device) -> tuple[float, dict, float]:
+    """Seconds charged to the exhaustive plain grid, the sampled runs per head, and the sampled runs' FLOPs per
+    second measured."""
     PlainRun(features, configs[0], device=device).epoch()  # warm-up: allocator, threads, kernels
-    total, by_head = 0.0, {}
+    total, by_head, flops, seconds = 0.0, {}, 0, 0.0
     for head in PAPER_HEADS:
         mine = [c for c in configs if c.head == head]
         runs = [plain_complete_run(features, config, device) for config in random.Random(0).sample(mine, sample)]
-        mean = statistics.fmean(seconds for seconds, _ in runs)
+        mean = statistics.fmean(run_seconds for run_seconds, _ in runs)
+        flops += sum(epochs for _, epochs in runs) * trained_flops(features, head, "plain")
+        seconds += sum(run_seconds for run_seconds, _ in runs)
         by_head[head] = {"runs": [(round(s, 1), e) for s, e in runs], "charged": round(mean * len(mine), 1)}
         print(f"plain {head}: sampled runs (seconds, epochs) {by_head[head]['runs']} -> {len(mine)} configurations "
               f"charged {mean * len(mine):.0f} s", flush=True)
         total += mean * len(mine)
-    return total, by_head
+    return total, by_head, flops / seconds
+
+
+def trained_flops(features, head: str, written: str) -> int:
+    """Matrix-product FLOPs of one configuration-epoch on these features."""
+    return epoch_flops(head, len(features["train"]), len(features["val"]), written)
 
 
 def pruned_same_best(size: str, precision: str, scale: float, device: torch.device) -> tuple[bool, float, str]:
@@ -132,14 +144,24 @@ def main(argv: list[str] | None = None) -> dict:
           f"at {'MVSA-Multi size' if args.scale == 1 else f'{args.scale} x MVSA-Multi size'} {sizes}, batch "
           f"{configs[0].batch_size}, at most {configs[0].epochs} epochs; load average {os.getloadavg()[0]:.2f}",
           flush=True)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    rates = [gemm_rate(dtype, device=device)]
     rows, seconds = timed_grid(features, configs, Pruning(), device)
     pruned = sum(1 for row in rows if row["pruned_at"] is not None)
     print(f"ours (--prune, {precision}): {seconds:.0f} s; {sum(r['epochs_run'] for r in rows)} configuration-epochs; "
           f"{pruned} configurations pruned; chooses {_name(summarise(rows, 'macro_f1')[0].config)}", flush=True)
-    plain_seconds, _ = plain_total(features, configs, args.plain_sample, device)
+    ours_rate = sum(r["epochs_run"] * trained_flops(features, r["config"]["head"], "stacked") for r in rows) / seconds
+    rates.append(gemm_rate(dtype, device=device))
+    plain_seconds, _, plain_rate = plain_total(features, configs, args.plain_sample, device)
+    rates.append(gemm_rate(dtype, device=device))
+    ours_of_limit, plain_of_limit = ours_rate / max(rates), plain_rate / max(rates)
+    print(f"of limit (peak {precision} GEMM {max(rates) / 1e9:.1f} GFLOP/s, measured {len(rates)} times from "
+          f"{min(rates) / 1e9:.1f}): ours {ours_of_limit:.1%}, plain {plain_of_limit:.1%}", flush=True)
     same, saved, size = pruned_same_best(args.check_size, precision, args.scale, device)
     summary = {"configs": len(configs), "seconds": round(seconds, 1), "plain_seconds": round(plain_seconds),
-               "speedup_vs_plain": round(plain_seconds / seconds, 1), "pruned_same_best": same,
+               "speedup_vs_plain": round(plain_seconds / seconds, 1),
+               "ours_of_limit": round(ours_of_limit, 3), "plain_of_limit": round(plain_of_limit, 3),
+               "pruned_same_best": same,
                "epochs_saved": round(saved, 3), "check_size": size, "scale": args.scale, "precision": precision,
                "device": str(device), "bf16_units": bf16_units(),
                "threads": torch.get_num_threads(), "other_load_cores": round(load.cores(), 2)}
