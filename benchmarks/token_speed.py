@@ -20,6 +20,8 @@ forward, loss, backward, one Adam step for every model; evaluation is not includ
   one would need ~7 GB; the models are independent, so this changes the memory, not the work).
 - max_abs_diff_vs_direct: the largest |logit difference| between the two formulas, same weights and rows;
   max_rel_grad_diff_vs_direct: the largest |gradient difference| over the largest |gradient|, over all parameters.
+- token_of_limit, pooled_of_limit: each path's matrix-product FLOPs per training step (step_flops) over the peak
+  fp32 GEMM rate (benchmarks/fit_speed.py gemm_rate, before and after the timings), over its seconds per step.
 The *_cpu figures are the same ratios in CPU seconds of this process, which time-slicing with other work on a
 shared machine disturbs less (threads that spin while waiting for a descheduled sibling still count).
 The last line printed is one JSON object.
@@ -35,7 +37,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
+from fit_speed import gemm_rate  # benchmarks/fit_speed.py, beside this script
+from machine_load import OtherLoad
 
 from fusion.heads.device import bf16_units
 from fusion.heads.features import Modality, SplitFeatures
@@ -90,6 +93,20 @@ def direct_pair_attention(first, second, qkv_weight):
     sequence = torch.stack((first, second), dim=2).reshape(models, batch * 2, dim)
     query, key, value = stacked_linear(sequence, qkv_weight).view(models, batch, 2, 3 * dim).split(dim, dim=-1)
     return F.scaled_dot_product_attention(query, key, value).reshape(models, batch, 2 * dim)
+
+
+def step_flops(batch: int, models: int, proj: int, hidden: int, tokens: bool) -> int:
+    """Matrix-product FLOPs of one training step of dual_attn as heads/models.py computes it, on the token sequences
+    (all TEXT_LENGTH and PATCHES positions, padding included) or on the pooled features. A product of two learned
+    sides costs twice its forward again in the backward pass; one with a feature side (the tokens, the first layer's
+    inputs) once, as that side needs no gradient."""
+    d, dims, lengths = proj, (TEXT_DIM, IMAGE_DIM), (TEXT_LENGTH, PATCHES)
+    with_features = 2 * sum(dims) * d  # the two latents (the first layer)
+    learned = 2 * 2 * d * d + 4 * 2 * d * d + 2 * 2 * d * hidden + 2 * hidden * 3  # values, pair attention, MLP
+    if tokens:  # per direction: W_Q and W_K on the query, P to the feature space and back; scores and weighted mean
+        learned += sum(2 * 2 * d * d + 2 * 2 * d * dim for dim in dims)
+        with_features += sum(2 * 2 * length * dim for length, dim in zip(lengths, dims))
+    return batch * models * (3 * learned + 2 * with_features)
 
 
 # ------------------------------------------------------------------ training steps
@@ -191,6 +208,7 @@ def main() -> None:
     print(f"shapes: text {TEXT_LENGTH}x{TEXT_DIM}, image {PATCHES}x{IMAGE_DIM}, {args.models} stacked models, batch "
           f"{args.batch_size}, {args.rows} rows per epoch (MVSA-Multi has ~17k), float32", flush=True)
     tokens = token_rows(args.rows, seed=0)
+    rates = [gemm_rate(torch.float32)]
     dims = (args.models, args.proj_dim, args.hidden)
     # Differences are per row, so a quarter minibatch shows them; it also warms the direct formula up.
     max_diff, grad_diff = agreement(tokens.rows(slice(0, args.batch_size // 4)), stacked_params(*dims).params,
@@ -205,6 +223,12 @@ def main() -> None:
           f"formula {direct_step:.2f} s (timed on {direct_steps} step(s) after a warm-up, {args.direct_chunk} "
           f"models per forward and backward to bound its memory, compared per step; a direct epoch of "
           f"{steps['token']} steps would take ~{direct_step * steps['token']:.0f} s)", flush=True)
+    rates.append(gemm_rate(torch.float32))
+    of_limit = {path: step_flops(args.batch_size, args.models, args.proj_dim, args.hidden, path == "token")
+                / max(rates) / (best[path] / steps[path]) for path in ("token", "pooled")}
+    print(f"of limit (matrix-product FLOPs per step over the peak fp32 GEMM rate, {max(rates) / 1e9:.1f} GFLOP/s; "
+          f"measured twice, from {min(rates) / 1e9:.1f}): token path {of_limit['token']:.1%}, pooled "
+          f"{of_limit['pooled']:.1%}", flush=True)
     peak, others = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, load.cores()
     print(f"peak RSS {peak / 2**30:.2f} GiB; other processes used {others:.2f} cores on average during the run",
           flush=True)
@@ -215,6 +239,7 @@ def main() -> None:
                       "token_vs_pooled_epoch_cpu": round(cpu["token"] / cpu["pooled"], 3),
                       "speedup_vs_direct_cpu": round(direct_cpu / direct_steps / (cpu["token"] / steps["token"]), 1),
                       "token_epoch_s": round(best["token"], 3), "pooled_epoch_s": round(best["pooled"], 3),
+                      "token_of_limit": round(of_limit["token"], 3), "pooled_of_limit": round(of_limit["pooled"], 3),
                       "token_step_s": round(token_step, 4), "direct_step_s": round(direct_step, 3),
                       "steps_per_epoch": steps["token"], "rows": args.rows, "models": args.models,
                       "batch_size": args.batch_size, "direct_steps_timed": direct_steps,
