@@ -19,7 +19,10 @@ from typing import Optional
 import click
 import typer
 
+import fusion
+from fusion import paper
 from fusion.errors import FusionError
+from fusion.heads.config import FitConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multimodal (image + text) sentiment analysis: extract embeddings once, "
@@ -42,8 +45,8 @@ def extract(
     root: Path = typer.Option(..., help="Dataset folder as downloaded (csv: the CSV file; hf: a save_to_disk folder "
                                         "or Parquet files)."),
     out: Optional[Path] = typer.Option(None, help="Cache file to write.", show_default="caches/DATASET.h5"),
-    text_model: str = typer.Option("bert-base-uncased", help="Hugging Face name or local folder."),
-    image_model: str = typer.Option("facebook/dinov2-small", help="Hugging Face name or local folder."),
+    text_model: str = typer.Option(paper.TEXT_MODEL, help="Hugging Face name or local folder."),
+    image_model: str = typer.Option(paper.IMAGE_MODEL, help="Hugging Face name or local folder."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 for the encoders."),
     batch_size: int = typer.Option(32, min=1, help="Samples per encoder batch."),
@@ -67,50 +70,21 @@ def extract(
                                           show_default="image,text,label"),
 ) -> None:
     """Run the frozen encoders once over a dataset and write the embeddings cache (resumable)."""
-    from fusion.app.console import console, extract_summary_table, progress_bar
-    from fusion.extract.distributed import distributed_context
-    from fusion.extract.encoders import quiet_transformers
-    from fusion.extract.pipeline import ExtractConfig, extract as run_extract
+    from fusion.app.console import console, extract_notes, extract_summary_table, progress_bar
 
-    quiet_transformers()
-    config = ExtractConfig(dataset=dataset, root=root, out=out or Path("caches") / f"{dataset}.h5",
-                           text_model=text_model, image_model=image_model, device=device, precision=precision,
-                           batch_size=batch_size, tokens=tokens, limit=limit, max_length=max_length,
-                           split_seed=seed, workers=workers, trust_remote_code=trust_remote_code,
-                           split_file=split_file, text_pooling=text_pooling, image_pooling=image_pooling,
-                           columns=columns)
-    config.out.parent.mkdir(parents=True, exist_ok=True)
-    with distributed_context() as (rank, world_size):
-        with progress_bar(f"extract {dataset}" + (f" rank {rank}" if world_size > 1 else ""), "samples") as update:
-            summary = run_extract(config, update, rank=rank, world_size=world_size)
-    if rank:
+    cache = fusion.extract(dataset=dataset, root=root, out=out, text_model=text_model, image_model=image_model,
+                           tokens=tokens, device=device, precision=precision, split_file=split_file, columns=columns,
+                           text_pooling=text_pooling, image_pooling=image_pooling, batch_size=batch_size,
+                           limit=limit, max_length=max_length, workers=workers, seed=seed,
+                           trust_remote_code=trust_remote_code, progress=progress_bar)
+    summary = cache.extraction
+    if summary.rank:
         return
     if summary.already_complete:
-        console.print(f"{config.out} is already complete for these settings; nothing to do.")
+        console.print(f"{cache.path} is already complete for these settings; nothing to do.")
     console.print(extract_summary_table(summary))
-    _print_extract_notes(summary)
-
-
-def _print_extract_notes(summary) -> None:
-    from collections import Counter
-
-    from fusion.app.console import console
-
-    if summary.split_source:
-        console.print(f"splits: {summary.split_source['split_source']}")
-    if summary.split_counts:
-        console.print(f"split file: {summary.split_counts['ids_in_file_not_in_data']} ids not in the data, "
-                      f"{summary.split_counts['rows_in_data_not_in_file']} data rows not in the file (left out)")
-    reasons = Counter(reason for _, _, reason in summary.skipped)
-    console.print(f"skipped: {len(summary.skipped)}" + "".join(f"\n  {n} x {r}" for r, n in reasons.most_common()))
-    if summary.cleaning:
-        console.print("dropped by the dataset's cleaning rule: " +
-                      ", ".join(f"{k} {v}" for k, v in summary.cleaning.items()))
-    if summary.text_fallbacks:
-        console.print("texts not in UTF-8, decoded as: " +
-                      ", ".join(f"{k} {v}" for k, v in summary.text_fallbacks.items()))
-    console.print(f"computed {summary.rows_computed} of {summary.rows_total} rows in {summary.seconds:.1f} s "
-                  f"({summary.samples_per_second:.1f} samples/s)")
+    for line in extract_notes(summary):
+        console.print(line)
     for note in summary.notes:
         print(f"fusion: note: {note}", file=sys.stderr)
 
@@ -122,12 +96,10 @@ def cache_info(
     verify: bool = typer.Option(False, "--verify", help="Also read every byte and check every chunk's checksum."),
 ) -> None:
     """What a cache holds: dataset, models, dims, counts per split and class, skipped samples, fingerprint."""
-    from fusion.cache.info import cache_info as read_info, verify_cache
     from fusion.app.console import cache_info_tables, console
 
-    info = read_info(file)
-    if verify:
-        info["verified"] = verify_cache(file)
+    cache = fusion.open_cache(file)
+    info = {**cache.info, "verified": cache.verify()} if verify else cache.info
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
@@ -154,48 +126,37 @@ def _split_list(value: str, cast=str) -> list:
 @app.command()
 def fit(
     cache: Path = typer.Option(..., help="Cache file written by `fusion extract`."),
-    head: str = typer.Option("self_attn", help="basic, self_attn, dual_attn, text_only or image_only."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate."),
-    dropout: float = typer.Option(0.2, help="Dropout rate of the fusion and classifier."),
-    loss: str = typer.Option("focal", help="ce or focal."),
-    gamma: float = typer.Option(2.0, help="Focal loss gamma."),
-    epochs: int = typer.Option(30, min=1, help="Maximum epochs (early stopping on validation)."),
-    patience: int = typer.Option(5, min=1, help="Epochs without improvement before stopping."),
-    batch_size: int = typer.Option(256, min=1, help="Minibatch size."),
+    head: str = typer.Option(FitConfig.head, help="basic, self_attn, dual_attn, text_only or image_only."),
+    lr: float = typer.Option(FitConfig.lr, help="Adam learning rate."),
+    dropout: float = typer.Option(FitConfig.dropout, help="Dropout rate of the fusion and classifier."),
+    loss: str = typer.Option(FitConfig.loss, help="ce or focal."),
+    gamma: float = typer.Option(FitConfig.gamma, help="Focal loss gamma."),
+    epochs: int = typer.Option(FitConfig.epochs, min=1, help="Maximum epochs (early stopping on validation)."),
+    patience: int = typer.Option(FitConfig.patience, min=1, help="Epochs without improvement before stopping."),
+    batch_size: int = typer.Option(FitConfig.batch_size, min=1, help="Minibatch size."),
     metric: Optional[str] = typer.Option(None, help="Validation metric: macro_f1, weighted_f1 or accuracy.",
                                          show_default="the dataset's own: macro F1 for Memotion, weighted F1 for MVSA"),
-    seed: int = typer.Option(0, help="Seed of initialisation, shuffling and dropout."),
+    seed: int = typer.Option(FitConfig.seed, help="Seed of initialisation, shuffling and dropout."),
     tokens: bool = typer.Option(False, "--tokens", help="Train on token sequences (needs a --tokens cache)."),
     stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help=STREAM_HELP,
                                          show_default=STREAM_DEFAULT),
     out: Optional[Path] = typer.Option(None, help="Run directory.", show_default="runs/CACHE-HEAD"),
-    precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    precision: str = typer.Option(FitConfig.precision, help=PRECISION_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Train one fusion head on a cache; writes config.json, metrics.json and head.safetensors."""
-    from fusion.app.console import console, epoch_progress, metrics_table
-    from fusion.heads.checkpoint import save_run
-    from fusion.heads.config import FitConfig
-    from fusion.heads.registry import pooled_dual_attn_note
-    from fusion.heads.device import training_device
-    from fusion.heads.runs import default_metric
-    from fusion.heads.train import train_head
+    from fusion.app.console import console, metrics_table, progress_bar
 
-    target = training_device(device, precision)
-    features, meta = _load_features(cache, tokens, stream)
-    if note := pooled_dual_attn_note([head], tokens):
+    run = fusion.fit(cache, head=head, lr=lr, dropout=dropout, loss=loss, gamma=gamma, epochs=epochs,
+                     patience=patience, seed=seed, batch_size=batch_size, metric=metric, tokens=tokens, stream=stream,
+                     precision=precision, device=device, out=out, progress=progress_bar)
+    for note in run.notes:
         console.print(f"note: {note}", soft_wrap=True)
-    config = FitConfig(head=head, lr=lr, dropout=dropout, loss=loss, gamma=gamma, epochs=epochs, patience=patience,
-                       batch_size=batch_size, metric=metric or default_metric(meta["dataset"]), seed=seed,
-                       precision=precision)
-    with epoch_progress(f"fit {head}", config.epochs) as on_epoch:
-        result = train_head(features, config, on_epoch=on_epoch, device=target)
-    run_dir = out or Path("runs") / f"{Path(cache).stem}-{head}"
-    save_run(run_dir, result, cache=meta, tokens=tokens)
-    console.print(metrics_table(f"{head} on {meta['dataset']} (best epoch {result.best_epoch} of "
-                                f"{result.epochs_run}, selected on val {config.metric})",
-                                {"val": result.val, "test": result.test}))
-    console.print(f"run written to {run_dir}")
+    metrics = run.metrics
+    console.print(metrics_table(f"{head} on {run.config['cache']['dataset']} (best epoch {metrics['best_epoch']} of "
+                                f"{metrics['epochs_run']}, selected on val {run.config['metric']})",
+                                {"val": metrics["val"], "test": metrics["test"]}))
+    console.print(f"run written to {run.path}")
 
 
 @app.command()
@@ -203,14 +164,14 @@ def grid(
     cache: list[Path] = typer.Option(..., help="Cache file written by `fusion extract`; repeat it to sweep encoders "
                                                "(the same grid on each cache of one dataset, compared on its test "
                                                "rows)."),
-    heads: str = typer.Option("basic,self_attn,dual_attn", help="Heads (add text_only,image_only for ablations)."),
-    lrs: str = typer.Option("1e-2,1e-3,1e-4,1e-5", help="Learning rates."),
-    dropouts: str = typer.Option("0,0.2,0.5", help="Dropout rates."),
-    losses: str = typer.Option("ce,focal2,focal3,focal4", help="ce and focalGAMMA."),
+    heads: str = typer.Option(",".join(paper.HEADS), help="Heads (add text_only,image_only for ablations)."),
+    lrs: str = typer.Option(",".join(f"{lr:g}" for lr in paper.LRS), help="Learning rates."),
+    dropouts: str = typer.Option(",".join(f"{d:g}" for d in paper.DROPOUTS), help="Dropout rates."),
+    losses: str = typer.Option(",".join(paper.LOSSES), help="ce and focalGAMMA."),
     seeds: int = typer.Option(1, min=1, help="Seeds per configuration (mean and std are reported)."),
-    epochs: int = typer.Option(30, min=1, help="Maximum epochs per configuration."),
-    patience: int = typer.Option(5, min=1, help="Early-stopping patience."),
-    batch_size: int = typer.Option(256, min=1, help="Minibatch size."),
+    epochs: int = typer.Option(FitConfig.epochs, min=1, help="Maximum epochs per configuration."),
+    patience: int = typer.Option(FitConfig.patience, min=1, help="Early-stopping patience."),
+    batch_size: int = typer.Option(FitConfig.batch_size, min=1, help="Minibatch size."),
     metric: Optional[str] = typer.Option(None, help="Selection metric on validation.",
                                          show_default="the dataset's own"),
     out: Optional[Path] = typer.Option(None, help="Grid directory (a sweep: one grid directory per cache in it).",
@@ -223,53 +184,34 @@ def grid(
     tokens: bool = typer.Option(False, "--tokens", help="Train on token sequences (needs a --tokens cache)."),
     stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help=STREAM_HELP,
                                          show_default=STREAM_DEFAULT),
-    precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    precision: str = typer.Option(FitConfig.precision, help=PRECISION_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     prune: bool = typer.Option(False, "--prune", help="Successive halving inside each head's pass: at epochs 2, 6, "
                                                       "18 keep the best third still training (not the paper's "
                                                       "protocol; pruned rows are kept and marked)."),
 ) -> None:
     """Train the paper's hyper-parameter grid (144 configurations by default); resumable."""
-    from fusion.heads.config import FitConfig
-    from fusion.heads.device import training_device
-    from fusion.heads.grid import grid_configs
-    from fusion.app.grid_command import run_grid_command
-    from fusion.heads.runs import default_metric
+    from fusion.app.console import console, grid_tables, progress_bar, sweep_table
 
-    target = training_device(device, precision)
-
-    def configs_for(meta: dict) -> list:
-        base = FitConfig(epochs=epochs, patience=patience, batch_size=batch_size,
-                         metric=metric or default_metric(meta["dataset"]), precision=precision)
-        return grid_configs(base, heads=_split_list(heads), lrs=_split_list(lrs, float),
-                            dropouts=_split_list(dropouts, float), losses=_split_list(losses), seeds=range(seeds))
-
+    choices = dict(heads=_split_list(heads), lrs=_split_list(lrs, float), dropouts=_split_list(dropouts, float),
+                   losses=_split_list(losses), seeds=seeds, epochs=epochs, patience=patience, batch_size=batch_size,
+                   metric=metric, prune=prune, tokens=tokens, stream=stream, precision=precision, device=device,
+                   out=out, progress=progress_bar)
     if len(cache) > 1:
-        from fusion.app.sweep_command import run_sweep_command
-
-        run_sweep_command(cache, configs_for, out or Path("runs") / f"{Path(cache[0]).stem}-sweep",
-                          load=lambda path: _load_features(path, tokens, stream), tokens=tokens, storage=storage,
-                          device=target, prune=prune)
+        if storage:
+            raise FusionError("--storage shares one cache's grid between machines; a sweep (several --cache) runs "
+                              "here")
+        swept = fusion.sweep(cache, **choices)
+        console.print(sweep_table(swept.document))
+        console.print(f"sweep: {swept.path / 'sweep.json'}, {swept.markdown}, {swept.figure}")
         return
-    features, meta = _load_features(cache[0], tokens, stream)
-    run_grid_command(features, meta, configs_for(meta), out or Path("runs") / f"{Path(cache[0]).stem}-grid",
-                     storage=storage, study=study, sampler=sampler, trials=trials, tokens=tokens, device=target,
-                     prune=prune)
-
-
-def _load_features(cache: Path, tokens: bool, stream: Optional[bool]):
-    from fusion.app.console import console
-    from fusion.heads.runs import load_features, should_stream
-
-    if stream and not tokens:
-        raise FusionError("--stream applies to token sequences (add --tokens); pooled features are always loaded, "
-                          "they take tens of MB")
-    if tokens and stream is None:
-        stream, needed, available = should_stream(cache)
-        if stream:
-            console.print(f"loading the token sequences would take {needed / 2**30:.1f} GiB, over half of the "
-                          f"{available / 2**30:.1f} GiB available: each minibatch is read from the cache")
-    return load_features(cache, tokens=tokens, stream=bool(stream))
+    result = fusion.grid(cache[0], storage=storage, study=study, sampler=sampler, trials=trials, **choices)
+    for note in result.notes:
+        console.print(f"note: {note}", soft_wrap=True)
+    for table in grid_tables(result.summaries, result.metric):
+        console.print(table)
+    console.print(f"{len(result.rows)} results in {result.path / 'results.csv'}; the configuration chosen on "
+                  f"validation is in {result.best.path}")
 
 
 @app.command()
@@ -279,38 +221,35 @@ def predict(
     text: Optional[str] = typer.Option(None, help="Text of one post."),
     csv: Optional[Path] = typer.Option(None, help="CSV with columns image,text."),
     device: str = typer.Option("auto", help="auto, cpu or cuda: the encoders and the head."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line per post instead of a table."),
 ) -> None:
-    """Label new posts with a trained run: its encoders, then its head."""
+    """Label new posts with a trained run: its encoders, then its head. Exits 0 when every post was predicted, 1
+    when any could not be (each failure on stderr, one line)."""
     from fusion.app.console import console, predictions_table
-    from fusion.heads.checkpoint import load_run
-    from fusion.app.predict import Post, posts_from_csv, predict_posts, require_inputs, run_encoders
+    from fusion.app.predictor import read_posts_csv
 
-    require_inputs(image, text, csv)
-    from fusion.extract.encoders import quiet_transformers
-
-    loaded = load_run(run)
-    quiet_transformers()
-    encoders = run_encoders(loaded.cache, device=device)
-    from fusion.app.predict import encoder_precision
-
-    precision_note = encoder_precision(loaded.cache, device)[1]
-    if precision_note:
-        print(f"fusion: note: {precision_note}", file=sys.stderr)
-    posts = posts_from_csv(csv) if csv else [Post(image=image, text=text)]
-    predictions = predict_posts(loaded.head, encoders, posts, max_length=int(loaded.cache.get("max_length", 128)),
-                                tokens=loaded.tokens)
+    if csv is None and (image is None or text is None):
+        raise FusionError("give --image and --text for one post, or --csv FILE with columns image,text")
+    if csv is not None and (image is not None or text is not None):
+        raise FusionError("give either --csv or --image/--text, not both")
+    if csv is None and not image.is_file():
+        raise FusionError(f"--image {image}: no such file")
+    images, texts, lines = read_posts_csv(csv) if csv else ([image], [text], [None])
+    predictor = fusion.load_run(run, device=device)
+    for note in predictor.notes:
+        print(f"fusion: note: {note}", file=sys.stderr)
+    answers = predictor.predict(images, texts)
     if as_json:
-        for p in predictions:
-            print(json.dumps({"image": str(p.post.image), "row": p.post.row, "label": p.label,
-                              "probabilities": p.probabilities, "error": p.error}))
+        for answer in answers:
+            print(json.dumps(answer))
     else:
-        console.print(predictions_table(predictions))
-    failed = [p for p in predictions if p.error]
+        console.print(predictions_table(images, lines, answers))
+    failed = [(line, answer["error"]) for line, answer in zip(lines, answers) if "error" in answer]
+    for line, error in failed:
+        print(f"fusion: {'' if line is None else f'{csv}: line {line}: '}{error}", file=sys.stderr)
     if failed:
-        print(f"fusion: {len(failed)} of {len(predictions)} posts could not be read", file=sys.stderr)
-    if predictions and len(failed) == len(predictions):
-        raise typer.Exit(1)  # nothing was predicted: a script must not take this for success
+        print(f"fusion: {len(failed)} of {len(answers)} posts could not be read", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -326,29 +265,26 @@ def serve(
 ) -> None:
     """Serve a trained run over HTTP: POST /predict, POST /predict/batch, GET /health, and a page at /."""
     from fusion.app.console import console
-    from fusion.app.serve_model import ServedModel
 
     try:
-        from fusion.app.serve import serve_forever
+        from fusion.app.serve.server import serve_forever
     except ImportError as missing:
         raise FusionError(f"fusion serve needs {missing.name}: pip install 'fusion[serve]'") from None
-    from fusion.extract.encoders import quiet_transformers
-
-    quiet_transformers()
-    model = ServedModel.load(run, device=device, precision=precision)
-    about = model.describe()
+    predictor = fusion.load_run(run, device=device, precision=precision)
+    for note in predictor.notes:
+        print(f"fusion: note: {note}", file=sys.stderr)
+    about = predictor.describe()
     console.print(f"serving run {about['run']} ({about['head']}; {about['text_model']} + {about['image_model']}, "
                   f"{about['device']} {about['precision']}) on http://{host}:{port}/ - Ctrl+C stops")
-    serve_forever(model, host=host, port=port, max_upload_mb=max_upload_mb)
+    serve_forever(predictor, host=host, port=port, max_upload_mb=max_upload_mb)
 
 
 @app.command()
 def report(run: Path = typer.Option(..., help="A run directory or a grid directory.")) -> None:
     """Write figures (per-class F1 by epoch, losses, confusion matrix, grid heatmaps) and report.md."""
     from fusion.app.console import console
-    from fusion.app.report import write_report
 
-    written = write_report(run)
+    written = fusion.report(run)
     console.print(f"report: {written.markdown}")
     for figure in written.figures:
         console.print(f"  figure: {figure}")
@@ -365,10 +301,10 @@ def demo(
     """The whole job offline on an embedded synthetic dataset: extract, grid, report."""
     from fusion.app.console import console
     from fusion.app.demo import demo_steps
-    from fusion.extract.encoders import quiet_transformers
 
-    quiet_transformers()
-    for argv in demo_steps(out, text_model=text_model, image_model=image_model, size=size, epochs=epochs):
+    about, steps = demo_steps(out, text_model=text_model, image_model=image_model, size=size, epochs=epochs)
+    console.print(about)
+    for argv in steps:
         console.rule(f"fusion {argv[0]}")
         code = main(argv)
         if code:
@@ -381,36 +317,31 @@ def reproduce(
     data: Path = typer.Option(..., help="Folder holding MVSA_Single/, MVSA/ (or MVSA_Multi/), memotion_dataset_7k/."),
     out: Path = typer.Option(Path("reproduction"), help="Where caches, grids, reproduction.md and figures go."),
     seeds: int = typer.Option(3, min=1, help="Seeds per configuration."),
-    text_model: str = typer.Option("bert-base-uncased", help="Hugging Face name or local folder."),
-    image_model: str = typer.Option("facebook/dinov2-small", help="Hugging Face name or local folder."),
+    text_model: str = typer.Option(paper.TEXT_MODEL, help="Hugging Face name or local folder."),
+    image_model: str = typer.Option(paper.IMAGE_MODEL, help="Hugging Face name or local folder."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (extraction)."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 for the encoders."),
     workers: int = typer.Option(max(1, min(8, (os.cpu_count() or 2) // 2)), min=0, help="Image-decoding workers."),
-    heads: str = typer.Option("basic,self_attn,dual_attn,text_only,image_only", help="Heads and ablations."),
-    lrs: str = typer.Option("1e-2,1e-3,1e-4,1e-5", help="Learning rates."),
-    dropouts: str = typer.Option("0,0.2,0.5", help="Dropout rates."),
-    losses: str = typer.Option("ce,focal2,focal3,focal4", help="ce and focalGAMMA."),
-    epochs: int = typer.Option(30, min=1, help="Maximum epochs per configuration."),
-    patience: int = typer.Option(5, min=1, help="Early-stopping patience."),
+    heads: str = typer.Option(",".join(paper.HEADS + paper.ABLATIONS), help="Heads and ablations."),
+    lrs: str = typer.Option(",".join(f"{lr:g}" for lr in paper.LRS), help="Learning rates."),
+    dropouts: str = typer.Option(",".join(f"{d:g}" for d in paper.DROPOUTS), help="Dropout rates."),
+    losses: str = typer.Option(",".join(paper.LOSSES), help="ce and focalGAMMA."),
+    epochs: int = typer.Option(FitConfig.epochs, min=1, help="Maximum epochs per configuration."),
+    patience: int = typer.Option(FitConfig.patience, min=1, help="Early-stopping patience."),
     resamples: int = typer.Option(2000, min=100, help="Bootstrap resamples for the intervals."),
 ) -> None:
     """The paper's study in one command: extract each dataset found, train the grid and ablations with several seeds,
     write reproduction.md with intervals beside the published numbers (resumable)."""
     from fusion.app.console import console, progress_bar
-    from fusion.app.reproduce import ReproduceConfig, reproduce as run_reproduce
-    from fusion.app.reproduction import write_reproduction
-    from fusion.extract.encoders import quiet_transformers
 
-    quiet_transformers()
-    config = ReproduceConfig(data=data, out=out, seeds=seeds, text_model=text_model, image_model=image_model,
-                             device=device, precision=precision, workers=workers, heads=tuple(_split_list(heads)),
-                             lrs=tuple(_split_list(lrs, float)), dropouts=tuple(_split_list(dropouts, float)),
-                             losses=tuple(_split_list(losses)), epochs=epochs, patience=patience, resamples=resamples)
-    reproduction = run_reproduce(config, progress_bar)
-    markdown, figures = write_reproduction(reproduction)
-    for name, why in reproduction.skipped.items():
+    result = fusion.reproduce(data=data, out=out, seeds=seeds, text_model=text_model, image_model=image_model,
+                              device=device, precision=precision, workers=workers, heads=_split_list(heads),
+                              lrs=_split_list(lrs, float), dropouts=_split_list(dropouts, float),
+                              losses=_split_list(losses), epochs=epochs, patience=patience, resamples=resamples,
+                              progress=progress_bar)
+    for name, why in result.skipped.items():
         console.print(f"skipped {name}: {why}")
-    console.print(f"reproduction: {markdown} ({len(figures)} figures)")
+    console.print(f"reproduction: {result.markdown} ({len(result.figures)} figures)")
 
 
 def main(argv: list[str] | None = None) -> int:

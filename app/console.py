@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
@@ -11,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fusion.heads.config import loss_label
+from fusion.heads.search.grid import best_per_head
 from fusion.labels import LABELS, SPLITS
 
 console = Console()
@@ -116,37 +119,23 @@ def cache_info_tables(info: dict) -> list[Table]:
     return tables
 
 
-@contextmanager
-def epoch_progress(description: str, epochs: int):
-    """Yields on_epoch(epoch, model_index, metrics) for train_head; shows epochs and the latest validation metrics."""
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[latest]}"), TimeElapsedColumn(), console=console)
-    task = progress.add_task(description, total=epochs, latest="")
-
-    def on_epoch(epoch: int, model_index: int, metrics: dict) -> None:
-        latest = " ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "macro_f1", "weighted_f1") if k in metrics)
-        progress.update(task, completed=epoch, latest=latest)
-
-    with progress:
-        yield on_epoch
-
-
-def predictions_table(predictions) -> Table:
+def predictions_table(images: list, lines: list, answers: list[dict]) -> Table:
+    """One row per post: where it came from (the CSV line, or the image), the label and its probabilities."""
     table = Table(title="predictions")
     table.add_column("post")
     table.add_column("label", style="bold")
     for name in LABELS:
         table.add_column(f"p({name})", justify="right")
-    for p in predictions:
-        where = f"line {p.post.row}: {p.post.image.name}" if p.post.row else str(p.post.image)
-        if p.error:
-            table.add_row(where, f"[red]unreadable: {p.error}", "", "", "")
+    for image, line, answer in zip(images, lines, answers):
+        where = f"line {line}: {Path(image).name}" if line else str(image)
+        if "error" in answer:
+            table.add_row(where, f"[red]unreadable: {answer['error']}", "", "", "")
         else:
-            table.add_row(where, p.label, *(f"{p.probabilities[name]:.3f}" for name in LABELS))
+            table.add_row(where, answer["label"], *(f"{answer['probabilities'][name]:.3f}" for name in LABELS))
     return table
 
 
-def grid_tables(summaries, best_by_head, metric: str, top: int = 10) -> list[Table]:
+def grid_tables(summaries, metric: str, top: int = 10) -> list[Table]:
     """The top configurations and the best per head, ranked on validation; test shown beside, never used."""
     def table(title: str, rows) -> Table:
         t = Table(title=title)
@@ -162,4 +151,43 @@ def grid_tables(summaries, best_by_head, metric: str, top: int = 10) -> list[Tab
 
     return [table(f"top {min(top, len(summaries))} of {len(summaries)} configurations (by val {metric})",
                   summaries[:top]),
-            table("best configuration per head", best_by_head.values())]
+            table("best configuration per head", best_per_head(summaries).values())]
+
+
+def extract_notes(summary) -> list[str]:
+    """What an extraction did beyond its counts: the split's source, skipped rows by reason, the dataset's cleaning,
+    texts that were not UTF-8, and the speed."""
+    lines = []
+    if summary.split_source:
+        lines.append(f"splits: {summary.split_source['split_source']}")
+    if summary.split_counts:
+        lines.append(f"split file: {summary.split_counts['ids_in_file_not_in_data']} ids not in the data, "
+                     f"{summary.split_counts['rows_in_data_not_in_file']} data rows not in the file (left out)")
+    reasons = Counter(reason for _, _, reason in summary.skipped)
+    lines.append(f"skipped: {len(summary.skipped)}" + "".join(f"\n  {n} x {r}" for r, n in reasons.most_common()))
+    if summary.cleaning:
+        lines.append("dropped by the dataset's cleaning rule: " +
+                     ", ".join(f"{k} {v}" for k, v in summary.cleaning.items()))
+    if summary.text_fallbacks:
+        lines.append("texts not in UTF-8, decoded as: " +
+                     ", ".join(f"{k} {v}" for k, v in summary.text_fallbacks.items()))
+    lines.append(f"computed {summary.rows_computed} of {summary.rows_total} rows in {summary.seconds:.1f} s "
+                 f"({summary.samples_per_second:.1f} samples/s)")
+    return lines
+
+
+def sweep_table(document: dict) -> Table:
+    """Each cache's chosen configuration with its test interval and its difference from the leader."""
+    differences = {d["b"]: d for d in document["differences"] if d["what"] == "best"}
+    table = Table(title=f"encoder sweep on {document['dataset']}: chosen on val {document['metric']}, test "
+                        f"{document['metric']} with {document['level']:.0%} bootstrap CI")
+    for column in ("cache", "encoders (pooling)", "head", "val", "test [CI]", f"Δ vs {document['leader']} [CI]"):
+        table.add_column(column, no_wrap=column != "encoders (pooling)")
+    for entry in document["caches"]:
+        best, difference = entry["chosen"]["best"], differences.get(entry["name"])
+        test = best["test"]
+        table.add_row(entry["name"], entry["encoders"], best["config"]["head"], f"{best['val_mean']:.4f}",
+                      f"{test['value']:.4f} [{test['low']:.4f}, {test['high']:.4f}]",
+                      "leader" if difference is None else
+                      f"{difference['difference']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]")
+    return table

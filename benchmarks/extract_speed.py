@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
-from fusion.heads.device import bf16_units  # noqa: E402
+from fusion.device import bf16_units  # noqa: E402
 from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fusion.cache.reader import read_cache  # noqa: E402
 from fusion.extract.batches import image_loader, pad_token_ids  # noqa: E402
-from fusion.extract.datasets import load_dataset  # noqa: E402
+from fusion.extract.datasets.registry import load_dataset  # noqa: E402
 from fusion.extract.encoders import image_embeddings, load_encoders, text_embeddings  # noqa: E402
 from fusion.extract.pipeline import ExtractConfig, extract, shard_batches, tokenize  # noqa: E402
 

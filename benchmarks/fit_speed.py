@@ -39,9 +39,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fusion.heads.config import FitConfig
-from fusion.heads.device import bf16_units
+from fusion.device import bf16_units
 from fusion.heads.features import split_features
-from fusion.heads.grid import PAPER_DROPOUTS, PAPER_LOSSES, PAPER_LRS, grid_configs
+from fusion import paper
+from fusion.heads.search.grid import grid_configs
 from fusion.heads.losses import focal_loss
 from fusion.heads.metrics import classification_metrics
 from fusion.heads.registry import HEADS
@@ -209,7 +210,7 @@ def peer_seconds_per_epoch(features: dict, config: FitConfig) -> float:
 
 def stack_configs(head: str, models: int, batch_size: int, epochs: int, precision: str = "fp32") -> list[FitConfig]:
     base = FitConfig(head=head, epochs=epochs, patience=epochs + 1, batch_size=batch_size, precision=precision)
-    configs = grid_configs(base, heads=[head], lrs=PAPER_LRS, dropouts=PAPER_DROPOUTS, losses=PAPER_LOSSES)
+    configs = grid_configs(base, heads=[head], lrs=paper.LRS, dropouts=paper.DROPOUTS, losses=paper.LOSSES)
     return (configs * math.ceil(models / len(configs)))[:models]
 
 

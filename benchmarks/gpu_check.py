@@ -97,7 +97,7 @@ def prepared_batches(config, encoders):
     """The extraction's own batches of this data (decoded in workers, untimed), normalised on the GPU."""
 
     from fusion.extract.batches import image_loader, pad_token_ids
-    from fusion.extract.datasets import load_dataset
+    from fusion.extract.datasets.registry import load_dataset
     from fusion.extract.pipeline import shard_batches, tokenize
 
     samples = load_dataset(config.dataset, config.root, seed=config.split_seed).samples

@@ -38,10 +38,11 @@ from fit_speed import signal_features  # noqa: E402
 from machine_load import OtherLoad  # noqa: E402
 
 from fusion.heads.config import FitConfig  # noqa: E402
-from fusion.heads.device import bf16_units  # noqa: E402
-from fusion.heads.grid import PAPER_HEADS, grid_configs, run_grid, summarise  # noqa: E402
-from fusion.heads.prune import Pruning  # noqa: E402
-from fusion.heads.runs import default_metric, load_features  # noqa: E402
+from fusion.device import bf16_units  # noqa: E402
+from fusion.paper import HEADS as PAPER_HEADS, dataset_metric  # noqa: E402
+from fusion.heads.search.grid import grid_configs, run_grid, summarise  # noqa: E402
+from fusion.heads.search.prune import Pruning  # noqa: E402
+from fusion.heads.runs import load_features  # noqa: E402
 
 SYNTHETIC_SIZES = {"train": 2_000, "val": 500, "test": 500}
 CHOICE = ("head", "lr", "dropout", "loss", "gamma")
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     load = OtherLoad()
     cache, meta = load_features(args.cache)
-    cache_metric = default_metric(meta["dataset"])
+    cache_metric = dataset_metric(meta["dataset"])
     synthetic = signal_features(SYNTHETIC_SIZES, seed=1)
     parts = args.parts.split(",")
     print(f"threads {args.threads}; CPU bf16 units: {bf16_units()}; cache {args.cache} ({meta['dataset']}, "

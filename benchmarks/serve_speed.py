@@ -33,16 +33,16 @@ from pathlib import Path
 import httpx
 import torch
 from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
-from fusion.heads.device import bf16_units  # noqa: E402
+from fusion.device import bf16_units  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fusion.app.demo import packaged_text_model, random_dinov2  # noqa: E402
 from fusion.app.predict import Post, predict_posts  # noqa: E402
-from fusion.app.serve_model import ServedModel, shown_name  # noqa: E402
+from fusion.app.serve.model import ServedModel, shown_name  # noqa: E402
 from fusion.cli import main as fusion  # noqa: E402
-from fusion.extract.demo_data import read_manifest, write_demo_dataset  # noqa: E402
+from fusion.extract.datasets.demo_data import read_manifest, write_demo_dataset  # noqa: E402
 from fusion.extract.encoders import quiet_transformers  # noqa: E402
 
 CLIENTS = 16

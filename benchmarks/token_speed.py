@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from fit_speed import gemm_rate  # benchmarks/fit_speed.py, beside this script
 from machine_load import OtherLoad
 
-from fusion.heads.device import bf16_units
+from fusion.device import bf16_units
 from fusion.heads.features import Modality, SplitFeatures
 from fusion.heads.layers import shared_linear, stacked_linear
 from fusion.heads.losses import cross_entropy

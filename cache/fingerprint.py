@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import fusion
+from fusion.version import __version__
 from fusion.errors import CacheError
 
 _READ_BYTES = 1 << 20
@@ -26,7 +26,7 @@ def fingerprint(settings: dict, source_files: list[Path]) -> str:
     """sha256 hex of the canonical settings JSON, each source file's bytes (in order) and the fusion version."""
     digest = hashlib.sha256()
     _update_framed(digest, b"fusion-cache-fingerprint/1")
-    _update_framed(digest, fusion.__version__.encode())
+    _update_framed(digest, __version__.encode())
     _update_framed(digest, canonical_json(settings).encode())
     for path in source_files:
         _hash_file(digest, Path(path))

@@ -47,7 +47,7 @@ def as_pipeline(pixels) -> PixelPipeline:
 def image_pixels(path, pixels) -> torch.Tensor:
     """One image file decoded (with the bomb and format checks of images.load_rgb) and preprocessed for the encoder
     (`pixels`: Encoders.pixels, or a bare image processor); ImageUnreadable says why not. An image stored in a
-    dataset table (extract/hfdata.py StoredImage) is read here, in the worker, as bytes or a path."""
+    dataset table (extract/datasets/hfdata.py StoredImage) is read here, in the worker, as bytes or a path."""
     if hasattr(path, "read_image"):
         path = path.read_image()
     return as_pipeline(pixels).crop(load_rgb(path))

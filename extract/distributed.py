@@ -53,7 +53,7 @@ def rank_device(device: str, world_size: int) -> str:
     """The device this rank's encoders use. With several ranks, `cuda` (and `auto` where torch sees a GPU) is
     cuda:LOCAL_RANK modulo the visible GPUs: 4 ranks on 4 GPUs get one each, 2 ranks on 1 GPU share it, a SLURM task
     that sees one GPU uses it. An explicit cuda:N would put every rank on one GPU, so it is refused; cpu stays cpu.
-    A single process keeps `device` as given (encoders.resolve_device checks it)."""
+    A single process keeps `device` as given (device.py resolve_device checks it)."""
     if world_size <= 1:
         return device
     if device.startswith("cuda:"):

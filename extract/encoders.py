@@ -21,15 +21,14 @@ import torch
 import transformers
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
 
+from fusion.device import encoder_dtypes, resolve_device, use_device
 from fusion.errors import ModelLoadError
 from fusion.extract.dual import (full_text_length, is_dual, projected_image, projected_text, projected_widths,
                                  text_config)
 from fusion.extract.pooling import PROJECTED, pool_image, pool_text, prefix_tokens, recorded_pooling, resolve_pooling
 from fusion.extract.pixels import PixelPipeline
+from fusion.paper import IMAGE_MODEL, TEXT_MODEL
 
-DEFAULT_TEXT_MODEL = "bert-base-uncased"
-DEFAULT_IMAGE_MODEL = "facebook/dinov2-small"
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -136,44 +135,13 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def resolve_device(device: str) -> torch.device:
-    """cpu, or cuda:N with N among the visible GPUs (`cuda` and `auto` mean the current one); else one line why not."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        target = torch.device(device)
-    except RuntimeError:
-        raise ModelLoadError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if target.type not in ("cpu", "cuda"):
-        raise ModelLoadError(f"--device {device!r}: fusion runs its encoders on cpu or cuda")
-    if target.type == "cpu":
-        return target
-    if not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {device} asked for, but torch sees no CUDA device (torch {torch.__version__})")
-    count = torch.cuda.device_count()
-    index = torch.cuda.current_device() if target.index is None else target.index
-    if index >= count:
-        raise ModelLoadError(f"--device {device}: torch sees {count} GPU(s) here (cuda:0..cuda:{count - 1}; "
-                             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
-    return torch.device("cuda", index)
-
-
-def use_device(target: torch.device) -> None:
-    """Makes a CUDA target the process's current device, so that everything not placed explicitly (the loader's
-    pinning thread, the CUDA context) lands on the encoders' GPU rather than on GPU 0. Nothing for the CPU."""
-    if target.type == "cuda":
-        torch.cuda.set_device(target.index)
-
-
-def load_encoders(text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAULT_IMAGE_MODEL, *,
+def load_encoders(text_model: str = TEXT_MODEL, image_model: str = IMAGE_MODEL, *,
                   device: str = "auto", precision: str = "fp32", trust_remote_code: bool = False,
                   text_pooling: str | None = None, image_pooling: str | None = None) -> Encoders:
     """The two encoders, frozen on `device`; a checkpoint named for both (a dual encoder) is loaded once. Pooling
     None: the paper's (cls), or projected for a dual encoder (extract/pooling.py)."""
-    if precision not in PRECISIONS:
-        raise ModelLoadError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     target = resolve_device(device)
-    dtype, autocast_dtype = weight_dtypes(target, precision)
+    dtype, autocast_dtype = encoder_dtypes(target, precision)
     use_device(target)
     # A local folder's weights are hashed (model_revision) on a second thread while the models load: hashlib lets
     # go of Python's lock, so the hash costs no start-up time.
@@ -220,26 +188,6 @@ def _preprocessors(text_model: str, image_model: str, text_dual: bool, image_dua
                        else _from_pretrained(AutoImageProcessor, image_model, "image processor", trust_remote_code,
                                              backend="pil"))
     return tokenizer, image_processor
-
-
-def weight_dtypes(device: torch.device, precision: str) -> tuple[torch.dtype, torch.dtype | None]:
-    """(dtype of the inputs and of most weights, autocast dtype or None) for a precision on a device.
-
-    On CPU, bf16 runs under autocast: the matrix products and attention use the bf16 units (avx512_bf16 / AMX)
-    while layer norms, softmax and residual sums stay fp32, which stays closer to fp32 than a model cast wholly to
-    bf16 for about the same speed (benchmarks/extract_speed.py and README give the figures). fp16 on CPU has no
-    matrix units to use and is slower than fp32, so it is refused.
-    On CUDA, bf16 and fp16 cast the whole model. So "bf16" is not the same computation on the two devices: the
-    cache fingerprint records the device type with the precision, and a cache started on one is not resumed on the
-    other (extract/pipeline.py).
-    """
-    dtype = PRECISIONS[precision]
-    if device.type == "cpu" and dtype == torch.float16:
-        raise ModelLoadError("--precision fp16 needs a GPU: on CPU it is slower than fp32; use --precision bf16 "
-                             "(or fp32) on CPU")
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return torch.float32, torch.bfloat16
-    return dtype, None
 
 
 def fit_max_length(encoders: Encoders, max_length: int) -> int:

@@ -35,11 +35,14 @@ class ImageUnreadable(Exception):
     """The file is not a decodable image; str(error) is the short reason stored in the cache."""
 
 
-def load_rgb(path: Path | bytes) -> Image.Image:
-    """Decode `path` (or an image file's bytes) to an RGB image (first frame of animations); ImageUnreadable with a
-    reason otherwise."""
+def load_rgb(path: Path | bytes | Image.Image) -> Image.Image:
+    """Decode `path` (or an image file's bytes, or an image already opened with Pillow) to an RGB image (first frame
+    of animations); ImageUnreadable with a reason otherwise."""
     if isinstance(path, (bytes, bytearray, memoryview)):
         return _load_bytes(bytes(path))
+    if isinstance(path, Image.Image):
+        _refuse_bomb(path.size)
+        return to_rgb(path)
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -59,7 +62,7 @@ def load_rgb(path: Path | bytes) -> Image.Image:
 
 
 def _load_bytes(data: bytes) -> Image.Image:
-    """The checks of a file, on bytes held in memory (an image stored inside a dataset: extract/hfdata.py)."""
+    """The checks of a file, on bytes held in memory (an image stored inside a dataset: extract/datasets/hfdata.py)."""
     if not data:
         raise ImageUnreadable("empty image data")
     try:

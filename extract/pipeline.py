@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import transformers
 
-import fusion
+from fusion.version import __version__
 from fusion.cache.fingerprint import fingerprint
 from fusion.cache.partial import FORMAT_VERSION, PLAN_FILE, PartialCache, Plan, partial_dir, read_plan
 from fusion.cache.pooling_check import refuse_other_pooling
@@ -36,14 +36,15 @@ from fusion.errors import CacheError
 from fusion.extract.batch_writer import BatchWriter
 from fusion.extract.batches import (default_decode_workers, fit_to_shared_memory, image_loader, length_sorted_batches,
                                     shared_memory_free)
-from fusion.extract.datasets import load_dataset
+from fusion.extract.datasets.registry import load_dataset
 from fusion.extract.embedding import embed_posts
 from fusion.extract.distributed import barrier, rank_device, sum_over_ranks
-from fusion.extract.encoders import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Encoders, fit_max_length, load_encoders
+from fusion.extract.encoders import Encoders, fit_max_length, load_encoders
 from fusion.extract.pooling import check_token_widths
-from fusion.extract.samples import DatasetSamples, Sample
-from fusion.extract.splitfile import read_split_file, with_splits
+from fusion.extract.datasets.samples import DatasetSamples, Sample
+from fusion.extract.datasets.splitfile import read_split_file, with_splits
 from fusion.labels import LABELS, SPLITS
+from fusion.paper import IMAGE_MODEL, TEXT_MODEL
 
 LOADING_SKIP = "skipped while reading the dataset"
 
@@ -53,8 +54,8 @@ class ExtractConfig:
     dataset: str
     root: Path
     out: Path
-    text_model: str = DEFAULT_TEXT_MODEL
-    image_model: str = DEFAULT_IMAGE_MODEL
+    text_model: str = TEXT_MODEL
+    image_model: str = IMAGE_MODEL
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 32
@@ -64,10 +65,10 @@ class ExtractConfig:
     split_seed: int = 0
     workers: int | None = 1  # image-decoding workers of this rank; None: from the node's cores and ranks
     trust_remote_code: bool = False
-    split_file: Path | None = None  # CSV/TSV of id,split fixing the splits (extract/splitfile.py)
+    split_file: Path | None = None  # CSV/TSV of id,split fixing the splits (extract/datasets/splitfile.py)
     text_pooling: str | None = None  # None: cls, or projected for a dual encoder (extract/pooling.py)
     image_pooling: str | None = None
-    columns: str | None = None  # --dataset hf: image=COL,text=COL,label=COL[,id=COL] (extract/hfdata.py)
+    columns: str | None = None  # --dataset hf: image=COL,text=COL,label=COL[,id=COL] (extract/datasets/hfdata.py)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class ExtractSummary:
     split_source: dict[str, str] = dataclasses.field(default_factory=dict)
     split_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)  # what slowed the run down and how to avoid it
+    rank: int = 0  # of the process that returned it (torchrun); rank 0 speaks for the whole job
 
     @property
     def samples_per_second(self) -> float:
@@ -128,6 +130,7 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
     barrier()  # and the final file exists before any rank reports
     summary = summarise_extraction(config, data, plan, rows_computed=computed, started=started)
     summary.notes.extend(notes)
+    summary.rank = rank
     return summary
 
 
@@ -144,7 +147,7 @@ def other_device(out: Path, plan: Plan) -> str:
 
 def refuse_resume_on_other_device(out: Path, plan: Plan) -> None:
     """A partial cache is resumed only on the device type it was started on: bf16 is another computation on the
-    CPU (autocast) than on a GPU (the model cast), and no row may mix the two (extract/encoders.weight_dtypes)."""
+    CPU (autocast) than on a GPU (the model cast), and no row may mix the two (device.py encoder_dtypes)."""
     if not (partial_dir(out) / PLAN_FILE).exists():
         return
     try:
@@ -185,7 +188,7 @@ def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -
     attrs.update(fingerprint=fingerprint(settings, data.source_files), text_dim=encoders.text_dim,
                  image_dim=encoders.image_dim, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  torch_version=torch.__version__, transformers_version=transformers.__version__,
-                 fusion_version=fusion.__version__, **data.split_source)
+                 fusion_version=__version__, **data.split_source)
     return Plan(fingerprint=attrs["fingerprint"], attrs=attrs,
                 ids=[s.id for s in data.samples] + [sid for sid, _, _ in data.skipped],
                 splits=[s.split for s in data.samples] + [split for _, split, _ in data.skipped],

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-import fusion
+from fusion.version import __version__
 from fusion.atomic import write_bytes_atomic
 from fusion.errors import RunError
 from fusion.heads.config import ConfigError, FitConfig, config_from_dict
@@ -85,7 +85,7 @@ def save_run(out_dir: Path | str, result: FitResult, *, cache_path: Path | str |
     config = {**asdict(result.config), "cache_path": None if cache_path is None else str(cache_path),
               "cache_fingerprint": fingerprint if fingerprint is not None else cache.get("fingerprint"),
               "cache": cache, "text_dim": int(text_dim), "image_dim": int(image_dim), "tokens": bool(tokens),
-              "fusion_version": fusion.__version__, "head_sha256": hashlib.sha256(weights).hexdigest()}
+              "fusion_version": __version__, "head_sha256": hashlib.sha256(weights).hexdigest()}
     write_bytes_atomic(out / CONFIG_FILE, _json_bytes(config))
     return out
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from fusion.device import HEAD_PRECISIONS
 from fusion.errors import FusionError
 from fusion.heads.registry import HEADS
+from fusion.paper import METRICS
 
 LOSSES = ("ce", "focal")
-METRICS = ("macro_f1", "weighted_f1", "accuracy")
-PRECISIONS = ("fp32", "bf16")
 # Fields added after results were first saved, with the value every earlier result was trained with: a saved config
 # without them still loads, and means what it meant.
 ADDED_FIELDS = {"precision": "fp32"}
@@ -129,6 +129,6 @@ def _check_choice(name: str, value: str) -> None:
     if name == "head":
         choices = tuple(HEADS)
     else:
-        choices = {"loss": LOSSES, "metric": METRICS, "precision": PRECISIONS}[name]
+        choices = {"loss": LOSSES, "metric": METRICS, "precision": HEAD_PRECISIONS}[name]
     if value not in choices:
         raise ConfigError(f"config {name} {value!r} is not one of {', '.join(choices)}")

@@ -11,19 +11,12 @@ from fusion.memory import available_memory
 from fusion.heads.features import features_from_cache
 from fusion.heads.streamed import StreamedSplit
 
-# The metric each dataset is reported with in the literature: macro F1 for Memotion (SemEval-2020 Task 8, task A),
-# weighted F1 beside accuracy for MVSA.
-DATASET_METRICS = {"memotion": "macro_f1", "mvsa-single": "weighted_f1", "mvsa-multi": "weighted_f1"}
 CACHE_KEYS = ("dataset", "text_model", "image_model", "text_model_revision", "image_model_revision", "max_length",
               "image_size", "precision", "split_seed", "tokens", "text_dim", "image_dim", "split_source", "split_kind",
               "split_file", "split_file_sha256", "text_pooling", "image_pooling")  # predict pools as the cache did
 # Token sequences are loaded when their float32 copy takes at most this share of the memory available now; the rest
 # is left for the models' activations, Adam's state and everything else on the machine.
 LOAD_SHARE = 0.5
-
-
-def default_metric(dataset: str) -> str:
-    return DATASET_METRICS.get(dataset, "macro_f1")
 
 
 def cache_meta(data: CacheData) -> dict:

@@ -14,10 +14,10 @@ How the vectorisation works
 - Each model's initial weights come from its own generator seeded by its head name and seed (models.init_params).
 - A model that stops early (patience or its own epoch limit) is dropped from the stack, so it costs nothing more;
   its best-on-validation weights were copied aside whenever it improved, and test metrics come from those. With
-  `prune` (heads/prune.py), the worst models still training are also dropped at the rungs, the same way.
+  `prune` (heads/search/prune.py), the worst models still training are also dropped at the rungs, the same way.
 - Device and precision: every tensor is made on the device the features are moved to (random draws come from CPU
   generators, so a seed means the same minibatches and dropout masks everywhere). A bf16 config runs its forward
-  passes under autocast (heads/device.py) and its loss in fp32, with fp32 weights and Adam state; an fp32 config runs
+  passes under autocast (device.py) and its loss in fp32, with fp32 weights and Adam state; an fp32 config runs
   no autocast at all. Precision is part of the config, so bf16 and fp32 models never share a pass.
 """
 
@@ -28,14 +28,14 @@ import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from fusion.heads.config import FitConfig
-from fusion.heads.device import autocast
+from fusion.device import autocast
 from fusion.heads.optim import BatchedAdam, ParamStack
-from fusion.heads.prune import Pruning
 from fusion.heads.result import FitResult, TestPredictions
 from fusion.heads.features import Modality, SplitFeatures
 from fusion.heads.losses import focal_loss, focal_loss_per_sample
@@ -44,6 +44,9 @@ from fusion.heads.models import head_forward, init_params, param_shapes
 from fusion.heads.registry import HEADS, HeadSpec, fused_dim
 from fusion.errors import FusionError
 from fusion.memory import available_memory
+
+if TYPE_CHECKING:  # the schedule is the search's (heads/search/prune.py); the trainer only calls it
+    from fusion.heads.search.prune import Pruning
 
 
 def train_head(features: dict[str, SplitFeatures], config: FitConfig, on_epoch=None, *,
@@ -63,7 +66,7 @@ def train_many(features: dict[str, SplitFeatures], configs: list[FitConfig], on_
     each pass's models apart).
     device: where to train (default: where the training features are); the features are moved there (a streamed
     split, each minibatch as it is read).
-    prune: successive halving inside each pass (heads/prune.py); None trains every model to its own end.
+    prune: successive halving inside each pass (heads/search/prune.py); None trains every model to its own end.
     """
     _check_features(features)
     device = torch.device(device) if device is not None else features["train"].label.device

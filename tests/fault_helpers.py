@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PRELOAD = ["fusion.cli", "fusion.app.console", "fusion.extract.pipeline", "fusion.app.grid_command",
+PRELOAD = ["fusion.cli", "fusion.app.console", "fusion.extract.pipeline", "fusion.app.grid",
            "fusion.heads.runs", "fault_helpers"]
 
 # Figures for the closing note, printed at the end of each fault test module (visible with -s).

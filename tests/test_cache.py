@@ -238,7 +238,7 @@ def test_fingerprint_depends_on_settings_files_and_version(tmp_path, monkeypatch
     labels.write_text("1,negative\n")
     assert fingerprint({"a": 1, "b": [1, 2]}, [labels]) != base
     labels.write_text("1,positive\n")
-    monkeypatch.setattr(fusion, "__version__", "9.9.9")
+    monkeypatch.setattr(fusion.cache.fingerprint, "__version__", "9.9.9")
     assert fingerprint({"a": 1, "b": [1, 2]}, [labels]) != base
     with pytest.raises(CacheError, match="missing.txt"):
         fingerprint({}, [tmp_path / "missing.txt"])

@@ -54,17 +54,19 @@ def trained_run(tmp_path_factory, tiny_models):
 
 
 def test_predict_labels_new_posts_and_reports_unreadable_rows(trained_run, tmp_path, capsys):
+    """One JSON line per post, in order; a post that failed is marked with its error there and named on stderr with
+    its CSV line, and the exit code is 1 when any post failed."""
     expected, run = trained_run
     image = next((expected.root / "data").glob("*.jpg"))
     posts = tmp_path / "posts.csv"
     posts.write_text(f"image,text\n{image},what a great day\nmissing.jpg,so sad\n")
     capsys.readouterr()
-    assert main(["predict", "--run", str(run), "--csv", str(posts), "--json"]) == 0
+    assert main(["predict", "--run", str(run), "--csv", str(posts), "--json"]) == 1
     captured = capsys.readouterr()
     lines = [json.loads(line) for line in captured.out.splitlines()]
     assert lines[0]["label"] in LABELS and sum(lines[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-    assert lines[1]["label"] is None and "missing" in lines[1]["error"] and lines[1]["row"] == 3
-    assert "1 of 2 posts could not be read" in captured.err
+    assert set(lines[1]) == {"error"} and "missing" in lines[1]["error"]
+    assert f"{posts}: line 3: " in captured.err and "1 of 2 posts could not be read" in captured.err
 
 
 def test_predict_exits_1_when_no_post_could_be_predicted(trained_run, tmp_path, capsys):
@@ -75,7 +77,7 @@ def test_predict_exits_1_when_no_post_could_be_predicted(trained_run, tmp_path, 
     assert main(["predict", "--run", str(run), "--csv", str(posts), "--json"]) == 1
     captured = capsys.readouterr()
     assert "2 of 2 posts could not be read" in captured.err
-    assert all(json.loads(line)["label"] is None for line in captured.out.splitlines())
+    assert all(set(json.loads(line)) == {"error"} for line in captured.out.splitlines())
 
 
 def test_predict_refuses_a_run_whose_encoders_are_gone(trained_run, tmp_path, capsys):

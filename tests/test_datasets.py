@@ -6,8 +6,8 @@ import pytest
 
 from dataset_writers import write_generic_csv, write_image, write_memotion, write_mvsa
 from fusion.errors import DatasetError, LabelFileError
-from fusion.extract.datasets import DATASETS, load_dataset
-from fusion.extract.splits import held_out_size, split_8_1_1, split_pool, split_sizes
+from fusion.extract.datasets.registry import DATASETS, load_dataset
+from fusion.extract.datasets.splits import held_out_size, split_8_1_1, split_pool, split_sizes
 from fusion.labels import SPLITS
 
 # ---------------------------------------------------------------- splits

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusion.extract.demo_data import combine, plan_pairs, read_manifest, write_demo_dataset
+from fusion.extract.datasets.demo_data import combine, plan_pairs, read_manifest, write_demo_dataset
 
 LABEL_NAMES = {"positive", "neutral", "negative"}
 N = 300
@@ -187,7 +187,7 @@ def test_rejects_empty_dataset(tmp_path):
 
 
 def test_project_loader_reads_it(demo):
-    datasets = pytest.importorskip("fusion.extract.datasets")
+    datasets = pytest.importorskip("fusion.extract.datasets.registry")
     loaded = datasets.load_dataset("mvsa-single", demo / "MVSA_Single", seed=0)
     kept = {p.id: p for p in read_manifest(demo) if p.combined is not None}
     names = ("negative", "neutral", "positive")

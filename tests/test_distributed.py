@@ -199,7 +199,7 @@ def test_the_process_group_is_gloo_even_where_cuda_is_visible(gpus, monkeypatch)
 def test_each_rank_takes_cuda_local_rank_wrapped_onto_the_visible_gpus(gpus, monkeypatch, device, local_rank,
                                                                         count, expected):
     from fusion.extract.distributed import rank_device
-    from fusion.extract.encoders import resolve_device, use_device
+    from fusion.device import resolve_device, use_device
 
     gpus.count = count
     torchrun_env(monkeypatch, local_rank=local_rank, world_size=4)
@@ -213,7 +213,7 @@ def test_each_rank_takes_cuda_local_rank_wrapped_onto_the_visible_gpus(gpus, mon
 
 def test_a_single_process_keeps_its_device_and_cuda_means_the_current_gpu(gpus):
     from fusion.extract.distributed import rank_device
-    from fusion.extract.encoders import resolve_device
+    from fusion.device import resolve_device
 
     gpus.current = 1
     assert rank_device("cuda", world_size=1) == "cuda" and resolve_device("cuda") == torch.device("cuda", 1)
@@ -231,25 +231,25 @@ def test_an_explicit_gpu_with_several_ranks_is_refused_in_one_line(gpus, monkeyp
 
 
 @pytest.mark.parametrize("device, message", [("cuda:2", "sees 2 GPU"), ("cuda:7", "cuda:0..cuda:1"),
-                                             ("gpu", "not a device"), ("mps", "cpu or cuda")])
+                                             ("gpu", "unknown device"), ("mps", "unknown device")])
 def test_a_gpu_past_the_count_or_an_unknown_device_is_refused_in_one_line(gpus, device, message):
-    from fusion.errors import ModelLoadError
-    from fusion.extract.encoders import resolve_device
+    from fusion.errors import FusionError
+    from fusion.device import resolve_device
 
-    with pytest.raises(ModelLoadError, match=message) as refused:
+    with pytest.raises(FusionError, match=message) as refused:
         resolve_device(device)
     assert "\n" not in str(refused.value)
     assert gpus.set_to == []
 
 
 def test_cuda_without_a_gpu_is_refused_under_torchrun_too(gpus, monkeypatch):
-    from fusion.errors import ModelLoadError
+    from fusion.errors import FusionError
     from fusion.extract.distributed import rank_device
-    from fusion.extract.encoders import resolve_device
+    from fusion.device import resolve_device
 
     gpus.count = 0
     torchrun_env(monkeypatch, local_rank=1)
-    with pytest.raises(ModelLoadError, match="sees no CUDA device"):
+    with pytest.raises(FusionError, match="sees no CUDA device"):
         resolve_device(rank_device("cuda", world_size=2))
 
 

@@ -269,6 +269,7 @@ def test_predict_with_an_altered_run_stops_in_one_line(run_dir, tmp_path, capsys
     weights = bytearray(originals["head.safetensors"])
     weights[-3] ^= 0x40
     (run / "head.safetensors").write_bytes(bytes(weights))
+    (tmp_path / "x.jpg").write_bytes(b"an image predict never reads: the run is refused first")
     try:
         assert main(["predict", "--run", str(run), "--text", "good day", "--image", str(tmp_path / "x.jpg")]) == 1
     finally:

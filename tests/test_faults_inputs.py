@@ -22,7 +22,7 @@ from PIL import Image
 from fusion.cache.reader import read_cache
 from fusion.cli import main
 from fusion.errors import DatasetError, LabelFileError
-from fusion.extract.datasets import load_dataset
+from fusion.extract.datasets.registry import load_dataset
 from fusion.extract.images import ImageUnreadable, load_rgb
 from fusion.labels import SPLITS
 
@@ -273,7 +273,7 @@ def tokenizer(tiny_models):
                      st.sampled_from([b"", b"\xff\xfe", b"\xef\xbb\xbf", b"\x00" * 50, "a" * 100_000,
                                       ("good day " * 12_000)]).map(lambda v: v.encode() if isinstance(v, str) else v)))
 def test_any_text_bytes_decode_and_tokenize_within_max_length(tokenizer, raw):
-    from fusion.extract.textio import decode_text
+    from fusion.extract.datasets.textio import decode_text
 
     FIGURES["generated bad inputs tried"] += 1
     text, _ = decode_text(raw)

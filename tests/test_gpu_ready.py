@@ -128,7 +128,7 @@ def test_a_processor_the_halves_do_not_reproduce_runs_its_own_float_path(process
 
 
 def test_which_pixel_path_ran_and_the_device_type_are_in_the_fingerprint(tiny_models, tmp_path):
-    from fusion.extract.datasets import load_dataset
+    from fusion.extract.datasets.registry import load_dataset
     from fusion.extract.pipeline import ExtractConfig, make_plan
 
     dataset = write_mvsa(tmp_path / "data", n_per_class=2, dirty=False)
@@ -146,7 +146,7 @@ def test_which_pixel_path_ran_and_the_device_type_are_in_the_fingerprint(tiny_mo
 
 def test_a_partial_cache_started_on_another_device_type_is_refused_in_one_line(tiny_models, tmp_path, capsys):
     from fusion.cache.partial import PartialCache
-    from fusion.extract.datasets import load_dataset
+    from fusion.extract.datasets.registry import load_dataset
     from fusion.extract.pipeline import ExtractConfig, make_plan
 
     dataset = write_mvsa(tmp_path / "data", n_per_class=2, dirty=False)
@@ -274,7 +274,7 @@ def test_too_little_shared_memory_decodes_in_process_and_says_what_to_do(tiny_mo
 def test_predict_runs_an_fp16_extracted_run_in_fp32_on_cpu_and_says_so(tiny_models, tmp_path, capsys):
     from cache_fixtures import write_synthetic_cache
 
-    from fusion.app.predict import encoder_precision
+    from fusion.device import run_encoder_precision
     from fusion.heads.checkpoint import save_run
     from fusion.heads.config import FitConfig
     from fusion.heads.runs import load_features
@@ -290,7 +290,7 @@ def test_predict_runs_an_fp16_extracted_run_in_fp32_on_cpu_and_says_so(tiny_mode
     out, err = capsys.readouterr()
     assert code == 0 and '"label"' in out
     assert "fusion: note:" in err and "fp16" in err and "fp32" in err
-    assert encoder_precision({"precision": "bf16"}, "cpu") == ("bf16", None)
+    assert run_encoder_precision("bf16", torch.device("cpu")) == ("bf16", None)
 
 
 # ---------------------------------------------------------------- benchmarks/gpu_check.sh

@@ -12,10 +12,10 @@ from synthetic import xor_features
 
 from fusion.cli import main
 from fusion.errors import FusionError
-from fusion.heads import grid as grid_module
+import fusion.heads.search.grid as grid_module
 from fusion.heads.checkpoint import load_run
 from fusion.heads.config import FitConfig
-from fusion.heads.grid import grid_configs, parse_loss, read_log, run_grid, summarise
+from fusion.heads.search.grid import grid_configs, parse_loss, read_log, run_grid, summarise
 from fusion.heads.train import train_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")

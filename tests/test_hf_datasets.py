@@ -14,7 +14,7 @@ from tiny_models import extract_argv
 from fusion.cache.reader import read_cache
 from fusion.cli import main
 from fusion.errors import DatasetError
-from fusion.extract.datasets import load_dataset
+from fusion.extract.datasets.registry import load_dataset
 from fusion.extract.images import ImageUnreadable, load_rgb
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ from dataset_writers import write_image, write_truncated
 from fusion.errors import LabelFileError
 from fusion.extract import images
 from fusion.extract.images import ImageFolder, ImageUnreadable, load_rgb
-from fusion.extract.textio import decode_document, decode_text, is_html_fragment, read_csv
+from fusion.extract.datasets.textio import decode_document, decode_text, is_html_fragment, read_csv
 
 # ---------------------------------------------------------------- text
 

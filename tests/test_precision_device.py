@@ -5,11 +5,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-import fusion.heads.device as device_module
+import fusion.device as device_module
 import fusion.heads.optim as optim
 from fusion.errors import FusionError
 from fusion.heads.config import FitConfig, config_from_dict
-from fusion.heads.device import autocast, check_precision, resolve_device
+from fusion.device import autocast, check_precision, resolve_device
 from fusion.heads.optim import lr_runs
 from fusion.heads.train import train_head, train_many
 from adam_reference import assert_steps_like_torch_adam
@@ -124,8 +124,8 @@ def test_configs_saved_before_precision_existed_load_as_fp32():
 def test_grid_rows_logged_before_precision_existed_count_as_done(tmp_path, monkeypatch):
     import json
 
-    import fusion.heads.grid as grid_module
-    from fusion.heads.grid import grid_configs, run_grid
+    import fusion.heads.search.grid as grid_module
+    from fusion.heads.search.grid import grid_configs, run_grid
 
     features = xor_features(SMALL_SIZES)
     configs = grid_configs(FitConfig(epochs=2, **FAST), heads=["basic"], lrs=[1e-3], dropouts=[0.0], losses=["ce"])

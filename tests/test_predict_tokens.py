@@ -13,11 +13,10 @@ from tiny_models import extract_argv
 from fusion.cache.reader import read_cache
 from fusion.cli import main
 from fusion.errors import RunError
-from fusion.extract.encoders import load_encoders
 from fusion.heads.checkpoint import load_run, save_run
 from fusion.heads.config import FitConfig
 from fusion.heads.models import predict_proba
-from fusion.app.predict import Post, predict_posts
+import fusion
 from fusion.heads.runs import load_features
 from fusion.heads.train import train_head
 from fusion.labels import LABELS
@@ -38,43 +37,42 @@ def token_run(tmp_path_factory, tiny_models):
     return expected, cache, features, run
 
 
-def _cached_posts(expected, cache, split: str) -> list[Post]:
-    """The dataset's own posts (image file and text as the reader gives them) of the cache's rows of `split`."""
+def _cached_posts(expected, cache, split: str) -> tuple[list, list[str]]:
+    """The dataset's own posts (image files and texts as the reader gives them) of the cache's rows of `split`."""
     ids = read_cache(cache).splits[split].id
-    return [Post(image=expected.root / "data" / f"{id_}.jpg", text=expected.texts[id_]) for id_ in ids]
+    return [expected.root / "data" / f"{id_}.jpg" for id_ in ids], [expected.texts[id_] for id_ in ids]
 
 
-def _probabilities(predictions) -> torch.Tensor:
-    assert all(p.error is None for p in predictions)
-    return torch.tensor([[p.probabilities[name] for name in LABELS] for p in predictions])
+def _probabilities(answers: list[dict]) -> torch.Tensor:
+    assert all("error" not in answer for answer in answers)
+    return torch.tensor([[answer["probabilities"][name] for name in LABELS] for answer in answers])
 
 
 def test_predict_feeds_a_token_trained_dual_attn_head_the_sequences_it_was_trained_on(token_run):
     expected, cache, features, run = token_run
-    loaded = load_run(run)
-    assert loaded.tokens is True
-    encoders = load_encoders(loaded.cache["text_model"], loaded.cache["image_model"], device="cpu")
-    posts = _cached_posts(expected, cache, "train")
-    max_length = int(loaded.cache["max_length"])
+    predictor = fusion.load_run(run, device="cpu")
+    assert predictor.loaded.tokens is True and predictor.sequences is True
+    images, texts = _cached_posts(expected, cache, "train")
     # Batches of 5 group the posts otherwise than extraction did (4, sorted by length): padding must not matter.
-    predicted = _probabilities(predict_posts(loaded.head, encoders, posts, max_length=max_length, batch_size=5,
-                                             tokens=True))
+    predicted = _probabilities(predictor.predict(images, texts, batch_size=5))
     train = features["train"]
-    assert train.text.tokens.shape[1] > 1 and len(posts) == len(train)
-    trained_on = predict_proba(loaded.head, train.text, train.image)
+    assert train.text.tokens.shape[1] > 1 and len(images) == len(train)
+    trained_on = predict_proba(load_run(run).head, train.text, train.image)
     torch.testing.assert_close(predicted, trained_on.float(), atol=1e-3, rtol=0)
-    pooled_only = _probabilities(predict_posts(loaded.head, encoders, posts, max_length=max_length, batch_size=5))
-    assert (pooled_only - trained_on).abs().max() > 1e-2  # what predict gave before: not what the head learnt on
+    predictor.sequences = False  # what predict did before runs recorded `tokens`
+    pooled_only = _probabilities(predictor.predict(images, texts, batch_size=5))
+    assert (pooled_only - trained_on).abs().max() > 1e-2  # not what the head learnt on
 
 
 def test_a_head_that_reads_token_0_only_is_given_pooled_vectors(token_run, tiny_models):
     expected, cache, _, _ = token_run
     features, meta = load_features(cache)
-    head = load_run(save_run(cache.parent / "basic", train_head(features, FitConfig(head="basic", epochs=1)),
-                             cache=meta, tokens=True)).head
-    encoders = load_encoders(meta["text_model"], meta["image_model"], device="cpu")
-    posts = _cached_posts(expected, cache, "val")
-    predicted = _probabilities(predict_posts(head, encoders, posts, max_length=int(meta["max_length"]), tokens=True))
+    run = save_run(cache.parent / "basic", train_head(features, FitConfig(head="basic", epochs=1)), cache=meta,
+                   tokens=True)
+    head = load_run(run).head
+    predictor = fusion.load_run(run, device="cpu")
+    assert predictor.sequences is False
+    predicted = _probabilities(predictor.predict(*_cached_posts(expected, cache, "val")))
     torch.testing.assert_close(predicted, predict_proba(head, features["val"].text, features["val"].image),
                                atol=1e-3, rtol=0)
 

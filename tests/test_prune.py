@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import pytest
 
-import fusion.heads.grid as grid_module
+import fusion.heads.search.grid as grid_module
 from fusion.cli import main
 from fusion.heads.config import FitConfig
-from fusion.heads.grid import grid_configs, run_grid, summarise
-from fusion.heads.prune import Pruning
+from fusion.heads.search.grid import grid_configs, run_grid, summarise
+from fusion.heads.search.prune import Pruning
 from fusion.heads.train import train_many
 from cache_fixtures import write_synthetic_cache
 from synthetic import xor_features

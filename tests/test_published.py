@@ -1,8 +1,9 @@
-"""The published numbers (app/published.py), pinned row by row to the values issue 13 lists from the papers."""
+"""The published numbers (app/reporting/published.py), pinned row by row to the values issue 13 lists from the
+papers."""
 
 import pytest
 
-from fusion.app.published import PUBLISHED, paper_row, split_note
+from fusion.app.reporting.published import PUBLISHED, paper_row, split_note
 
 # model: (MVSA-Single accuracy, F1, MVSA-Multi accuracy, F1), from the seed paper's Table 1.
 SEED_TABLE_1 = {

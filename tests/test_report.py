@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fusion.errors import RunError
-from fusion.app.report import PUBLISHED, Report, is_paper_encoder, write_report
+from fusion.app.reporting.report import PUBLISHED, Report, is_paper_encoder, write_report
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -208,7 +208,7 @@ def _with_predictions(run_dir: Path, n: int = 200, seed: int = 0) -> tuple[np.nd
 
 
 def test_run_report_gives_test_metrics_with_bootstrap_intervals(tmp_path):
-    from fusion.app.stats import metric_ci
+    from fusion.app.reporting.stats import metric_ci
 
     split = {"split_source": "seeded stratified 8:1:1 (seed 0)", "split_kind": "stratified"}
     run_dir = make_run(tmp_path / "run", cache_block("mvsa-single") | split)
@@ -232,7 +232,7 @@ def test_memotion_holdout_test_split_is_said_in_bold(tmp_path, kind, bold):
 
 
 def test_grid_report_shows_intervals_and_paired_comparisons(tmp_path):
-    from fusion.app.uncertainty import grid_uncertainty
+    from fusion.app.reporting.uncertainty import grid_uncertainty
     from fusion.heads.metrics import classification_metrics
     from fusion.heads.result import encode_labels
 

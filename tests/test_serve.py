@@ -18,10 +18,9 @@ import uvicorn
 from fault_helpers import png_claiming
 from serve_fixtures import make_tiny_run, running_server
 
-from fusion.app.batcher import MicroBatcher
-from fusion.app.predict import Post, predict_posts
-from fusion.app.serve import create_app
-from fusion.app.serve_model import ServedModel
+from fusion.app.serve.batcher import MicroBatcher
+from fusion.app.serve.server import create_app
+from fusion.app.predictor import Predictor
 from fusion.cli import main
 from fusion.labels import LABELS
 
@@ -36,7 +35,7 @@ def tiny_run(tmp_path_factory, tiny_models):
 
 @pytest.fixture(scope="module")
 def model(tiny_run):
-    return ServedModel.load(tiny_run.run, device="cpu")
+    return Predictor.load(tiny_run.run, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def test_predict_answers_what_fusion_predict_prints(server, tiny_run, capsys):
         assert answer.status_code == 200, answer.text
         expected = _predicted_by_cli(tiny_run.run, image, text, capsys)
         assert answer.json()["probabilities"] == expected["probabilities"]  # the same floats, not just close
-        assert answer.json()["label"] == expected["label"] and answer.json()["truncated"] is False
+        assert answer.json()["label"] == expected["label"] and "truncated" not in answer.json()
 
 
 def test_a_text_over_the_models_length_is_cut_as_extraction_cuts_it_and_the_answer_says_so(server, tiny_run, model,
@@ -77,16 +76,15 @@ def test_a_text_over_the_models_length_is_cut_as_extraction_cuts_it_and_the_answ
     assert answer["probabilities"] == _predicted_by_cli(tiny_run.run, tiny_run.images[1], long_text,
                                                         capsys)["probabilities"]
     fits = " ".join(["happy"] * (model.max_length - 2))  # with [CLS] and [SEP]: exactly max_length tokens
-    assert _post(url, tiny_run.images[1], fits).json()["truncated"] is False
+    assert "truncated" not in _post(url, tiny_run.images[1], fits).json()
 
 
-def _reference(model: ServedModel, tiny_run, indices) -> torch.Tensor:
+def _reference(model: Predictor, tiny_run, indices) -> torch.Tensor:
     """fusion predict's numbers for each post alone (batch size 1: no padding shared with other posts)."""
     rows = []
     for i in indices:
-        [p] = predict_posts(model.loaded.head, model.encoders, [Post(tiny_run.images[i], tiny_run.texts[i])],
-                            max_length=model.max_length, batch_size=1, tokens=model.loaded.tokens)
-        rows.append([p.probabilities[name] for name in LABELS])
+        [answer] = model.predict([tiny_run.images[i]], [tiny_run.texts[i]], batch_size=1)
+        rows.append([answer["probabilities"][name] for name in LABELS])
     return torch.tensor(rows)
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from serve_fixtures import make_tiny_run, running_server
 
-from fusion.app.predict import Post, predict_posts
-from fusion.app.serve import create_app
-from fusion.app.serve_model import ServedModel
+from fusion.app.serve.server import create_app
+from fusion.app.predictor import Predictor
 from fusion.labels import LABELS
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -31,7 +30,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_models):
     tiny = make_tiny_run(tmp_path_factory.mktemp("browser"), tiny_models)
-    model = ServedModel.load(tiny.run, device="cpu")
+    model = Predictor.load(tiny.run, device="cpu")
     with running_server(create_app(model, max_upload_bytes=2**20)) as url:
         yield url, model, tiny
 
@@ -78,11 +77,10 @@ def test_the_page_shows_the_label_and_three_probability_bars_of_a_post(served, d
               for row in rows}
     percents = {row.get_attribute("data-label"): row.find_element(By.CLASS_NAME, "value").text for row in rows}
     header = {name: driver.find_element(By.ID, name).text for name in ("run", "head", "text-model", "image-model")}
-    [expected] = predict_posts(model.loaded.head, model.encoders, [Post(tiny.images[0], tiny.texts[0])],
-                               max_length=model.max_length, tokens=model.loaded.tokens)
-    assert [row for row in shown] == list(LABELS) and shown == expected.probabilities
-    assert label == expected.label
-    for name, p in expected.probabilities.items():  # the browser rewrites "34.10%" as "34.1%"
+    [expected] = model.predict([tiny.images[0]], [tiny.texts[0]])
+    assert [row for row in shown] == list(LABELS) and shown == expected["probabilities"]
+    assert label == expected["label"]
+    for name, p in expected["probabilities"].items():  # the browser rewrites "34.10%" as "34.1%"
         assert float(re.fullmatch(r"width: ([0-9.]+)%;", widths[name]).group(1)) == pytest.approx(100 * p, abs=0.006)
         assert percents[name].endswith("%") and float(percents[name][:-1]) == pytest.approx(100 * p, abs=0.051)
     about = model.describe()

@@ -12,8 +12,8 @@ from tiny_models import extract_argv
 
 from fusion.cache.reader import read_cache
 from fusion.cli import main
-from fusion.extract.datasets import load_dataset
-from fusion.extract.splitfile import SplitFileError, read_split_file, with_splits
+from fusion.extract.datasets.registry import load_dataset
+from fusion.extract.datasets.splitfile import SplitFileError, read_split_file, with_splits
 
 
 def _write(path, text: str):

@@ -1,17 +1,18 @@
-"""Bootstrap intervals (app/stats.py) against scikit-learn metrics, a plain loop of resamples, and coverage."""
+"""Bootstrap intervals (app/reporting/stats.py) against scikit-learn metrics, a plain loop of resamples, and
+coverage."""
 
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from fusion.app.stats import Interval, batched_metric, metric_ci, paired_difference, seed_spread
+from fusion.app.reporting.stats import Interval, batched_metric, metric_ci, paired_difference, seed_spread
 from fusion.heads.metrics import classification_metrics
 
 METRICS = ("accuracy", "macro_f1", "weighted_f1")
 
 
 def _sklearn(metric, y_true, y_pred):
-    """The metric straight from scikit-learn, written apart from heads/metrics.py and app/stats.py."""
+    """The metric straight from scikit-learn, written apart from heads/metrics.py and app/reporting/stats.py."""
     if metric == "accuracy":
         return accuracy_score(y_true, y_pred)
     return f1_score(y_true, y_pred, labels=[0, 1, 2], average=metric.split("_")[0], zero_division=0)

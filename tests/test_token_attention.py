@@ -10,7 +10,7 @@ import pytest
 import torch
 from cache_fixtures import write_synthetic_cache
 
-from fusion.app.report import write_report
+from fusion.app.reporting.report import write_report
 from fusion.cli import main
 from fusion.heads.config import FitConfig
 from fusion.heads.features import Modality, SplitFeatures

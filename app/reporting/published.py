@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from fusion.extract.splitfile import MEMOTION_HOLDOUT
+from fusion.extract.datasets.splitfile import MEMOTION_HOLDOUT
 
 SEED_TABLE_1 = "Seed paper, Table 1"
 SEED_MEMOTION = "Seed paper, Memotion figure"

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusion.errors import LabelFileError
-from fusion.extract.memotion import TEST_TEXTS
-from fusion.extract.samples import DatasetSamples
+from fusion.extract.datasets.memotion import TEST_TEXTS
+from fusion.extract.datasets.samples import DatasetSamples
 from fusion.labels import SPLITS
 
 FILE, STRATIFIED, CSV_COLUMN = "file", "stratified", "csv-column"

@@ -10,13 +10,10 @@ from pathlib import Path
 
 from fusion.errors import DatasetError
 from fusion.extract.images import ImageFolder
-from fusion.extract.samples import DatasetSamples, LabelledRow, assemble
-from fusion.extract.splits import split_8_1_1
-from fusion.extract.textio import CsvTable, read_csv
-from fusion.labels import LABEL_INDEX
-
-NUMERIC_LABELS = {"-1": 0, "0": 1, "1": 2, "+1": 2}
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
+from fusion.extract.datasets.samples import DatasetSamples, LabelledRow, assemble
+from fusion.extract.datasets.splits import split_8_1_1
+from fusion.extract.datasets.textio import CsvTable, read_csv
+from fusion.labels import LABEL_INDEX, SPLIT_ALIASES, numeric_label
 
 
 def load_csv(root: Path, *, seed: int = 0) -> DatasetSamples:
@@ -46,16 +43,16 @@ def parse_label(table: CsvTable, line: int, value: str) -> int:
     label = value.strip().lower()
     if label in LABEL_INDEX:
         return LABEL_INDEX[label]
-    if label in NUMERIC_LABELS:
-        return NUMERIC_LABELS[label]
+    if (number := numeric_label(label)) is not None:
+        return number
     raise table.error(line, f"unknown label {value[:40]!r} (expected negative/neutral/positive or -1/0/1)")
 
 
 def _split(table: CsvTable, line: int, value: str) -> str:
     name = value.strip().lower()
-    if name not in SPLIT_NAMES:
+    if name not in SPLIT_ALIASES:
         raise table.error(line, f"unknown split {value[:40]!r} (expected train, val or test)")
-    return SPLIT_NAMES[name]
+    return SPLIT_ALIASES[name]
 
 
 def _unique_id(table: CsvTable, line: int, id_: str, seen: dict[str, int]) -> str:

@@ -7,9 +7,9 @@ that share a head and a seed train together in one vectorised pass (`train_many`
 `results.jsonl` (one fsynced line per configuration), so a killed grid resumes without losing or repeating one.
 Selection uses the validation metric only; the chosen configuration's test metric is reported beside it.
 
-With `prune` (`fusion grid --prune`, heads/prune.py) each pass drops its worst models at the rungs. Their rows are
-still written, marked with `pruned_at` (the rung epoch) and holding their best validation score until then, so the
-results stay complete and the choice is made among all rows. A later exhaustive run of the same grid retrains the
+With `prune` (`fusion grid --prune`, heads/search/prune.py) each pass drops its worst models at the rungs. Their rows
+are still written, marked with `pruned_at` (the rung epoch) and holding their best validation score until then, so
+the results stay complete and the choice is made among all rows. A later exhaustive run of the same grid retrains the
 pruned configurations (a pruned row is not a finished run); a pruned run keeps them.
 """
 
@@ -26,16 +26,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusion import paper
 from fusion.errors import FusionError
 from fusion.heads.config import FitConfig, config_from_dict
-from fusion.heads.prune import Pruning
+from fusion.heads.search.prune import Pruning
 from fusion.heads.result import FitResult, encode_labels
 from fusion.heads.train import train_many
 
-PAPER_HEADS = ("basic", "self_attn", "dual_attn")
-PAPER_LRS = (1e-2, 1e-3, 1e-4, 1e-5)
-PAPER_DROPOUTS = (0.0, 0.2, 0.5)
-PAPER_LOSSES = ("ce", "focal2", "focal3", "focal4")
 RESULTS_LOG = "results.jsonl"
 
 
@@ -49,8 +46,8 @@ def parse_loss(name: str) -> tuple[str, float]:
     return "focal", float(match.group(1))
 
 
-def grid_configs(base: FitConfig, *, heads: Iterable[str] = PAPER_HEADS, lrs: Iterable[float] = PAPER_LRS,
-                 dropouts: Iterable[float] = PAPER_DROPOUTS, losses: Iterable[str] = PAPER_LOSSES,
+def grid_configs(base: FitConfig, *, heads: Iterable[str] = paper.HEADS, lrs: Iterable[float] = paper.LRS,
+                 dropouts: Iterable[float] = paper.DROPOUTS, losses: Iterable[str] = paper.LOSSES,
                  seeds: Iterable[int] = (0,)) -> list[FitConfig]:
     configs = []
     for head, lr, dropout, loss, seed in itertools.product(heads, lrs, dropouts, losses, seeds):
@@ -176,7 +173,7 @@ def summarise(rows: list[dict], metric: str) -> list[Summary]:
 
 def _summary(group: list[dict], metric: str) -> Summary:
     vals = [row["val"][metric] for row in group]
-    tests = {key: [row["test"][key] for row in group] for key in ("accuracy", "macro_f1", "weighted_f1")}
+    tests = {key: [row["test"][key] for row in group] for key in paper.METRICS}
     config = {k: v for k, v in group[0]["config"].items() if k != "seed"}
     return Summary(config=config, seeds=[row["config"]["seed"] for row in group], val_mean=statistics.fmean(vals),
                    val_std=_std(vals), test={k: statistics.fmean(v) for k, v in tests.items()},

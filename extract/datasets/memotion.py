@@ -13,9 +13,9 @@ from pathlib import Path
 
 from fusion.errors import DatasetError
 from fusion.extract.images import ImageFolder
-from fusion.extract.samples import DatasetSamples, LabelledRow, assemble
-from fusion.extract.splits import split_pool
-from fusion.extract.textio import CsvTable, is_html_fragment, read_csv
+from fusion.extract.datasets.samples import DatasetSamples, LabelledRow, assemble
+from fusion.extract.datasets.splits import split_pool
+from fusion.extract.datasets.textio import CsvTable, is_html_fragment, read_csv
 
 DATASET_DIR = "memotion_dataset_7k"
 TEST_TEXTS = "2000_testdata.csv"

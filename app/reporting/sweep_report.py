@@ -1,15 +1,16 @@
 """An encoder sweep's report: report.md (the table of caches and heads, the paired differences) and one figure, the
 test metric of each head's chosen configuration per encoder pair with its 95% interval. Written from sweep.json
-(app/sweep.py); matplotlib is imported inside the function, as in app/report.py."""
+(app/reporting/sweep.py); matplotlib is imported inside the function, as in app/reporting/report.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from fusion.app.reporting import markdown
 from fusion.atomic import write_text_atomic
 from fusion.heads.config import loss_label
+from fusion.paper import metric_title
 
-METRIC_NAMES = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1"}
 FIGURE = "sweep_heads.png"
 
 
@@ -31,7 +32,7 @@ def write_sweep_report(out: Path, document: dict) -> tuple[Path, Path]:
 
 
 def _name(document: dict) -> str:
-    return METRIC_NAMES.get(document["metric"], document["metric"])
+    return metric_title(document["metric"])
 
 
 def _interval(test: dict) -> str:
@@ -43,16 +44,12 @@ def _config(config: dict) -> str:
            f"{loss_label(config['loss'], config['gamma'])}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(row) + " |" for row in rows), ""]
-
 
 def _best_table(document: dict) -> list[str]:
     rows = [[entry["name"], entry["encoders"], _config(entry["chosen"]["best"]["config"]),
              f"{entry['chosen']['best']['val_mean']:.4f}", _interval(entry["chosen"]["best"]["test"])]
             for entry in document["caches"]]
-    return _table(["cache", "encoders (pooling)", "configuration", f"val {_name(document)}",
+    return markdown.table(["cache", "encoders (pooling)", "configuration", f"val {_name(document)}",
                    f"test {_name(document)} [95% CI]"], rows)
 
 
@@ -64,13 +61,13 @@ def _head_table(document: dict) -> list[str]:
     heads = _heads(document)
     rows = [[entry["name"], *(_interval(entry["chosen"][head]["test"]) if head in entry["chosen"] else "-"
                                for head in heads)] for entry in document["caches"]]
-    return _table(["cache", *heads], rows)
+    return markdown.table(["cache", *heads], rows)
 
 
 def _difference_table(document: dict) -> list[str]:
     rows = [[f"{d['a']} − {d['b']}", d["what"], f"{d['difference']:+.4f}", f"[{d['low']:+.4f}, {d['high']:+.4f}]",
              "yes" if d["excludes_zero"] else "no"] for d in document["differences"]]
-    return _table(["caches", "configuration", f"Δ test {_name(document)}", "95% CI", "excludes 0"], rows)
+    return markdown.table(["caches", "configuration", f"Δ test {_name(document)}", "95% CI", "excludes 0"], rows)
 
 
 def plot_heads(document: dict, path: Path) -> Path:

@@ -1,7 +1,7 @@
 """How sure a grid's test numbers are: per head, the best configuration's test metrics with 95% bootstrap intervals
 and their mean ± sd over seeds; then the best fusion head against every other head by a paired bootstrap on the same
 test rows. The result is a JSON-ready dict that `fusion grid` and `fusion reproduce` store in results.json and the
-reports print. Statistics: app/stats.py (scipy.stats.bootstrap).
+reports print. Statistics: app/reporting/stats.py (scipy.stats.bootstrap).
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import json
 
 import numpy as np
 
-from fusion.app.stats import METRICS, metric_ci, paired_difference
-from fusion.heads.grid import Summary, best_per_head, summarise
+from fusion.app.reporting.stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, metric_ci, paired_difference
+from fusion.heads.search.grid import Summary, best_per_head, summarise
 from fusion.heads.registry import HEADS
 from fusion.heads.result import decode_labels, encode_labels
+from fusion.paper import METRICS
 
-RESAMPLES, BOOTSTRAP_SEED, LEVEL = 2000, 0, 0.95
 METHOD = "BCa interval from scipy.stats.bootstrap, test rows resampled (paired across models and seeds)"
 
 

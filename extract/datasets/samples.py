@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion.extract.textio import decode_text
+from fusion.extract.datasets.textio import decode_text
 from fusion.labels import SPLITS
 
 MISSING_IMAGE = "missing image file"
@@ -25,7 +25,7 @@ class Sample:
     split: str  # "train" | "val" | "test"
     label: int  # 0 negative, 1 neutral, 2 positive
     text: str  # decoded, stripped text; "" when missing
-    image: Path  # absolute path of the image file (hf: a StoredImage, read when decoded; extract/hfdata.py)
+    image: Path  # absolute path of the image file (hf: a StoredImage, read when decoded; extract/datasets/hfdata.py)
 
 
 @dataclass

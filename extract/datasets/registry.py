@@ -8,12 +8,12 @@ from functools import partial
 from pathlib import Path
 
 from fusion.errors import DatasetError
-from fusion.extract.csvdata import load_csv
-from fusion.extract.demo_data import write_demo_dataset
-from fusion.extract.hfdata import load_hf
-from fusion.extract.memotion import load_memotion
-from fusion.extract.mvsa import load_mvsa
-from fusion.extract.samples import DatasetSamples
+from fusion.extract.datasets.csvdata import load_csv
+from fusion.extract.datasets.demo_data import write_demo_dataset
+from fusion.extract.datasets.hfdata import load_hf
+from fusion.extract.datasets.memotion import load_memotion
+from fusion.extract.datasets.mvsa import load_mvsa
+from fusion.extract.datasets.samples import DatasetSamples
 
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from fusion.errors import DatasetError, LabelFileError
 from fusion.extract.images import ImageFolder
-from fusion.extract.samples import DatasetSamples, LabelledRow, assemble
-from fusion.extract.splits import split_8_1_1
-from fusion.extract.textio import read_label_text
+from fusion.extract.datasets.samples import DatasetSamples, LabelledRow, assemble
+from fusion.extract.datasets.splits import split_8_1_1
+from fusion.extract.datasets.textio import read_label_text
 from fusion.labels import LABEL_INDEX
 
 LABEL_FILE = "labelResultAll.txt"

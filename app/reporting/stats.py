@@ -18,8 +18,10 @@ import numpy as np
 from scipy.stats import bootstrap
 
 from fusion.heads.metrics import CLASS_IDS
+from fusion.paper import METRICS
 
-METRICS = ("accuracy", "macro_f1", "weighted_f1")
+# Every interval and comparison fusion reports uses these: 2,000 resamples, seed 0, 95%.
+RESAMPLES, BOOTSTRAP_SEED, LEVEL = 2000, 0, 0.95
 # Resamples (and BCa's leave-one-out jackknife rows) scored at once: bounds memory at BATCH x rows per array.
 BATCH = 500
 
@@ -62,8 +64,8 @@ def batched_metric(y_true, y_pred, metric: str, axis: int = -1) -> np.ndarray:
     return np.divide((f1 * support).sum(axis=-1), total, out=np.zeros(total.shape), where=total > 0)
 
 
-def metric_ci(y_true, y_pred, metric: str, *, resamples: int = 2000, seed: int = 0, level: float = 0.95,
-              method: str = "BCa") -> Interval:
+def metric_ci(y_true, y_pred, metric: str, *, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+              level: float = LEVEL, method: str = "BCa") -> Interval:
     """`metric` on the test rows and its bootstrap confidence interval (rows resampled with replacement).
 
     y_pred may be (seeds, rows): one model trained with several seeds. The value is then the mean over seeds of the
@@ -76,8 +78,8 @@ def metric_ci(y_true, y_pred, metric: str, *, resamples: int = 2000, seed: int =
     return _interval((y_true, *predictions), statistic, resamples=resamples, seed=seed, level=level, method=method)
 
 
-def paired_difference(y_true, pred_a, pred_b, metric: str, *, resamples: int = 2000, seed: int = 0,
-                      level: float = 0.95, method: str = "BCa") -> Interval:
+def paired_difference(y_true, pred_a, pred_b, metric: str, *, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                      level: float = LEVEL, method: str = "BCa") -> Interval:
     """metric(a) − metric(b) and its paired bootstrap interval: each resample scores both models on the same rows, so
     the interval reflects the models' disagreement, not the test set's difficulty twice over. Either side may be
     (seeds, rows), as in metric_ci: its seed-mean metric is compared."""

@@ -3,10 +3,11 @@
     report = write_report(Path("runs/fit"))   # Report(markdown=runs/fit/report.md, figures=[...png])
 
 A run directory holds config.json and metrics.json (and test_predictions.json, from which test metrics get 95%
-bootstrap intervals: app/stats.py); a grid directory holds results.json (with the bootstrap intervals and paired
-comparisons that `fusion grid` computed, app/uncertainty.py) and best/ (a run directory). Test metrics are shown
-beside the published numbers (app/published.py) for memotion, mvsa-single and mvsa-multi, with the split they were
-measured on. matplotlib is imported inside the functions only, so the rest of fusion works without it.
+bootstrap intervals: app/reporting/stats.py); a grid directory holds results.json (with the bootstrap intervals and
+paired comparisons that `fusion grid` computed, app/reporting/uncertainty.py) and best/ (a run directory). Test
+metrics are shown beside the published numbers (app/reporting/published.py) for memotion, mvsa-single and mvsa-multi,
+with the split they were measured on. matplotlib is imported inside the functions only, so the rest of fusion works
+without it.
 """
 
 from __future__ import annotations
@@ -17,21 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fusion.app.published import PUBLISHED, split_lines, split_note
-from fusion.app.stats import Interval, metric_ci
+from fusion.app.handles import CACHE_FIELDS, Run, json_field
+from fusion.app.reporting import markdown
+from fusion.app.reporting.published import PUBLISHED, split_lines, split_note
+from fusion.app.reporting.stats import Interval, metric_ci
 from fusion.atomic import write_atomic, write_text_atomic
 from fusion.errors import FusionError, RunError
 from fusion.heads.checkpoint import PREDICTIONS_FILE, read_json
 from fusion.heads.config import loss_label
-from fusion.heads.grid import Summary, best_per_head, summarise
+from fusion.heads.search.grid import Summary, best_per_head, summarise
 from fusion.heads.registry import pooled_dual_attn_note
 from fusion.labels import LABELS
+from fusion.paper import IMAGE_MODEL, METRICS, TEXT_MODEL, metric_title
 
-PAPER_TEXT_MODEL = "bert-base-uncased"
-PAPER_IMAGE_MODEL = "facebook/dinov2-small"
-METRICS = ("accuracy", "weighted_f1", "macro_f1")
-CACHE_FIELDS = ("cache.dataset", "cache.text_model", "cache.image_model")
-METRIC_NAMES = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1"}
 
 
 @dataclass(frozen=True)
@@ -40,66 +39,19 @@ class Report:
     figures: list[Path]
 
 
-@dataclass(frozen=True)
-class Run:
-    path: Path
-    config: dict[str, Any]
-    metrics: dict[str, Any]
-
-def _field(data: Any, dotted: str, path: Path, kind: str = "number", where: str = "") -> Any:
-    """data['a']['b'] for 'a.b', checked to be a number/str/non-empty list; else RunError naming file and field."""
-    value = data
-    for key in dotted.split("."):
-        value = value.get(key) if isinstance(value, dict) else None
-    ok = {"number": isinstance(value, (int, float)) and not isinstance(value, bool), "str": isinstance(value, str),
-          "list": isinstance(value, list) and len(value) > 0}[kind]
-    if not ok:
-        raise RunError(f"{path}: '{where}{dotted}' missing or not a {'non-empty list' if kind == 'list' else kind}")
-    return value
-
-
-def _check_block(block: Any, path: Path, where: str, *, confusion: bool = False) -> None:
-    for name in METRICS:
-        _field(block, name, path, where=where)
-    for name in LABELS:
-        _field(block, f"per_class_f1.{name}", path, where=where)
-    if confusion:
-        matrix = _field(block, "confusion_matrix", path, "list", where)
-        if len(matrix) != 3 or any(not isinstance(r, list) or len(r) != 3 for r in matrix) or not all(
-                isinstance(v, (int, float)) for r in matrix for v in r):
-            raise RunError(f"{path}: '{where}confusion_matrix' is not a 3x3 list of counts")
-
-
-def read_run_record(run_dir: Path) -> Run:
-    """The JSON half of a run directory (config.json, metrics.json; not the weights, which heads.checkpoint.load_run
-    loads), checked for every field the report draws."""
-    config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
-    metrics = read_json(metrics_path)
-    config = read_json(config_path)
-    for dotted in ("head", *CACHE_FIELDS):
-        _field(config, dotted, config_path, "str")
-    _check_block(metrics.get("val"), metrics_path, "val.")
-    _check_block(metrics.get("test"), metrics_path, "test.", confusion=True)
-    _field(metrics, "best_epoch", metrics_path)
-    for index, entry in enumerate(_field(metrics, "history", metrics_path, "list")):
-        for dotted in ("epoch", *(f"per_class_f1.{name}" for name in LABELS)):
-            _field(entry, dotted, metrics_path, where=f"history[{index}].")
-    return Run(run_dir, config, metrics)
-
-
 def _load_grid(grid_dir: Path) -> dict[str, Any]:
     path = grid_dir / "results.json"
     results = read_json(path)
-    metric = _field(results, "metric", path, "str")
+    metric = json_field(results, "metric", path, "str")
     if metric not in METRICS:
         raise RunError(f"{path}: 'metric' is {metric!r}, expected one of {', '.join(METRICS)}")
     fields = [("config.head", "str"), ("config.lr", "number"), ("config.dropout", "number"),
               (f"val.{metric}", "number")] + [(f"test.{name}", "number") for name in METRICS]
     for dotted in CACHE_FIELDS:
-        _field(results, dotted, path, "str")
-    for index, row in enumerate(_field(results, "rows", path, "list")):
+        json_field(results, dotted, path, "str")
+    for index, row in enumerate(json_field(results, "rows", path, "list")):
         for dotted, kind in fields:
-            _field(row, dotted, path, kind, f"rows[{index}].")
+            json_field(row, dotted, path, kind, f"rows[{index}].")
     return results
 
 
@@ -193,8 +145,8 @@ def plot_grid(cells: dict[str, dict[tuple[float, float], float]], metric: str, p
         axes.set(xlabel="dropout", ylabel="learning rate", title=head)
     for axes in list(panels.flat)[len(cells):]:
         axes.set_axis_off()
-    figure.colorbar(image, ax=panels, shrink=0.8, label=f"validation {METRIC_NAMES[metric]}")
-    figure.suptitle(f"Validation {METRIC_NAMES[metric]}: best over losses, mean over seeds")
+    figure.colorbar(image, ax=panels, shrink=0.8, label=f"validation {metric_title(metric)}")
+    figure.suptitle(f"Validation {metric_title(metric)}: best over losses, mean over seeds")
     return save_png(figure, path)
 
 
@@ -219,13 +171,6 @@ def grid_cells(summaries: list[Summary]) -> dict[str, dict[tuple[float, float], 
     return cells
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
 def is_paper_encoder(name: str, hub_id: str) -> bool:
@@ -236,8 +181,8 @@ def is_paper_encoder(name: str, hub_id: str) -> bool:
 
 
 def _encoder_lines(cache: dict[str, Any]) -> list[str]:
-    text, image, paper = cache["text_model"], cache["image_model"], f"({PAPER_TEXT_MODEL} + {PAPER_IMAGE_MODEL})"
-    same = is_paper_encoder(text, PAPER_TEXT_MODEL) and is_paper_encoder(image, PAPER_IMAGE_MODEL)
+    text, image, paper = cache["text_model"], cache["image_model"], f"({TEXT_MODEL} + {IMAGE_MODEL})"
+    same = is_paper_encoder(text, TEXT_MODEL) and is_paper_encoder(image, IMAGE_MODEL)
     return [f"- Cache: `{cache.get('path', '?')}` (dataset `{cache['dataset']}`, "
             f"fingerprint `{str(cache.get('fingerprint', '?'))[:12]}`)", f"- Encoders: text `{text}`, image `{image}`.",
             f"- These are the paper's encoders {paper}." if same else f"- **These are not the paper's encoders** "
@@ -245,7 +190,7 @@ def _encoder_lines(cache: dict[str, Any]) -> list[str]:
 
 
 def with_interval(value: float, interval: Interval | None) -> str:
-    return _fmt(value) + ("" if interval is None else f" [{interval.low:.4f}, {interval.high:.4f}]")
+    return markdown.number(value) + ("" if interval is None else f" [{interval.low:.4f}, {interval.high:.4f}]")
 
 
 def _published_lines(cache: dict[str, Any], label: str, test: dict[str, Any],
@@ -256,19 +201,19 @@ def _published_lines(cache: dict[str, Any], label: str, test: dict[str, Any],
         return [f"No published numbers are known for dataset `{dataset}`.", ""]
     ours = [with_interval(test[m], (intervals or {}).get(m)) for m in METRICS]
     rows = [[f"**{label}**"] + ours + ["this report (test split" + (", 95% CI)" if intervals else ")")]]
-    rows += [[p.model] + [_fmt(getattr(p, m), p.digits) for m in METRICS] + [p.source] for p in published]
+    rows += [[p.model] + [markdown.number(getattr(p, m), p.digits) for m in METRICS] + [p.source] for p in published]
     notes = [split_note(cache),
              "'-' = not published. F1 on MVSA is the weighted F1, as the MVSA literature reports it."]
-    return _table(["model", "accuracy", "weighted F1", "macro F1", "source"], rows) + notes + [""]
+    return markdown.table(["model", "accuracy", "weighted F1", "macro F1", "source"], rows) + notes + [""]
 
 
 def _results_lines(metrics: dict[str, Any], intervals: dict[str, Interval] | None) -> list[str]:
-    rows = [[split] + [_fmt(metrics[split][m]) for m in METRICS]
-            + [_fmt(metrics[split]["per_class_f1"][name]) for name in LABELS] for split in ("val", "test")]
+    rows = [[split] + [markdown.number(metrics[split][m]) for m in METRICS]
+            + [markdown.number(metrics[split]["per_class_f1"][name]) for name in LABELS] for split in ("val", "test")]
     if intervals:
         rows.append(["test, 95% CI"] + [f"[{intervals[m].low:.4f}, {intervals[m].high:.4f}]" for m in METRICS]
                     + ["-"] * len(LABELS))
-    lines = _table(["split", "accuracy", "weighted F1", "macro F1"] + [f"F1 {name}" for name in LABELS], rows)
+    lines = markdown.table(["split", "accuracy", "weighted F1", "macro F1"] + [f"F1 {name}" for name in LABELS], rows)
     if intervals:
         lines += [f"95% confidence intervals: {BOOTSTRAP_NOTE}", ""]
     return lines
@@ -285,7 +230,7 @@ def run_intervals(run_dir: Path) -> dict[str, Interval] | None:
     if not path.is_file():
         return None
     predictions = read_json(path)
-    y_true, y_pred = (_field(predictions, key, path, "list") for key in ("y_true", "y_pred"))
+    y_true, y_pred = (json_field(predictions, key, path, "list") for key in ("y_true", "y_pred"))
     if len(y_true) != len(y_pred) or not all(isinstance(v, int) and 0 <= v <= 2 for v in (*y_true, *y_pred)):
         raise RunError(f"{path}: 'y_true' and 'y_pred' must be equally long lists of class ids 0..2")
     return {name: metric_ci(y_true, y_pred, name) for name in METRICS}
@@ -307,8 +252,9 @@ def _run_lines(run: Run, figures: list[Path], base: Path, label: str, level: str
     intervals = run_intervals(run.path)
     settings = [[key, f"`{value}`"] for key, value in run.config.items() if not isinstance(value, dict)]
     epochs = run.metrics.get("epochs_run", len(run.metrics["history"]))
-    lines = [f"Best epoch {_fmt(run.metrics['best_epoch'])} of {epochs} run.", "", f"{level} Configuration", ""]
-    lines += _table(["setting", "value"], settings) + [BATCH_NOTE, "", f"{level} Cache and encoders", ""]
+    lines = [f"Best epoch {markdown.number(run.metrics['best_epoch'])} of {epochs} run.", "",
+             f"{level} Configuration", ""]
+    lines += markdown.table(["setting", "value"], settings) + [BATCH_NOTE, "", f"{level} Cache and encoders", ""]
     lines += _encoder_lines(run.config["cache"]) + [f"{level} Results", ""] + _results_lines(run.metrics, intervals)
     lines += [f"{level} Beside the published numbers (test)", ""]
     lines += _published_lines(run.config["cache"], label, run.metrics["test"], intervals)
@@ -325,11 +271,11 @@ def _best_head_lines(summaries: list[Summary], metric: str, uncertainty: dict | 
                      str(len(best.seeds)), f"{best.val_mean:.4f}{spread}"]
                     + [test_cell(best.test[m], best.test_std[m], len(best.seeds), (intervals or {}).get(m))
                        for m in METRICS])
-    header = ["head", "lr", "dropout", "loss", "seeds", f"val {METRIC_NAMES[metric]} (mean ± sd)",
+    header = ["head", "lr", "dropout", "loss", "seeds", f"val {metric_title(metric)} (mean ± sd)",
               "test accuracy", "test weighted F1", "test macro F1"]
     note = ["Test cells: mean ± sd over seeds [95% CI of the seed mean: bootstrap over the test rows, 2,000 "
             "resamples, seed 0, BCa (scipy.stats.bootstrap), every seed scored on the same resampled rows].", ""]
-    return _table(header, rows) + (note if uncertainty else [])
+    return markdown.table(header, rows) + (note if uncertainty else [])
 
 
 def test_cell(mean: float, sd: float, seeds: int, interval: dict | None) -> str:
@@ -342,14 +288,14 @@ def comparison_lines(uncertainty: dict | None) -> list[str]:
     """The best fusion head minus each other head on the same test rows, with the paired bootstrap interval."""
     if not uncertainty or not uncertainty.get("comparisons"):
         return ["No paired comparison: the grid has no test predictions, or no other head to compare with.", ""]
-    metric = METRIC_NAMES[uncertainty["metric"]]
+    metric = metric_title(uncertainty["metric"])
     rows = [[f"{c['a']} − {c['b']}", f"{c['difference']:+.4f}", f"[{c['low']:+.4f}, {c['high']:+.4f}]",
              "yes" if c["excludes_zero"] else "no"] for c in uncertainty["comparisons"]]
     header = ["comparison", f"test {metric} difference", "95% CI (paired bootstrap)", "CI excludes 0"]
     note = (f"{uncertainty['best_fusion_head']} is the fusion head with the best validation score. Each "
             f"resample draws {uncertainty['test_rows']} test rows with replacement and scores both heads (every "
             "seed) on them; an interval that holds 0 means the difference is within the noise of this test set.")
-    return _table(header, rows) + [note, ""]
+    return markdown.table(header, rows) + [note, ""]
 
 
 def _pooled_note_lines(heads: list[str], run_config: dict[str, Any]) -> list[str]:
@@ -370,13 +316,13 @@ def _write_grid_report(grid_dir: Path) -> Report:
     if not (best_dir / "metrics.json").is_file():
         raise RunError(f"{best_dir / 'metrics.json'}: missing (the grid's best run)")
     best_figures = write_report(best_dir).figures
-    best = read_run_record(best_dir)
+    best = Run.read(best_dir)
     summaries = summarise(results["rows"], metric)
     heatmap = plot_grid(grid_cells(summaries), metric, grid_dir / "grid_heatmap.png")
     seeds = len({row["config"].get("seed") for row in results["rows"]})
     lines = [f"# Grid report: {results['cache']['dataset']}", "",
              f"{len(results['rows'])} runs ({len(summaries)} settings x up to {seeds} seeds), "
-             f"selected by validation {METRIC_NAMES[metric]}.", ""]
+             f"selected by validation {metric_title(metric)}.", ""]
     lines += _pooled_note_lines([row["config"]["head"] for row in results["rows"]], best.config)
     lines += _encoder_lines(results["cache"]) + ["## Validation metric over learning rate x dropout", ""]
     lines += _figure_lines([heatmap], grid_dir) + ["## Best configuration per head", ""]
@@ -392,7 +338,7 @@ def write_report(run_dir: Path) -> Report:
     run_dir = Path(run_dir)
     if (run_dir / "results.json").is_file():
         return _write_grid_report(run_dir)
-    run = read_run_record(run_dir)
+    run = Run.read(run_dir)
     figures = _run_figures(run)
     title = f"# Run report: {run.config['head']} on {run.config['cache']['dataset']}"
     lines = [title, ""] + _pooled_note_lines([run.config["head"]], run.config)

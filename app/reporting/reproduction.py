@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fusion.app.published import Published, published_for, split_lines, split_note
-from fusion.app.report import (METRIC_NAMES, PAPER_IMAGE_MODEL, PAPER_TEXT_MODEL, comparison_lines, is_paper_encoder,
-                               new_figure, save_png, test_cell)
-from fusion.app.reproduce import DatasetResult, Reproduction
+from fusion.app.reporting import markdown
+from fusion.app.reporting.published import Published, published_for, split_lines, split_note
+from fusion.app.reporting.report import comparison_lines, is_paper_encoder, new_figure, save_png, test_cell
 from fusion.atomic import write_text_atomic
 from fusion.heads.config import loss_label
-from fusion.heads.grid import best_per_head, summarise
+from fusion.heads.search.grid import best_per_head, summarise
+from fusion.paper import DATASETS, IMAGE_MODEL, METRICS, TEXT_MODEL, metric_title
 
-METRICS = ("accuracy", "weighted_f1", "macro_f1")
-TITLES = {"mvsa-single": "MVSA-Single", "mvsa-multi": "MVSA-Multi", "memotion": "Memotion 7k (task A)"}
-# What each dataset's literature reports, so the figure and the comparison table show those.
-REPORTED = {"mvsa-single": ("accuracy", "weighted_f1"), "mvsa-multi": ("accuracy", "weighted_f1"),
-            "memotion": ("macro_f1",)}
+if TYPE_CHECKING:  # the command body (app/reproduce.py) makes what this module writes
+    from fusion.app.reproduce import DatasetResult, Reproduction
 
 
 def write_reproduction(reproduction: Reproduction) -> tuple[Path, list[Path]]:
@@ -40,15 +38,15 @@ def write_reproduction(reproduction: Reproduction) -> tuple[Path, list[Path]]:
 
 def _header_lines(reproduction: Reproduction) -> list[str]:
     config = reproduction.config
-    same = is_paper_encoder(config.text_model, PAPER_TEXT_MODEL) and is_paper_encoder(config.image_model,
-                                                                                       PAPER_IMAGE_MODEL)
+    same = is_paper_encoder(config.text_model, TEXT_MODEL) and is_paper_encoder(config.image_model,
+                                                                                       IMAGE_MODEL)
     grid = (f"heads {', '.join(config.heads)} × learning rates {', '.join(f'{lr:g}' for lr in config.lrs)} × "
             f"dropout {', '.join(f'{d:g}' for d in config.dropouts)} × losses {', '.join(config.losses)}, "
             f"{config.seeds} seed(s) each, at most {config.epochs} epochs (patience {config.patience})")
     lines = ["# Reproduction: BERT + DINOv2 fusion heads and their ablations", "",
              f"- Data: `{config.data}`; encoders: text `{config.text_model}`, image `{config.image_model}`.",
              "- These are the paper's encoders." if same else "- **These are not the paper's encoders "
-             f"({PAPER_TEXT_MODEL} + {PAPER_IMAGE_MODEL})**: no comparison with published numbers is like for like.",
+             f"({TEXT_MODEL} + {IMAGE_MODEL})**: no comparison with published numbers is like for like.",
              f"- Grid: {grid}.",
              "- Each head's configuration is chosen on validation alone (weighted F1 for MVSA, macro F1 for Memotion, "
              "mean over seeds); test numbers are mean ± sd over seeds [95% confidence interval of the seed mean: "
@@ -61,15 +59,15 @@ def _header_lines(reproduction: Reproduction) -> list[str]:
 
 def _dataset_lines(result: DatasetResult, figure: str) -> list[str]:
     cache = result.cache
-    lines = [f"## {TITLES.get(result.name, result.name)}", "",
+    lines = [f"## {_title(result.name)}", "",
              f"- Root: `{result.root}`; cache fingerprint `{str(cache.get('fingerprint'))[:12]}`; rows "
              + ", ".join(f"{split} {n}" for split, n in result.counts.items()) + "."]
-    lines += split_lines(cache) + ["", f"### Our heads (test; selected on validation {METRIC_NAMES[result.metric]})",
+    lines += split_lines(cache) + ["", f"### Our heads (test; selected on validation {metric_title(result.metric)})",
                                    ""]
     lines += _heads_table(result) + ["### Beside the published numbers", ""] + _published_table(result)
     lines += [split_note(cache), ""]
     lines += ["### Paired comparisons", ""] + comparison_lines(result.uncertainty)
-    return lines + [f"![{TITLES.get(result.name, result.name)}: ours beside the published numbers]({figure})", ""]
+    return lines + [f"![{_title(result.name)}: ours beside the published numbers]({figure})", ""]
 
 
 def _heads_table(result: DatasetResult) -> list[str]:
@@ -82,9 +80,9 @@ def _heads_table(result: DatasetResult) -> list[str]:
                      f"{loss_label(config['loss'], config['gamma'])}", str(len(best.seeds)),
                      f"{best.val_mean:.4f} ± {best.val_std:.4f}"]
                     + [test_cell(best.test[m], best.test_std[m], len(best.seeds), intervals.get(m)) for m in METRICS])
-    header = ["head", "configuration", "seeds", f"val {METRIC_NAMES[result.metric]}", "test accuracy",
+    header = ["head", "configuration", "seeds", f"val {metric_title(result.metric)}", "test accuracy",
               "test weighted F1", "test macro F1"]
-    return _table(header, rows)
+    return markdown.table(header, rows)
 
 
 def _in_order(best: dict) -> list:
@@ -93,7 +91,7 @@ def _in_order(best: dict) -> list:
 
 
 def _published_table(result: DatasetResult) -> list[str]:
-    reported = REPORTED.get(result.name, METRICS)
+    reported = _reported(result.name)
     heads = (result.uncertainty or {}).get("heads", {})
     rows = []
     for head, block in _in_order(heads):
@@ -104,7 +102,7 @@ def _published_table(result: DatasetResult) -> list[str]:
     if not rows:
         return ["No published numbers are known for this dataset.", ""]
     names = {"accuracy": "accuracy", "weighted_f1": "F1 (weighted)", "macro_f1": "macro F1"}
-    return _table(["model"] + [names[m] for m in reported] + ["source"], rows)
+    return markdown.table(["model"] + [names[m] for m in reported] + ["source"], rows)
 
 
 def _published_value(row: Published, metric: str) -> str:
@@ -112,15 +110,11 @@ def _published_value(row: Published, metric: str) -> str:
     return "–" if value is None else f"{value:.{row.digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
-
 
 def plot_dataset(result: DatasetResult, path: Path) -> Path:
     """One panel per reported metric: our heads (seed mean, 95% CI as error bars) beside the seed paper's own heads;
     later work as dashed lines."""
-    reported = REPORTED.get(result.name, METRICS)
+    reported = _reported(result.name)
     heads = [head for head, _ in _in_order((result.uncertainty or {}).get("heads", {}))]
     blocks = (result.uncertainty or {}).get("heads", {})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +122,7 @@ def plot_dataset(result: DatasetResult, path: Path) -> Path:
     for index, metric in enumerate(reported):
         axes = figure.add_subplot(1, len(reported), index + 1)
         _bars(axes, result.name, heads, blocks, metric)
-        axes.set(title=f"{TITLES.get(result.name, result.name)}: test {METRIC_NAMES[metric]}", ylim=(0, 1))
+        axes.set(title=f"{_title(result.name)}: test {metric_title(metric)}", ylim=(0, 1))
         axes.grid(axis="y", alpha=0.3)
         axes.legend(fontsize="x-small", loc="upper right")
     return save_png(figure, path)
@@ -151,3 +145,12 @@ def _bars(axes, dataset: str, heads: list[str], blocks: dict, metric: str) -> No
                            and not r.source.startswith("Seed paper")], ("--", ":", "-.")):
         axes.axhline(getattr(row, metric), linestyle=style, color="0.3", linewidth=1, label=row.model)
     axes.set_xticks(list(positions), heads, rotation=20, fontsize="small")
+
+
+def _title(dataset: str) -> str:
+    return DATASETS[dataset].title if dataset in DATASETS else dataset
+
+
+def _reported(dataset: str) -> tuple[str, ...]:
+    """What the dataset's literature reports, so the figure and the comparison table show those."""
+    return DATASETS[dataset].reported if dataset in DATASETS else METRICS

@@ -28,14 +28,12 @@ from pathlib import Path
 
 from fusion.errors import DatasetError
 from fusion.extract.images import ImageUnreadable
-from fusion.extract.samples import DatasetSamples, Sample
-from fusion.extract.splits import held_out_size, holdout, split_8_1_1, split_pool
-from fusion.labels import LABEL_INDEX, SPLITS
+from fusion.extract.datasets.samples import DatasetSamples, Sample
+from fusion.extract.datasets.splits import held_out_size, holdout, split_8_1_1, split_pool
+from fusion.labels import LABEL_INDEX, SPLIT_ALIASES, SPLITS, numeric_label
 
 ROLES = ("image", "text", "label", "id")
 REQUIRED = ("image", "text", "label")
-SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "valid": "val", "dev": "val", "test": "test"}
-NUMERIC_LABELS = {-1: 0, 0: 1, 1: 2}
 EMPTY_TEXT = "empty text"
 MISSING_IMAGE = "missing image"
 
@@ -175,18 +173,10 @@ def _labels(table, column: str) -> list[tuple[int | None, str | None]]:
 def _label(value) -> tuple[int | None, str | None]:
     if value is None:
         return None, "missing label"
-    if isinstance(value, str):
-        name = value.strip().lower()
-        if name in LABEL_INDEX:
-            return LABEL_INDEX[name], None
-        try:
-            value = int(name.lstrip("+"))
-        except ValueError:
-            return None, f"unknown label {value[:40]!r}"
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value in NUMERIC_LABELS:
-        return NUMERIC_LABELS[value], None
+    if isinstance(value, str) and value.strip().lower() in LABEL_INDEX:
+        return LABEL_INDEX[value.strip().lower()], None
+    if (number := numeric_label(value)) is not None:
+        return number, None
     return None, f"unknown label {str(value)[:40]!r}"
 
 
@@ -197,7 +187,7 @@ def assign_splits(root: Path, tables: dict[str, list[Row]], seed: int) -> list[t
         return _computed(rows, seed, lambda labels: split_8_1_1(labels, seed))
     named = {}
     for stored in tables:
-        split = SPLIT_NAMES.get(stored.lower())
+        split = SPLIT_ALIASES.get(stored.lower())
         if split is None or split in named:
             why = "is not" if split is None else "repeats"
             raise DatasetError(f"{root}: split {stored!r} {why} one of train, validation (or val, valid, dev), test")

@@ -4,7 +4,7 @@
     curl -F image=@meme.jpg -F text='not bad at all' localhost:8000/predict
 
 The run's encoders and head are loaded once. Requests that arrive together share one encoder batch
-(fusion.app.batcher); bad input is answered with a 4xx and a JSON {"error": ...} naming the field, and the server
+(fusion.app.serve.batcher); bad input is answered with a 4xx and a JSON {"error": ...} naming the field, and the server
 keeps serving. Nothing a client sends is used as a path: an upload is read from a private temporary file only.
 """
 
@@ -19,19 +19,19 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from fusion.app.batcher import MicroBatcher
-from fusion.app.serve_limits import UploadLimit
-from fusion.app.serve_model import BadPost, PreparedPost, ServedModel
+from fusion.app.serve.batcher import MicroBatcher
+from fusion.app.serve.limits import UploadLimit
+from fusion.app.predictor import BadPost, PreparedPost, Predictor
 
-PAGE_FILE = "serve_page.html"
+PAGE_FILE = "page.html"
 DEFAULT_MAX_BATCH = 32
 # How long a batch waits for posts announced but not yet prepared (never longer than they take; see batcher.py).
 DEFAULT_WAIT_S = 0.01
 
 
-def create_app(model: ServedModel, *, max_upload_bytes: int, max_batch: int = DEFAULT_MAX_BATCH,
+def create_app(model: Predictor, *, max_upload_bytes: int, max_batch: int = DEFAULT_MAX_BATCH,
                wait_s: float = DEFAULT_WAIT_S) -> FastAPI:
-    batcher = MicroBatcher(model.predict, max_batch=max_batch, wait_s=wait_s)
+    batcher = MicroBatcher(model.predict_prepared, max_batch=max_batch, wait_s=wait_s)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -53,7 +53,7 @@ def create_app(model: ServedModel, *, max_upload_bytes: int, max_batch: int = DE
 
 
 def _add_page_and_health(app: FastAPI, batcher: MicroBatcher, described: dict) -> None:
-    page = files("fusion.app").joinpath(PAGE_FILE).read_text(encoding="utf-8")
+    page = files("fusion.app.serve").joinpath(PAGE_FILE).read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     async def home() -> str:
@@ -64,7 +64,7 @@ def _add_page_and_health(app: FastAPI, batcher: MicroBatcher, described: dict) -
         return {**described, "batches_run": batcher.batches_run, "posts_predicted": batcher.items_run}
 
 
-def _add_predict(app: FastAPI, model: ServedModel, batcher: MicroBatcher) -> None:
+def _add_predict(app: FastAPI, model: Predictor, batcher: MicroBatcher) -> None:
     @app.post("/predict")
     async def predict(image: UploadFile = File(...), text: str = Form(...)) -> dict:
         """One post: multipart fields `image` (a file) and `text`."""
@@ -80,7 +80,7 @@ def _add_predict(app: FastAPI, model: ServedModel, batcher: MicroBatcher) -> Non
         return answer
 
 
-def _add_predict_batch(app: FastAPI, model: ServedModel, batcher: MicroBatcher) -> None:
+def _add_predict_batch(app: FastAPI, model: Predictor, batcher: MicroBatcher) -> None:
     @app.post("/predict/batch")
     async def predict_batch(image: list[UploadFile] = File(...), text: list[str] = Form(...)) -> dict:
         """Several posts in one encoder batch: repeated `image` and `text` fields, paired in order. A post whose
@@ -107,7 +107,7 @@ def _add_predict_batch(app: FastAPI, model: ServedModel, batcher: MicroBatcher) 
         return {"results": [{"error": post} if isinstance(post, str) else next(answers) for post in prepared]}
 
 
-async def _prepared(model: ServedModel, upload: UploadFile, text: str) -> PreparedPost:
+async def _prepared(model: Predictor, upload: UploadFile, text: str) -> PreparedPost:
     """Decoding and preprocessing run on a worker thread, so the event loop keeps accepting requests."""
     await upload.seek(0)
     return await run_in_threadpool(model.prepare, upload.file, text)
@@ -139,7 +139,7 @@ def _field_problem(problem: dict) -> str:
     return f"field {field!r}: {problem.get('msg', 'invalid')}"
 
 
-def serve_forever(model: ServedModel, *, host: str, port: int, max_upload_mb: float) -> None:
+def serve_forever(model: Predictor, *, host: str, port: int, max_upload_mb: float) -> None:
     """Blocks until interrupted (Ctrl+C); uvicorn logs each request to stderr."""
     import uvicorn
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from fusion.atomic import write_text_atomic
 from fusion.labels import LABELS
+from fusion.paper import METRICS
 
 CONFIG_COLUMNS = ("head", "lr", "dropout", "loss", "gamma", "seed", "batch_size", "epochs", "patience", "metric",
                   "precision")
-METRIC_COLUMNS = ("accuracy", "macro_f1", "weighted_f1")
 
 
 def csv_row(row: dict) -> dict:
@@ -21,7 +21,7 @@ def csv_row(row: dict) -> dict:
     if config["loss"] == "ce":
         flat["gamma"] = 0.0
     for block in ("val", "test"):
-        for name in METRIC_COLUMNS:
+        for name in METRICS:
             flat[f"{block}_{name}"] = row[block][name]
         for label in LABELS:
             flat[f"{block}_f1_{label}"] = row[block]["per_class_f1"][label]

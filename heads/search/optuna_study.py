@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from fusion.errors import FusionError
 from fusion.heads.config import FitConfig
-from fusion.heads.grid import parse_loss, result_row
+from fusion.heads.search.grid import parse_loss, result_row
 from fusion.heads.train import train_head
 
 

@@ -9,7 +9,7 @@ The real datasets cannot be downloaded here, so the demo writes pairs whose sent
 - a few per-modality labels in the label file are flipped (annotation noise), and a few texts are cp1252, as in
   the real files.
 
-    from fusion.extract.demo_data import write_demo_dataset
+    from fusion.extract.datasets.demo_data import write_demo_dataset
     root = write_demo_dataset(Path("demo"), n=1500, seed=0)   # -> demo/MVSA_Single
 """
 
@@ -241,7 +241,7 @@ def write_demo_dataset(dest: Path, *, n: int = 1500, seed: int = 0) -> Path:
         image = draw_image(pair.image_label, np.random.default_rng((seed, index, 2)))
         write_generated(data / f"{pair.id}.jpg", _jpeg_bytes(image))
     write_generated(root / "labelResultAll.txt", _label_file(pairs))
-    manifest = {"generator": "fusion.extract.demo_data", "version": 1, "n": n, "seed": seed,
+    manifest = {"generator": "fusion.extract.datasets.demo_data", "version": 1, "n": n, "seed": seed,
                 "pairs": [asdict(pair) for pair in pairs]}
     write_generated(Path(dest) / MANIFEST_NAME, json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
     return root

@@ -1,0 +1,184 @@
+"""A trained run that labels new posts: its encoders (as named in its cache), then its head. `fusion predict`, `fusion
+serve` and the API's `load_run(...).predict(...)` all go through one Predictor, so they give the same numbers.
+
+    predictor = fusion.load_run("runs/mvsa-single-self_attn")
+    predictor.predict(["meme.jpg"], ["not bad at all"])  # [{"label": ..., "probabilities": {...}}]
+
+The head sees what training saw: texts cut as extraction cuts them, embeddings rounded to float16 as the cache
+stores them, and for a dual_attn head fitted with --tokens the whole token and patch sequences (the other heads read
+token 0 only, the pooled embedding, whatever they were fitted on). The Predictor alone decides where the encoders
+and the head live (one device, both) and in which precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from fusion.device import resolve_device, run_encoder_precision
+from fusion.errors import FusionError, ModelLoadError
+from fusion.extract.batches import image_pixels
+from fusion.extract.datasets.textio import read_csv
+from fusion.extract.embedding import embed_posts
+from fusion.extract.encoders import Encoders, load_encoders
+from fusion.extract.images import ImageUnreadable
+from fusion.extract.pooling import pooling_choice
+from fusion.heads.checkpoint import LoadedRun, load_run
+from fusion.heads.features import Modality, pooled_modality, token_features
+from fusion.heads.models import predict_proba
+from fusion.labels import LABELS
+
+DEFAULT_BATCH = 32
+
+
+class BadPost(FusionError):
+    """A post the model cannot read; str(error) names the field and says why."""
+
+
+@dataclass(frozen=True)
+class PreparedPost:
+    """A post decoded and tokenized, ready for an encoder batch."""
+    token_ids: list[int]  # cut to the model's length, as extraction cuts them
+    pixels: torch.Tensor
+    truncated: bool  # the text has more tokens than the model reads
+
+
+class Predictor:
+    def __init__(self, run_dir: Path, loaded: LoadedRun, encoders: Encoders, precision: str,
+                 notes: tuple[str, ...] = ()):
+        self.run_dir, self.loaded, self.encoders, self.precision = Path(run_dir), loaded, encoders, precision
+        self.notes = notes
+        self.head = loaded.head.to(encoders.device)  # the head runs beside the encoders, in fp32
+        self.max_length = int(loaded.cache.get("max_length", 128))
+        # A dual_attn head fitted on token sequences is given them; every other head reads the pooled embeddings.
+        self.sequences = loaded.tokens and loaded.config.head == "dual_attn"
+        # Fast tokenizers change their truncation settings in place on a call, which fails while another thread is
+        # inside them: each thread that prepares posts tokenizes with a copy of its own.
+        self._local = threading.local()
+
+    @classmethod
+    def load(cls, run: Path | str, *, device: str = "auto", precision: str | None = None) -> Predictor:
+        """The run's head and the encoders its cache was made with, on `device`, in `precision` (default: the
+        cache's; an fp16 cache runs in fp32 on a CPU, with a note)."""
+        loaded = load_run(run)
+        target = resolve_device(device)
+        precision, note = run_encoder_precision(precision or loaded.cache.get("precision", "fp32"), target)
+        cache = loaded.cache
+        try:
+            encoders = load_encoders(cache["text_model"], cache["image_model"], device=str(target),
+                                     precision=precision,
+                                     text_pooling=pooling_choice("text", cache.get("text_pooling")),
+                                     image_pooling=pooling_choice("image", cache.get("image_pooling")))
+        except ModelLoadError as error:
+            raise ModelLoadError(f"this run needs the encoders its cache was made with: {error}") from None
+        return cls(Path(run), loaded, encoders, precision, notes=(note,) if note else ())
+
+    def predict(self, images: Sequence[Any], texts: Sequence[str], *,
+                batch_size: int = DEFAULT_BATCH) -> list[dict]:
+        """One answer per post, in order: {"label", "probabilities"} (and "truncated" when the text was cut), or
+        {"error"} for a post whose image cannot be read. Images are paths, bytes or PIL images."""
+        if len(images) != len(texts):
+            raise FusionError(f"{len(images)} image(s) but {len(texts)} text(s): give one text per image")
+        answers: list[dict] = []
+        for start in range(0, len(images), batch_size):
+            prepared: list[PreparedPost | dict] = []
+            for image, text in zip(images[start:start + batch_size], texts[start:start + batch_size]):
+                try:
+                    prepared.append(self.prepare(image, text))
+                except BadPost as error:
+                    prepared.append({"error": f"{_where(image)}{error}"})
+            readable = iter(self.predict_prepared([post for post in prepared if isinstance(post, PreparedPost)]))
+            answers.extend(post if isinstance(post, dict) else next(readable) for post in prepared)
+        return answers
+
+    def prepare(self, image: Any, text: str) -> PreparedPost:
+        """Decode and tokenize one post (safe on any thread); BadPost when the image is not one extraction would
+        accept (missing, empty, not an image, a bomb, ...). `image`: a path, bytes, a file object or a PIL image."""
+        if hasattr(image, "read"):  # an upload, spooled by the server
+            image = image.read()
+            if not image:
+                raise BadPost("image: empty file")
+        if isinstance(image, str):
+            image = Path(image)
+        try:
+            pixels = image_pixels(image, self.encoders.pixels)
+        except ImageUnreadable as error:
+            raise BadPost(f"image: {error}") from None
+        # Every chunk past the first is text the model does not read: one tokenization tells both.
+        chunks = self._tokenizer()(str(text), truncation=True, max_length=self.max_length,
+                                   return_overflowing_tokens=True)["input_ids"]
+        return PreparedPost(token_ids=list(chunks[0]), pixels=pixels, truncated=len(chunks) > 1)
+
+    def predict_prepared(self, posts: list[PreparedPost]) -> list[dict]:
+        """One encoder batch, then the head; one answer per post."""
+        if not posts:
+            return []
+        probabilities = self._probabilities([post.token_ids for post in posts], torch.stack([p.pixels for p in posts]))
+        return [self._answer(post, row) for post, row in zip(posts, probabilities)]
+
+    def _probabilities(self, token_ids: list[list[int]], pixels: torch.Tensor) -> torch.Tensor:
+        arrays = embed_posts(self.encoders, token_ids, pixels, with_tokens=self.sequences)
+        if not self.sequences:
+            text, image = pooled_modality(arrays["text"]), pooled_modality(arrays["image"])
+        else:
+            # The sequences as fit --tokens reads them from the cache: token 0 replaced by the pooled embedding.
+            features = token_features(arrays["text_tokens"], arrays["text_mask"], arrays["image_tokens"],
+                                      arrays["text"], arrays["image"], np.zeros(len(token_ids)))
+            text, image = features.text, features.image
+        with torch.inference_mode():
+            return predict_proba(self.head, self._on_device(text), self._on_device(image)).cpu()
+
+    def _on_device(self, modality: Modality) -> Modality:
+        return Modality(modality.tokens.to(self.encoders.device), modality.mask.to(self.encoders.device))
+
+    def _answer(self, post: PreparedPost, row: torch.Tensor) -> dict:
+        values = {name: float(p) for name, p in zip(LABELS, row)}
+        answer: dict = {"label": max(values, key=values.get), "probabilities": values}
+        if post.truncated:
+            answer["truncated"] = True
+            answer["note"] = (f"the text is longer than the model's {self.max_length} tokens: only its first "
+                              f"{self.max_length} were read, as extraction reads them")
+        return answer
+
+    def _tokenizer(self):
+        if not hasattr(self._local, "tokenizer"):
+            self._local.tokenizer = copy.deepcopy(self.encoders.tokenizer)
+        return self._local.tokenizer
+
+    def describe(self) -> dict:
+        """What is served, without the server's own paths."""
+        cache = self.loaded.cache
+        return {"run": "/".join(self.run_dir.resolve().parts[-2:]), "head": self.loaded.config.head,
+                "text_model": shown_name(cache.get("text_model")), "image_model": shown_name(cache.get("image_model")),
+                "cache_fingerprint": self.loaded.meta.get("cache_fingerprint"), "dataset": cache.get("dataset"),
+                "max_length": self.max_length, "tokens": self.sequences, "device": str(self.encoders.device),
+                "precision": self.precision, "labels": list(LABELS)}
+
+
+def _where(image: Any) -> str:
+    """How an error names the image: its path, or nothing for bytes and images held in memory."""
+    return f"{image}: " if isinstance(image, (str, Path)) else ""
+
+
+def read_posts_csv(path: Path) -> tuple[list[Path], list[str], list[int]]:
+    """(images, texts, line numbers) of a CSV with columns `image` and `text`; relative image paths are resolved
+    against the CSV's folder."""
+    table = read_csv(Path(path), required=("image", "text"))
+    folder = Path(path).parent
+    rows = [(folder / row["image"].strip(), row["text"].strip(), line) for line, row in table.rows]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def shown_name(model: str | None) -> str | None:
+    """A hub name as it is; a local folder (recorded as an absolute path) by its last two parts only (the last alone
+    is often a bare "model")."""
+    if model is None or not Path(model).is_absolute():
+        return model
+    return "/".join(Path(model).parts[-2:])
+
