@@ -8,7 +8,6 @@ get_text_features / get_image_features. The pooling names go into the cache.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import pickle
@@ -21,7 +20,7 @@ import torch
 import transformers
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
 
-from fusion.device import encoder_dtypes, resolve_device, use_device
+from fusion.device import autocast, encoder_dtypes, resolve_device, use_device
 from fusion.errors import ModelLoadError
 from fusion.extract.dual import (full_text_length, is_dual, projected_image, projected_text, projected_widths,
                                  text_config)
@@ -56,10 +55,8 @@ class Encoders:
         return 8 if self.autocast_dtype is not None and self.device.type == "cpu" else 1
 
     def autocast(self):
-        """The precision context both forwards run in (a no-op unless autocast_dtype is set)."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        """The precision context both forwards run in (a no-op unless autocast_dtype is set: bf16 on a CPU)."""
+        return autocast("fp32" if self.autocast_dtype is None else "bf16", self.device)
 
     @property
     def text_dim(self) -> int:
