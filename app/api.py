@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING
 
 from fusion import paper
 from fusion.app.progress import Progress, progress_of
-from fusion.device import training_device
+from fusion.device import check_device_name, check_encoder_precision, training_device
 from fusion.errors import FusionError
+from fusion.extract.datasets.registry import check_dataset
 from fusion.heads.config import FitConfig
+from fusion.heads.search.configs import grid_configs
 
 if TYPE_CHECKING:  # imported on first use: `import fusion` and a command's argument checks stay free of torch
     from fusion.app.handles import Cache, GridResult, Run
@@ -38,11 +40,15 @@ def extract(*, dataset: str, root: Path | str, out: Path | str | None = None, te
             trust_remote_code: bool = False, progress: Progress | None = None) -> Cache:
     """Run the frozen encoders once over a dataset as downloaded and write the embeddings cache (resumable; under
     torchrun each rank takes its share). Returns the cache, with `.extraction` saying what this run did."""
+    check_dataset(dataset, Path(root), columns)
+    check_device_name(device)
+    check_encoder_precision(precision or "fp32")
+    if split_file is not None:
+        _require(Path(split_file), "split file")
+    from fusion.app.handles import Cache
     from fusion.extract.distributed import distributed_context
     from fusion.extract.encoders import quiet_transformers
     from fusion.extract.pipeline import ExtractConfig, extract as run_extract
-
-    from fusion.app.handles import Cache
 
     quiet_transformers()
     out = Path(out) if out is not None else Path("caches") / f"{dataset}.h5"
@@ -76,17 +82,19 @@ def fit(cache: Cache | Path | str, *, head: str = FitConfig.head, lr: float = Fi
         out: Path | str | None = None, progress: Progress | None = None) -> Run:
     """Train one head on a cache (early stopping on the validation metric, the dataset's own unless `metric`
     says); writes config.json, metrics.json and head.safetensors to `out` (default runs/CACHE-HEAD)."""
+    path = _cache_path(cache)
+    dataset = _cache_dataset(path)
+    config = FitConfig(head=head, lr=lr, dropout=dropout, loss=loss, gamma=gamma, epochs=epochs, patience=patience,
+                       batch_size=batch_size, metric=metric or paper.dataset_metric(dataset), seed=seed,
+                       precision=precision)
+    check_device_name(device)
+    target = training_device(device, precision)
     from fusion.app.handles import Run
     from fusion.heads.checkpoint import save_run
     from fusion.heads.registry import pooled_dual_attn_note
     from fusion.heads.train import train_head
 
-    path = _cache_path(cache)
-    target = training_device(device, precision)
     features, meta, notes = _features(path, tokens, stream)
-    config = FitConfig(head=head, lr=lr, dropout=dropout, loss=loss, gamma=gamma, epochs=epochs, patience=patience,
-                       batch_size=batch_size, metric=metric or paper.dataset_metric(meta["dataset"]), seed=seed,
-                       precision=precision)
     with progress_of(progress, f"fit {head}", "epochs") as update:
         on_epoch = (lambda epoch, _model, _metrics: update(epoch, config.epochs)) if update else None
         result = train_head(features, config, on_epoch=on_epoch, device=target)
@@ -109,13 +117,15 @@ def grid(cache: Cache | Path | str, *, heads: Iterable[str] = paper.HEADS, lrs: 
          out: Path | str | None = None, progress: Progress | None = None) -> GridResult:
     """The paper's grid (144 configurations by default) on one cache, resumable; `seeds` is a count or the seeds
     themselves. The configuration chosen on validation is retrained into `out/best` (default runs/CACHE-grid)."""
+    path = _cache_path(cache)
+    configs_for = _grid_configs(heads, lrs, dropouts, losses, seeds, epochs, patience, batch_size, metric, precision)
+    configs = configs_for({"dataset": _cache_dataset(path)})
+    check_device_name(device)
+    target = training_device(device, precision)
     from fusion.app.grid import run_grid_to
 
-    path = _cache_path(cache)
-    target = training_device(device, precision)
-    configs_for = _grid_configs(heads, lrs, dropouts, losses, seeds, epochs, patience, batch_size, metric, precision)
     features, meta, notes = _features(path, tokens, stream)
-    result = run_grid_to(features, meta, configs_for(meta), Path(out) if out is not None else
+    result = run_grid_to(features, meta, configs, Path(out) if out is not None else
                          Path("runs") / f"{path.stem}-grid", storage=storage, study=study, sampler=sampler,
                          trials=trials, tokens=tokens, device=target, prune=prune, progress=progress)
     return dataclasses.replace(result, notes=tuple(notes) + result.notes)
@@ -129,11 +139,14 @@ def sweep(caches: Sequence[Cache | Path | str], *, heads: Iterable[str] = paper.
           precision: str = FitConfig.precision, device: str = "auto", out: Path | str | None = None,
           progress: Progress | None = None):
     """The same grid on several caches of one dataset (other encoders), compared on the same test rows."""
+    paths = [_cache_path(cache) for cache in caches]
+    configs_for = _grid_configs(heads, lrs, dropouts, losses, seeds, epochs, patience, batch_size, metric, precision)
+    for path in paths:
+        configs_for({"dataset": _cache_dataset(path)})
+    check_device_name(device)
+    target = training_device(device, precision)
     from fusion.app.sweep import run_sweep_to
 
-    paths = [_cache_path(cache) for cache in caches]
-    target = training_device(device, precision)
-    configs_for = _grid_configs(heads, lrs, dropouts, losses, seeds, epochs, patience, batch_size, metric, precision)
     return run_sweep_to(paths, configs_for, Path(out) if out is not None else Path("runs") / f"{paths[0].stem}-sweep",
                         load=lambda cache_path: _features(cache_path, tokens, stream)[:2], tokens=tokens,
                         device=target, prune=prune, progress=progress)
@@ -141,6 +154,12 @@ def sweep(caches: Sequence[Cache | Path | str], *, heads: Iterable[str] = paper.
 
 def load_run(path: Path | str, *, device: str = "auto", precision: str | None = None) -> Predictor:
     """A run directory (written by fit, or a grid's best/) ready to label new posts: `.predict(images, texts)`."""
+    from fusion.app.handles import require_run_dir
+
+    require_run_dir(Path(path))
+    check_device_name(device)
+    if precision is not None:
+        check_encoder_precision(precision)
     from fusion.app.predictor import Predictor
     from fusion.extract.encoders import quiet_transformers
 
@@ -148,8 +167,19 @@ def load_run(path: Path | str, *, device: str = "auto", precision: str | None = 
     return Predictor.load(path, device=device, precision=precision)
 
 
+def read_posts(csv: Path | str) -> tuple[list[Path], list[str], list[int]]:
+    """(images, texts, line numbers) of a CSV with columns `image` and `text`, for `load_run(...).predict`; relative
+    image paths are resolved against the CSV's folder."""
+    from fusion.extract.datasets.textio import read_csv
+
+    table = read_csv(Path(csv), required=("image", "text"))
+    rows = [(Path(csv).parent / row["image"].strip(), row["text"].strip(), line) for line, row in table.rows]
+    return [row[0] for row in rows], [row[1] for row in rows], [row[2] for row in rows]
+
+
 def report(run: Path | str):
     """Figures and report.md for a run directory or a grid directory; returns their paths (.markdown, .figures)."""
+    _require(Path(run), "run or grid directory", folder=True)
     from fusion.app.reporting.report import write_report
 
     return write_report(Path(run))
@@ -175,6 +205,9 @@ def reproduce(*, data: Path | str, out: Path | str = "reproduction", seeds: int 
               progress: Progress | None = None) -> ReproductionResult:
     """The paper's study: every dataset found under `data` extracted, its grid and ablations trained with several
     seeds, and reproduction.md written with intervals beside the published numbers (resumable)."""
+    _require(Path(data), "data folder", folder=True)
+    check_device_name(device)
+    check_encoder_precision(precision)
     from fusion.app.reporting.reproduction import write_reproduction
     from fusion.app.reproduce import ReproduceConfig, reproduce as run_reproduce
     from fusion.extract.encoders import quiet_transformers
@@ -194,10 +227,24 @@ def _cache_path(cache: Cache | Path | str) -> Path:
     return Path(getattr(cache, "path", cache))
 
 
+def _cache_dataset(path: Path) -> str:
+    """The dataset a cache file holds, read from its header: a missing, damaged or foreign file is refused here,
+    before torch loads."""
+    from fusion.cache.reader import check_header, open_cache
+
+    with open_cache(path) as h5:
+        return check_header(h5, path)["dataset"]
+
+
+def _require(path: Path, what: str, *, folder: bool = False) -> Path:
+    if not (path.is_dir() if folder else path.exists()):
+        raise FusionError(f"{path}: no such {what}")
+    return path
+
+
+
 def _grid_configs(heads, lrs, dropouts, losses, seeds, epochs, patience, batch_size, metric, precision):
     """configs_for(cache meta): the grid's configurations, selected on `metric` or the cache's dataset's own."""
-    from fusion.heads.search.grid import grid_configs
-
     seed_list = range(seeds) if isinstance(seeds, int) else list(seeds)
 
     def configs_for(meta: dict) -> list:

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fusion.heads.config import loss_label
-from fusion.heads.search.grid import best_per_head
+from fusion.heads.search.summary import best_per_head
 from fusion.labels import LABELS, SPLITS
 
 console = Console()

@@ -70,3 +70,20 @@ def demo_steps(out: Path, *, text_model: str | None = None, image_model: str | N
               "--out", str(grid_dir)],
              ["report", "--run", str(grid_dir)]]
     return about, steps
+
+
+def next_steps(out: Path, text_model: str | None = None, image_model: str | None = None) -> list[str]:
+    """The commands that try fit, predict, report and serve on what the demo just wrote, and the real workflow on
+    its MVSA-format folder with its encoders (which stand in for the real data and models offline)."""
+    images = sorted((out / "data" / "MVSA_Single" / "data").glob("*.jpg"), key=lambda path: int(path.stem))
+    text = text_model or packaged_text_model()
+    image = image_model or str(out / "models" / "dinov2-random")
+    return [
+        f"fusion cache info {out / 'demo.h5'}",
+        f"fusion fit --cache {out / 'demo.h5'} --head dual_attn --out {out / 'runs' / 'dual_attn'}",
+        f"fusion report --run {out / 'runs' / 'dual_attn'}",
+        f"fusion predict --run {out / 'grid' / 'best'} --image {images[0]} --text 'what a great day'",
+        f"fusion serve --run {out / 'grid' / 'best'}",
+        f"fusion extract --dataset mvsa-single --root {out / 'data' / 'MVSA_Single'} --text-model {text} "
+        f"--image-model {image} --out {out / 'mvsa-single.h5'}",
+    ]

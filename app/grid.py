@@ -16,7 +16,8 @@ from fusion.errors import FusionError
 from fusion.heads.checkpoint import save_run
 from fusion.heads.config import FitConfig, config_from_dict
 from fusion.heads.registry import pooled_dual_attn_note
-from fusion.heads.search.grid import run_grid, summarise
+from fusion.heads.search.grid import RESULTS_LOG, run_grid
+from fusion.heads.search.summary import summarise
 from fusion.heads.search.output import write_results
 from fusion.heads.search.prune import Pruning
 from fusion.heads.train import train_head
@@ -37,11 +38,18 @@ def run_grid_to(features, meta: dict, configs: list[FitConfig], out: Path, *, st
                                                      "prune": pruning and dataclasses.asdict(pruning),
                                                      "device": str(device)}, indent=1))
     metric = configs[0].metric
+    done_before: list[int] = []  # what run_grid reports first: the configurations results.jsonl already holds
     if storage:
         rows = _study_rows(features, configs, storage, study, sampler, trials, device, progress)
     else:
         with progress_of(progress, "grid", "configs") as update:
-            rows = run_grid(features, configs, out, on_pass=update, prune=pruning, device=device)
+            def on_pass(done: int, total: int) -> None:
+                if not done_before:
+                    done_before.append(done)
+                if update:
+                    update(done, total)
+
+            rows = run_grid(features, configs, out, on_pass=on_pass, prune=pruning, device=device)
     labels = bootstrap_rows(features.get("test"))
     write_results(out, rows, metric=metric, cache=meta,
                   extra={"test_labels": labels, "uncertainty": grid_uncertainty(rows, labels, metric)})
@@ -49,6 +57,9 @@ def run_grid_to(features, meta: dict, configs: list[FitConfig], out: Path, *, st
     chosen = config_from_dict({**best.config, "seed": best.seeds[0]})
     save_run(out / "best", train_head(features, chosen, device=device), cache=meta, tokens=tokens)
     notes = [note] if (note := pooled_dual_attn_note([config.head for config in configs], tokens)) else []
+    if done_before == [len(configs)]:
+        notes.append(f"all {len(configs)} configurations were already in {out / RESULTS_LOG}: none was trained "
+                     f"again (only best/ was retrained)")
     if pruning:
         pruned = [row for row in rows if row.get("pruned_at") is not None]
         notes.append(f"--prune: {len(pruned)} of {len(rows)} configurations stopped at a rung (epochs "

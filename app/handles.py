@@ -14,8 +14,7 @@ from typing import Any
 from fusion.cache.info import cache_info, verify_cache
 from fusion.cache.reader import SplitArrays, read_cache
 from fusion.errors import RunError
-from fusion.heads.checkpoint import CONFIG_FILE, METRICS_FILE, read_json
-from fusion.heads.search.grid import Summary, summarise
+from fusion.heads.search.summary import Summary, summarise
 from fusion.labels import LABELS
 from fusion.paper import METRICS
 
@@ -86,9 +85,9 @@ class Run:
 
     @classmethod
     def read(cls, run_dir: Path | str, notes: tuple[str, ...] = ()) -> Run:
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise RunError(f"{run_dir}: not a run directory")
+        from fusion.heads.checkpoint import CONFIG_FILE, METRICS_FILE, read_json  # torch: only when a run is read
+
+        run_dir = require_run_dir(Path(run_dir))
         config_path, metrics_path = run_dir / CONFIG_FILE, run_dir / METRICS_FILE
         metrics = read_json(metrics_path)
         config = read_json(config_path)
@@ -116,6 +115,13 @@ class GridResult:
     def summaries(self) -> list[Summary]:
         """Configurations over their seeds, best validation mean first."""
         return summarise(self.rows, self.metric)
+
+
+def require_run_dir(path: Path) -> Path:
+    """A run directory (what fit writes, or a grid's best/), else one line saying what it is not."""
+    if not (path / "config.json").is_file():
+        raise RunError(f"{path}: not a run directory (it has no config.json; `fusion fit` or `fusion grid` write one)")
+    return path
 
 
 def json_field(data: Any, dotted: str, path: Path, kind: str = "number", where: str = "") -> Any:

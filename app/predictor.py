@@ -24,7 +24,6 @@ import torch
 from fusion.device import resolve_device, run_encoder_precision
 from fusion.errors import FusionError, ModelLoadError
 from fusion.extract.batches import image_pixels
-from fusion.extract.datasets.textio import read_csv
 from fusion.extract.embedding import embed_posts
 from fusion.extract.encoders import Encoders, load_encoders
 from fusion.extract.images import ImageUnreadable
@@ -164,15 +163,6 @@ class Predictor:
 def _where(image: Any) -> str:
     """How an error names the image: its path, or nothing for bytes and images held in memory."""
     return f"{image}: " if isinstance(image, (str, Path)) else ""
-
-
-def read_posts_csv(path: Path) -> tuple[list[Path], list[str], list[int]]:
-    """(images, texts, line numbers) of a CSV with columns `image` and `text`; relative image paths are resolved
-    against the CSV's folder."""
-    table = read_csv(Path(path), required=("image", "text"))
-    folder = Path(path).parent
-    rows = [(folder / row["image"].strip(), row["text"].strip(), line) for line, row in table.rows]
-    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
 def shown_name(model: str | None) -> str | None:

@@ -23,7 +23,8 @@ from fusion.extract.datasets.mvsa import LABEL_FILE
 from fusion.extract.pipeline import ExtractConfig, extract
 from fusion.heads.config import FitConfig
 from fusion import paper
-from fusion.heads.search.grid import grid_configs, run_grid
+from fusion.heads.search.grid import run_grid
+from fusion.heads.search.configs import grid_configs
 from fusion.heads.search.output import write_results
 from fusion.heads.runs import load_features
 

@@ -42,7 +42,7 @@ from fusion.heads.config import FitConfig
 from fusion.device import bf16_units
 from fusion.heads.features import split_features
 from fusion import paper
-from fusion.heads.search.grid import grid_configs
+from fusion.heads.search.configs import grid_configs
 from fusion.heads.losses import focal_loss
 from fusion.heads.metrics import classification_metrics
 from fusion.heads.registry import HEADS

@@ -40,7 +40,9 @@ from machine_load import OtherLoad  # noqa: E402
 from fusion.heads.config import FitConfig  # noqa: E402
 from fusion.device import bf16_units  # noqa: E402
 from fusion.paper import HEADS as PAPER_HEADS, dataset_metric  # noqa: E402
-from fusion.heads.search.grid import grid_configs, run_grid, summarise  # noqa: E402
+from fusion.heads.search.grid import run_grid  # noqa: E402
+from fusion.heads.search.configs import grid_configs  # noqa: E402
+from fusion.heads.search.summary import summarise  # noqa: E402
 from fusion.heads.search.prune import Pruning  # noqa: E402
 from fusion.heads.runs import load_features  # noqa: E402
 

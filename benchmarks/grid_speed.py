@@ -42,7 +42,9 @@ from machine_load import OtherLoad  # noqa: E402
 from fusion.heads.config import FitConfig  # noqa: E402
 from fusion.device import autocast, bf16_units, resolve_device  # noqa: E402
 from fusion.paper import HEADS as PAPER_HEADS  # noqa: E402
-from fusion.heads.search.grid import grid_configs, run_grid, summarise  # noqa: E402
+from fusion.heads.search.grid import run_grid  # noqa: E402
+from fusion.heads.search.configs import grid_configs  # noqa: E402
+from fusion.heads.search.summary import summarise  # noqa: E402
 from fusion.heads.search.prune import Pruning  # noqa: E402
 
 CHECK_SIZES = {"mvsa-multi": SIZES, "mvsa-single": {"train": 3_608, "val": 451, "test": 452}}

@@ -16,7 +16,7 @@ from fusion.errors import CacheError
 from fusion.labels import LABELS, SPLITS
 
 SUMMARY_ATTRS = ("dataset", "text_model", "image_model", "fingerprint", "format_version", "created", "tokens",
-                 "precision", "split_source")
+                 "precision", "device_type", "text_pooling", "image_pooling", "columns", "split_kind", "split_source")
 
 
 def cache_info(path: Path) -> dict:

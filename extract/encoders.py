@@ -8,13 +8,16 @@ get_text_features / get_image_features. The pooling names go into the cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 import transformers
@@ -241,6 +244,8 @@ def _from_pretrained(loader, name: str, what: str, trust_remote_code: bool, **kw
     except (OSError, ValueError) as cached_error:
         if local.is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
             raise _missing(what, name, cached_error) from cached_error
+        if (unreachable := hub_unreachable()) is not None:
+            raise _missing(what, name, unreachable) from cached_error
     try:
         return loader.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except pickle.UnpicklingError as error:
@@ -261,14 +266,29 @@ def _unsafe_pickle(what: str, name: str) -> ModelLoadError:
                           f"run code, so they were not loaded; use the model's safetensors weights")
 
 
-def _missing(what: str, name: str, error: Exception) -> ModelLoadError:
+def _missing(what: str, name: str, error: Exception | str) -> ModelLoadError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if Path(name).expanduser().is_dir():
         return ModelLoadError(f"cannot load {what} from folder {name!r}: {reason}")
     return ModelLoadError(
         f"cannot load {what} {name!r}: not in the Hugging Face cache and the hub cannot be reached ({reason}). "
-        f"Download it where there is internet (`huggingface-cli download {name}`, then copy ~/.cache/huggingface "
-        f"or set HF_HOME), or pass a local folder made with save_pretrained")
+        f"Download it where there is internet (`hf download {name}`, then copy ~/.cache/huggingface or set "
+        f"HF_HOME), or pass a local folder made with save_pretrained; offline, set HF_HUB_OFFLINE=1")
+
+
+@functools.cache
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (None when a connection opens), tried once per process: without a network,
+    huggingface_hub retries a download five times with back-off, about half a minute per model, before failing."""
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return f"{endpoint.hostname}:{port}: {error.strerror or type(error).__name__}"
+    return None
 
 
 def model_revision(model: torch.nn.Module, digest: str | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, fields
 
@@ -79,9 +80,9 @@ def _check_field(config: FitConfig, name: str) -> None:
     value = getattr(config, name)
     if name in _INTS:
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"config {name} must be an integer, got {value!r}")
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
         if name != "seed" and value < 1:
-            raise ConfigError(f"config {name} must be >= 1, got {value}")
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     elif name in _FLOATS:
         _check_number(name, value)
         # Stored as float so that equal configs compare (and serialise) equal whether given 1 or 1.0.
@@ -90,7 +91,7 @@ def _check_field(config: FitConfig, name: str) -> None:
     elif name == "alpha":
         _check_alpha(config, value)
     elif not isinstance(value, str):
-        raise ConfigError(f"config {name} must be a string, got {value!r}")
+        raise ConfigError(f"{name} must be a string, got {value!r}")
     else:
         _check_choice(name, value)
 
@@ -101,27 +102,27 @@ _FLOATS = ("lr", "dropout", "gamma")
 
 def _check_number(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ConfigError(f"config {name} must be a finite number, got {value!r}")
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 def _check_range(name: str, value: float) -> None:
     if name == "lr" and value <= 0:
-        raise ConfigError(f"config lr must be > 0, got {value}")
+        raise ConfigError(f"lr must be > 0, got {value}")
     if name == "dropout" and not 0 <= value < 1:
-        raise ConfigError(f"config dropout must be in [0, 1), got {value}")
+        raise ConfigError(f"dropout must be in [0, 1), got {value}")
     if name == "gamma" and value < 0:
-        raise ConfigError(f"config gamma must be >= 0, got {value}")
+        raise ConfigError(f"gamma must be >= 0, got {value}")
 
 
 def _check_alpha(config: FitConfig, value) -> None:
     if value is None:
         return
     if not isinstance(value, (tuple, list)) or len(value) != 3:
-        raise ConfigError(f"config alpha must be None or 3 numbers (negative, neutral, positive), got {value!r}")
+        raise ConfigError(f"alpha must be None or 3 numbers (negative, neutral, positive), got {value!r}")
     for weight in value:
         _check_number("alpha", weight)
         if weight <= 0:
-            raise ConfigError(f"config alpha weights must be > 0, got {value!r}")
+            raise ConfigError(f"alpha weights must be > 0, got {value!r}")
     object.__setattr__(config, "alpha", tuple(float(weight) for weight in value))
 
 
@@ -131,4 +132,6 @@ def _check_choice(name: str, value: str) -> None:
     else:
         choices = {"loss": LOSSES, "metric": METRICS, "precision": HEAD_PRECISIONS}[name]
     if value not in choices:
-        raise ConfigError(f"config {name} {value!r} is not one of {', '.join(choices)}")
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{name} {value!r} is not one of {', '.join(choices)}{hint}")

@@ -42,6 +42,8 @@ def test_extract_returns_the_cache_the_cli_writes(made):
     assert cache.splits == by_cli.splits and sum(cache.splits.values()) == 18
     assert (cache.text_dim, cache.image_dim) == (32, 24)
     assert cache.extraction.rows_computed == 18 and by_cli.extraction is None
+    assert {key: cache.info[key] for key in ("text_pooling", "image_pooling", "device_type", "split_kind")} == {
+        "text_pooling": "cls", "image_pooling": "cls_layernorm", "device_type": "cpu", "split_kind": "stratified"}
     stored = read_cache(folder / "cli.h5").splits["train"]
     train = cache.features("train")
     np.testing.assert_array_equal(train.text, stored.text)
@@ -92,7 +94,8 @@ def test_grid_returns_the_rows_of_results_json_and_the_best_run(made, tmp_path):
     assert [row["test"] for row in grid.rows] == [row["test"] for row in by_cli["rows"]]
     assert grid.best.path == tmp_path / "api-grid" / "best" and grid.best.config["head"] == \
         grid.summaries[0].config["head"]
-    assert grid.best.metrics["test"] == json.loads((tmp_path / "cli-grid" / "best" / "metrics.json").read_text())["test"]
+    best_by_cli = json.loads((tmp_path / "cli-grid" / "best" / "metrics.json").read_text())
+    assert grid.best.metrics["test"] == best_by_cli["test"]
 
 
 def test_predict_gives_what_fusion_predict_prints_for_paths_bytes_and_images(made, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 
 import pytest
@@ -110,6 +111,12 @@ def test_demo_runs_end_to_end_on_a_small_synthetic_set(tmp_path, tiny_models, ca
     rows = json.loads((out / "grid" / "results.json").read_text())["rows"]
     assert len(rows) == 5 * 3 * 3 * 4  # heads x lrs x dropouts x losses
     assert (out / "grid" / "report.md").exists() and (out / "grid" / "grid_heatmap.png").exists()
+    # It ends with next steps; each but `serve` (which would block) runs as printed, on what the demo wrote.
+    steps = [line.strip() for line in printed.split("next steps")[1].splitlines() if line.strip().startswith("fusion ")]
+    assert [shlex.split(step)[1] for step in steps] == ["cache", "fit", "report", "predict", "serve", "extract"]
+    for step in steps:
+        if " serve " not in step:
+            assert main(shlex.split(step)[1:] + (["--device", "cpu"] if " predict " in step else [])) == 0, step
 
 
 def test_help_shows_the_defaults_that_have_no_single_value(capsys, monkeypatch):

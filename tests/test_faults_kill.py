@@ -235,7 +235,8 @@ def grid_argv(cache: Path, out: Path) -> list[str]:
 
 
 def logged_keys(out: Path) -> list[str]:
-    from fusion.heads.search.grid import config_key_from_row, read_log
+    from fusion.heads.search.grid import read_log
+    from fusion.heads.search.configs import config_key_from_row
 
     return [config_key_from_row(row) for row in read_log(out / "results.jsonl")]
 
@@ -244,7 +245,7 @@ def test_grid_killed_at_random_moments_loses_and_repeats_no_configuration(runner
     from cache_fixtures import write_synthetic_cache
 
     from fusion.heads.checkpoint import load_run
-    from fusion.heads.search.grid import config_key_from_row
+    from fusion.heads.search.configs import config_key_from_row
 
     cache = write_synthetic_cache(tmp_path / "c.h5", (60, 20, 20), dt=12, di=8, seed=4)
     reference_out = tmp_path / "reference"
@@ -295,7 +296,8 @@ def test_a_row_recomputed_after_a_torn_line_is_logged_durably(tmp_path):
     from synthetic import xor_features
 
     from fusion.heads.config import FitConfig
-    from fusion.heads.search.grid import grid_configs, read_log, run_grid
+    from fusion.heads.search.grid import read_log, run_grid
+    from fusion.heads.search.configs import grid_configs
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

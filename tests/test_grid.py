@@ -15,7 +15,9 @@ from fusion.errors import FusionError
 import fusion.heads.search.grid as grid_module
 from fusion.heads.checkpoint import load_run
 from fusion.heads.config import FitConfig
-from fusion.heads.search.grid import grid_configs, parse_loss, read_log, run_grid, summarise
+from fusion.heads.search.grid import read_log, run_grid
+from fusion.heads.search.configs import grid_configs, parse_loss
+from fusion.heads.search.summary import summarise
 from fusion.heads.train import train_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")

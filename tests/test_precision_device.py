@@ -125,7 +125,8 @@ def test_grid_rows_logged_before_precision_existed_count_as_done(tmp_path, monke
     import json
 
     import fusion.heads.search.grid as grid_module
-    from fusion.heads.search.grid import grid_configs, run_grid
+    from fusion.heads.search.grid import run_grid
+    from fusion.heads.search.configs import grid_configs
 
     features = xor_features(SMALL_SIZES)
     configs = grid_configs(FitConfig(epochs=2, **FAST), heads=["basic"], lrs=[1e-3], dropouts=[0.0], losses=["ce"])

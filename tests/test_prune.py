@@ -9,7 +9,9 @@ import pytest
 import fusion.heads.search.grid as grid_module
 from fusion.cli import main
 from fusion.heads.config import FitConfig
-from fusion.heads.search.grid import grid_configs, run_grid, summarise
+from fusion.heads.search.grid import run_grid
+from fusion.heads.search.configs import grid_configs
+from fusion.heads.search.summary import summarise
 from fusion.heads.search.prune import Pruning
 from fusion.heads.train import train_many
 from cache_fixtures import write_synthetic_cache

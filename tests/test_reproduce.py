@@ -12,7 +12,7 @@ from dataset_writers import write_memotion, write_mvsa
 
 from fusion.app.reproduce import find_datasets
 from fusion.cli import main
-from fusion.heads.search.grid import best_per_head, summarise
+from fusion.heads.search.summary import best_per_head, summarise
 
 HEADS = ("basic", "self_attn", "dual_attn", "text_only", "image_only")
 TINY_GRID = ("--seeds", "2", "--lrs", "1e-2", "--dropouts", "0", "--losses", "ce", "--epochs", "3",

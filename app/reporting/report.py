@@ -26,7 +26,7 @@ from fusion.atomic import write_atomic, write_text_atomic
 from fusion.errors import FusionError, RunError
 from fusion.heads.checkpoint import PREDICTIONS_FILE, read_json
 from fusion.heads.config import loss_label
-from fusion.heads.search.grid import Summary, best_per_head, summarise
+from fusion.heads.search.summary import Summary, best_per_head, summarise
 from fusion.heads.registry import pooled_dual_attn_note
 from fusion.labels import LABELS
 from fusion.paper import IMAGE_MODEL, METRICS, TEXT_MODEL, metric_title

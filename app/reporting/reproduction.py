@@ -17,7 +17,7 @@ from fusion.app.reporting.published import Published, published_for, split_lines
 from fusion.app.reporting.report import comparison_lines, is_paper_encoder, new_figure, save_png, test_cell
 from fusion.atomic import write_text_atomic
 from fusion.heads.config import loss_label
-from fusion.heads.search.grid import best_per_head, summarise
+from fusion.heads.search.summary import best_per_head, summarise
 from fusion.paper import DATASETS, IMAGE_MODEL, METRICS, TEXT_MODEL, metric_title
 
 if TYPE_CHECKING:  # the command body (app/reproduce.py) makes what this module writes

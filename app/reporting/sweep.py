@@ -22,7 +22,7 @@ import numpy as np
 from fusion.app.reporting.stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, metric_ci, paired_difference
 from fusion.cache.reader import check_header, decode_strings, open_cache, read_dataset
 from fusion.errors import FusionError
-from fusion.heads.search.grid import Summary, best_per_head, summarise
+from fusion.heads.search.summary import Summary, best_per_head, summarise
 from fusion.heads.result import decode_labels
 
 METHOD = "BCa interval from scipy.stats.bootstrap; paired: both caches scored on the same resampled test rows"

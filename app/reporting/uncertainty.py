@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from fusion.app.reporting.stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, metric_ci, paired_difference
-from fusion.heads.search.grid import Summary, best_per_head, summarise
+from fusion.heads.search.summary import Summary, best_per_head, summarise
 from fusion.heads.registry import HEADS
 from fusion.heads.result import decode_labels, encode_labels
 from fusion.paper import METRICS

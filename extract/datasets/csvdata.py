@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusion.errors import DatasetError
+from fusion.extract.datasets.registry import ROOTS
 from fusion.extract.images import ImageFolder
 from fusion.extract.datasets.samples import DatasetSamples, LabelledRow, assemble
 from fusion.extract.datasets.splits import split_8_1_1
@@ -20,7 +21,7 @@ def load_csv(root: Path, *, seed: int = 0) -> DatasetSamples:
     path = Path(root)
     if not path.is_file():
         what = "a folder" if path.is_dir() else "not found"
-        raise DatasetError(f"{path}: {what}; expected a CSV file with image, text and label columns")
+        raise DatasetError(f"{path}: {what}; expected {ROOTS['csv']}")
     table = read_csv(path, ("image", "text", "label"))
     rows, given_splits = [], []
     folders: dict[Path, ImageFolder] = {}

@@ -15,6 +15,7 @@ The real datasets cannot be downloaded here, so the demo writes pairs whose sent
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -24,6 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fusion.atomic import write_bytes_atomic
+from fusion.extract.datasets.mvsa import load_mvsa
+from fusion.extract.datasets.samples import DatasetSamples
 
 FOLDER = "MVSA_Single"
 MANIFEST_NAME = "demo_manifest.json"
@@ -251,3 +254,12 @@ def read_manifest(dest: Path) -> list[DemoPair]:
     """The pairs recorded by write_demo_dataset(dest), e.g. to check what a model should have learned."""
     manifest = json.loads((Path(dest) / MANIFEST_NAME).read_text(encoding="utf-8"))
     return [DemoPair(**pair) for pair in manifest["pairs"]]
+
+
+def load_demo(root: Path, *, seed: int = 0) -> DatasetSamples:
+    """The embedded synthetic dataset: written into `root` when absent, read by the real MVSA-Single reader, and
+    named `demo` so that nothing downstream mistakes it for MVSA-Single."""
+    folder = root / "MVSA_Single"
+    if not (folder / "labelResultAll.txt").exists():
+        write_demo_dataset(root, seed=seed)
+    return dataclasses.replace(load_mvsa(folder, kind="single", seed=seed), name="demo")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusion.errors import DatasetError
+from fusion.extract.datasets.registry import ROOTS
 from fusion.extract.images import ImageUnreadable
 from fusion.extract.datasets.samples import DatasetSamples, Sample
 from fusion.extract.datasets.splits import held_out_size, holdout, split_8_1_1, split_pool
@@ -82,7 +83,7 @@ def read_tables(root: Path) -> dict[str, object]:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     if not root.exists():
-        raise DatasetError(f"{root}: not found; expected a folder written by save_to_disk, or Parquet files")
+        raise DatasetError(f"{root}: not found; expected {ROOTS['hf']}")
     try:
         if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
             loaded = datasets.load_from_disk(str(root))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusion.errors import DatasetError
+from fusion.extract.datasets.registry import ROOTS
 from fusion.extract.images import ImageFolder
 from fusion.extract.datasets.samples import DatasetSamples, LabelledRow, assemble
 from fusion.extract.datasets.splits import split_pool
@@ -56,7 +57,7 @@ def locate(root: Path) -> Path:
         if (folder / "labels.csv").is_file():
             return folder
     if not root.exists():
-        raise DatasetError(f"{root}: not found; expected the folder holding {DATASET_DIR}/labels.csv")
+        raise DatasetError(f"{root}: not found; expected {ROOTS['memotion']}")
     raise DatasetError(f"{root}: expected {DATASET_DIR}/labels.csv (and images/) here, or labels.csv itself")
 
 

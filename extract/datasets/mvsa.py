@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from fusion.errors import DatasetError, LabelFileError
+from fusion.extract.datasets.registry import ROOTS
 from fusion.extract.images import ImageFolder
 from fusion.extract.datasets.samples import DatasetSamples, LabelledRow, assemble
 from fusion.extract.datasets.splits import split_8_1_1
@@ -55,7 +56,7 @@ def locate(root: Path) -> Path:
     if _is_mvsa_folder(root):
         return root
     if not root.is_dir():
-        raise DatasetError(f"{root}: not found; expected an MVSA folder holding {LABEL_FILE} and data/")
+        raise DatasetError(f"{root}: not found; expected {ROOTS['mvsa-single']}")
     found = sorted(child for child in root.iterdir() if _is_mvsa_folder(child))
     if len(found) == 1:
         return found[0]

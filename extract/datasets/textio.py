@@ -95,7 +95,10 @@ def decode_document(raw: bytes) -> tuple[str, Counter]:
 
 def read_label_text(path: Path) -> tuple[str, Counter]:
     """A label file's decoded text; LabelFileError for an empty or binary (NUL bytes) file."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as error:  # missing, a folder, unreadable
+        raise LabelFileError(f"{path}: cannot read it ({error.strerror or type(error).__name__})") from None
     if not raw.strip():
         raise LabelFileError(f"{path}: line 1: empty file")
     if b"\x00" in raw and not raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):

@@ -16,49 +16,19 @@ pruned configurations (a pruned row is not a finished run); a pruned run keeps t
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
-import re
-import statistics
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-from fusion import paper
-from fusion.errors import FusionError
 from fusion.heads.config import FitConfig, config_from_dict
+from fusion.heads.search.configs import config_key, config_key_from_row
 from fusion.heads.search.prune import Pruning
 from fusion.heads.result import FitResult, encode_labels
 from fusion.heads.train import train_many
 
 RESULTS_LOG = "results.jsonl"
-
-
-def parse_loss(name: str) -> tuple[str, float]:
-    """'ce' -> cross-entropy; 'focal2' or 'focal:2.5' -> focal loss with that gamma."""
-    if name == "ce":
-        return "ce", 0.0
-    match = re.fullmatch(r"focal:?([0-9]*\.?[0-9]+)", name)
-    if not match:
-        raise FusionError(f"unknown loss {name!r}: use ce, or focal with a gamma such as focal2 or focal:2.5")
-    return "focal", float(match.group(1))
-
-
-def grid_configs(base: FitConfig, *, heads: Iterable[str] = paper.HEADS, lrs: Iterable[float] = paper.LRS,
-                 dropouts: Iterable[float] = paper.DROPOUTS, losses: Iterable[str] = paper.LOSSES,
-                 seeds: Iterable[int] = (0,)) -> list[FitConfig]:
-    configs = []
-    for head, lr, dropout, loss, seed in itertools.product(heads, lrs, dropouts, losses, seeds):
-        kind, gamma = parse_loss(loss)
-        configs.append(dataclasses.replace(base, head=head, lr=float(lr), dropout=float(dropout), loss=kind,
-                                           gamma=gamma if kind == "focal" else base.gamma, seed=int(seed)))
-    return configs
-
-
-def config_key(config: FitConfig) -> str:
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
 
 
 def result_row(result: FitResult) -> dict:
@@ -143,49 +113,3 @@ def _with_config_defaults(row: dict) -> dict:
     """A row logged before a config field existed, with that field's value then (FitConfig's ADDED_FIELDS), so
     it reads like the rows written now."""
     return {**row, "config": dataclasses.asdict(config_from_dict(row["config"]))}
-
-
-def config_key_from_row(row: dict) -> str:
-    return config_key(FitConfig(**{k: tuple(v) if k == "alpha" and v is not None else v
-                                   for k, v in row["config"].items()}))
-
-
-@dataclass(frozen=True)
-class Summary:
-    """One configuration over its seeds: the mean and spread of the validation metric, and test metrics beside."""
-    config: dict
-    seeds: list[int]
-    val_mean: float
-    val_std: float
-    test: dict[str, float]
-    test_std: dict[str, float]
-
-
-def summarise(rows: list[dict], metric: str) -> list[Summary]:
-    """Configurations ranked by mean validation metric (best first); the test metrics never enter the ranking."""
-    grouped: dict[str, list[dict]] = {}
-    for row in rows:
-        without_seed = {k: v for k, v in row["config"].items() if k != "seed"}
-        grouped.setdefault(json.dumps(without_seed, sort_keys=True), []).append(row)
-    summaries = [_summary(group, metric) for group in grouped.values()]
-    return sorted(summaries, key=lambda s: s.val_mean, reverse=True)
-
-
-def _summary(group: list[dict], metric: str) -> Summary:
-    vals = [row["val"][metric] for row in group]
-    tests = {key: [row["test"][key] for row in group] for key in paper.METRICS}
-    config = {k: v for k, v in group[0]["config"].items() if k != "seed"}
-    return Summary(config=config, seeds=[row["config"]["seed"] for row in group], val_mean=statistics.fmean(vals),
-                   val_std=_std(vals), test={k: statistics.fmean(v) for k, v in tests.items()},
-                   test_std={k: _std(v) for k, v in tests.items()})
-
-
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def best_per_head(summaries: list[Summary]) -> dict[str, Summary]:
-    best: dict[str, Summary] = {}
-    for summary in summaries:  # already sorted best first
-        best.setdefault(summary.config["head"], summary)
-    return best

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from fusion.errors import FusionError
 from fusion.heads.config import FitConfig
-from fusion.heads.search.grid import parse_loss, result_row
+from fusion.heads.search.grid import result_row
+from fusion.heads.search.configs import parse_loss
 from fusion.heads.train import train_head
 
 

@@ -1,0 +1,50 @@
+"""A grid's rows summarised: each configuration over its seeds, ranked on validation only."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+
+from fusion import paper
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One configuration over its seeds: the mean and spread of the validation metric, and test metrics beside."""
+    config: dict
+    seeds: list[int]
+    val_mean: float
+    val_std: float
+    test: dict[str, float]
+    test_std: dict[str, float]
+
+
+def summarise(rows: list[dict], metric: str) -> list[Summary]:
+    """Configurations ranked by mean validation metric (best first); the test metrics never enter the ranking."""
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        without_seed = {k: v for k, v in row["config"].items() if k != "seed"}
+        grouped.setdefault(json.dumps(without_seed, sort_keys=True), []).append(row)
+    summaries = [_summary(group, metric) for group in grouped.values()]
+    return sorted(summaries, key=lambda s: s.val_mean, reverse=True)
+
+
+def _summary(group: list[dict], metric: str) -> Summary:
+    vals = [row["val"][metric] for row in group]
+    tests = {key: [row["test"][key] for row in group] for key in paper.METRICS}
+    config = {k: v for k, v in group[0]["config"].items() if k != "seed"}
+    return Summary(config=config, seeds=[row["config"]["seed"] for row in group], val_mean=statistics.fmean(vals),
+                   val_std=_std(vals), test={k: statistics.fmean(v) for k, v in tests.items()},
+                   test_std={k: _std(v) for k, v in tests.items()})
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def best_per_head(summaries: list[Summary]) -> dict[str, Summary]:
+    best: dict[str, Summary] = {}
+    for summary in summaries:  # already sorted best first
+        best.setdefault(summary.config["head"], summary)
+    return best
