@@ -21,7 +21,7 @@ import typer
 
 import fusion
 from fusion import paper
-from fusion.errors import FusionError
+from fusion.errors import FusionError, install_extra
 from fusion.heads.config import FitConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -281,7 +281,7 @@ def serve(
 
     missing = [name for name in ("fastapi", "uvicorn", "multipart") if find_spec(name) is None]
     if missing:
-        raise FusionError(f"fusion serve needs {', '.join(missing)}: .venv/bin/pip install -e '.[serve]'")
+        raise FusionError(f"fusion serve needs {', '.join(missing)}: {install_extra('serve')}")
     predictor = fusion.load_run(run, device=device, precision=precision)
     from fusion.app.serve.server import serve_forever
 

@@ -28,3 +28,9 @@ class CacheLockedError(CacheError):
 
 class RunError(FusionError):
     """A run directory (config.json, metrics.json, head.safetensors) is missing, damaged or altered."""
+
+
+def install_extra(extra: str) -> str:
+    """How to install one of the optional extras (pyproject.toml): from the checkout, since "fusion" on PyPI is
+    another project."""
+    return f".venv/bin/pip install -e '.[{extra}]' (from the checkout)"

@@ -24,7 +24,7 @@ import transformers
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
 
 from fusion.device import autocast, encoder_dtypes, resolve_device, use_device
-from fusion.errors import ModelLoadError
+from fusion.errors import ModelLoadError, install_extra
 from fusion.extract.dual import (full_text_length, is_dual, projected_image, projected_text, projected_widths,
                                  text_config)
 from fusion.extract.pooling import PROJECTED, pool_image, pool_text, prefix_tokens, recorded_pooling, resolve_pooling
@@ -256,7 +256,7 @@ def _from_pretrained(loader, name: str, what: str, trust_remote_code: bool, **kw
 
 def _missing_package(what: str, name: str, error: ImportError) -> ModelLoadError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    hint = " (pip install 'fusion[siglip]')" if "sentencepiece" in str(error).lower() else ""
+    hint = f" ({install_extra('siglip')})" if "sentencepiece" in str(error).lower() else ""
     return ModelLoadError(f"cannot load {what} {name!r}: {first}{hint}")
 
 

@@ -23,7 +23,7 @@ from fusion.app.reporting import markdown
 from fusion.app.reporting.published import PUBLISHED, split_lines, split_note
 from fusion.app.reporting.stats import Interval, metric_ci
 from fusion.atomic import write_atomic, write_text_atomic
-from fusion.errors import FusionError, RunError
+from fusion.errors import FusionError, RunError, install_extra
 from fusion.heads.checkpoint import PREDICTIONS_FILE, read_json
 from fusion.heads.config import loss_label
 from fusion.heads.search.summary import Summary, best_per_head, summarise
@@ -61,7 +61,7 @@ def new_figure(width: float, height: float):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise FusionError("fusion report needs matplotlib: pip install 'fusion[report]'") from None
+        raise FusionError(f"fusion report needs matplotlib: {install_extra('report')}") from None
     return FigureCanvasAgg(Figure(figsize=(width, height), dpi=110, layout="constrained")).figure
 
 

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusion.errors import DatasetError
+from fusion.errors import DatasetError, install_extra
 from fusion.extract.datasets.registry import ROOTS
 from fusion.extract.images import ImageUnreadable
 from fusion.extract.datasets.samples import DatasetSamples, Sample
@@ -79,7 +79,7 @@ def read_tables(root: Path) -> dict[str, object]:
     try:
         import datasets
     except ImportError:
-        raise DatasetError("--dataset hf needs the datasets package: pip install 'fusion[hf]' (or datasets)") from None
+        raise DatasetError(f"--dataset hf needs the datasets package: {install_extra('hf')}") from None
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     if not root.exists():

@@ -3,7 +3,7 @@
 Every process that runs `fusion grid --storage URL --study NAME` on the same storage pulls configurations that no
 other process has taken yet (Optuna's GridSampler walks the whole grid; `--sampler tpe --trials N` samples instead).
 Storage is a journal file (`journal:PATH`, fine on a shared filesystem) or any database URL Optuna accepts
-(`sqlite:///grid.db`, `postgresql://...`). Optuna is an optional extra: `pip install 'fusion[optuna]'`.
+(`sqlite:///grid.db`, `postgresql://...`). Optuna is an optional extra: `.venv/bin/pip install -e '.[optuna]'`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Callable
 
-from fusion.errors import FusionError
+from fusion.errors import FusionError, install_extra
 from fusion.heads.config import FitConfig
 from fusion.heads.search.grid import result_row
 from fusion.heads.search.configs import parse_loss
@@ -24,7 +24,7 @@ def _optuna():
     try:
         import optuna
     except ImportError:
-        raise FusionError("--storage needs Optuna: pip install 'fusion[optuna]'") from None
+        raise FusionError(f"--storage needs Optuna: {install_extra('optuna')}") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
