@@ -1,5 +1,4 @@
-"""Tiny datasets in each real on-disk format (as README's dataset layouts describe them), dirty cases included, for
-the tests.
+"""Tiny datasets in each real on-disk format (as docs/data.md describes them), dirty cases included, for the tests.
 
 Every writer returns an `Expected` worked out from what it wrote (the rows' intended outcome), never by calling
 the readers, so tests can compare the readers against it:

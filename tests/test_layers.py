@@ -1,4 +1,4 @@
-"""The import graph keeps the layers README draws: import-linter checks the contracts in pyproject.toml."""
+"""The import graph keeps the layers docs/design.md draws: import-linter checks the contracts in pyproject.toml."""
 
 from __future__ import annotations
 

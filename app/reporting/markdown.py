@@ -1,4 +1,4 @@
-"""Markdown pieces every report writes: a table, a number, a number with its interval."""
+"""Markdown pieces every report writes: a table and a number."""
 
 from __future__ import annotations
 

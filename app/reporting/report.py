@@ -236,8 +236,8 @@ def run_intervals(run_dir: Path) -> dict[str, Interval] | None:
     return {name: metric_ci(y_true, y_pred, name) for name in METRICS}
 
 
-BATCH_NOTE = ("`batch_size` is our choice where the paper is silent (it gives no batch size); README, \"The batch "
-              "size\", says how it was chosen.")
+BATCH_NOTE = ("`batch_size` is our choice where the paper is silent (it gives no batch size); docs/training.md, "
+              "\"The batch size\", says how it was chosen.")
 FIGURE_TITLES = {"f1_per_class.png": "Per-class F1 on validation by epoch (best epoch marked)",
                  "losses.png": "Training and validation loss", "confusion_test.png": "Confusion matrix on test",
                  "grid_heatmap.png": "Validation metric over learning rate x dropout, per head"}
