@@ -1,11 +1,11 @@
 """What the grid's options change in its answer, measured in one run: bf16 against fp32, `--prune` against the
 exhaustive grid, and batch 32 against batch 256 (the paper gives no batch size).
 
-    .venv/bin/python benchmarks/grid_choices.py --cache demo_out/demo.h5 [--parts bf16,prune,batch] [--seeds 3]
+    .venv/bin/python -m fusion.benchmarks.grid_choices --cache demo_out/demo.h5 [--parts bf16,prune,batch] [--seeds 3]
 
-Data: the cache given (`make demo` writes demo_out/demo.h5) and a synthetic task (benchmarks/fit_speed.py
-signal_features: three gaussian classes whose means lie in random directions of both modalities; 2,000 / 500 / 500
-rows of 768-d text and 384-d image features).
+Data: the cache given (`make demo` writes demo_out/demo.h5) and a synthetic task (common.py signal_features: three
+gaussian classes whose means lie in random directions of both modalities; 2,000 / 500 / 500 rows of 768-d text and
+384-d image features).
 - bf16: a 6-configuration grid (basic, self_attn, dual_attn x lr 1e-3, 1e-4; dropout 0.2, cross-entropy) x --seeds
   in fp32 and in bf16; the best validation metric of each (mean over seeds, as `grid --seeds` ranks), the seeds'
   spread of fp32's best for scale, and the largest difference of any one run's. A CPU without bf16 units emulates
@@ -22,29 +22,21 @@ The last line is one JSON object with the figures README quotes.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fit_speed import signal_features  # noqa: E402
-from machine_load import OtherLoad  # noqa: E402
-
-from fusion.heads.config import FitConfig  # noqa: E402
-from fusion.device import bf16_units  # noqa: E402
-from fusion.paper import HEADS as PAPER_HEADS, dataset_metric  # noqa: E402
-from fusion.heads.search.grid import run_grid  # noqa: E402
-from fusion.heads.search.configs import grid_configs  # noqa: E402
-from fusion.heads.search.summary import summarise  # noqa: E402
-from fusion.heads.search.prune import Pruning  # noqa: E402
-from fusion.heads.runs import load_features  # noqa: E402
+from fusion.benchmarks.common import OtherLoad, add_threads, finish, new_parser, signal_features, use_threads
+from fusion.device import bf16_units
+from fusion.heads.config import FitConfig
+from fusion.heads.runs import load_features
+from fusion.heads.search.configs import grid_configs
+from fusion.heads.search.grid import run_grid
+from fusion.heads.search.prune import Pruning
+from fusion.heads.search.summary import summarise
+from fusion.paper import HEADS as PAPER_HEADS, dataset_metric
 
 SYNTHETIC_SIZES = {"train": 2_000, "val": 500, "test": 500}
 CHOICE = ("head", "lr", "dropout", "loss", "gamma")
@@ -130,16 +122,16 @@ def compare_batch(name: str, features, metric: str, seeds: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = new_parser(__doc__)
     parser.add_argument("--cache", type=Path, required=True, help="a pooled cache, e.g. demo_out/demo.h5")
     parser.add_argument("--parts", default="bf16,prune,batch")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch-seeds", type=int, default=1)
     parser.add_argument("--data", choices=("cache", "synthetic", "both"), default="both",
                         help="where the bf16 and prune parts run (batch: the cache)")
-    parser.add_argument("--threads", type=int, default=2)
+    add_threads(parser, 2)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     load = OtherLoad()
     cache, meta = load_features(args.cache)
     cache_metric = dataset_metric(meta["dataset"])
@@ -158,9 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
             summary[f"prune_{name}"] = compare_prune(name, features, metric, args.seeds, FitConfig().batch_size)
     if "batch" in parts:
         summary["batch_cache"] = compare_batch("cache", cache, cache_metric, args.batch_seeds)
-    summary["other_load_cores"] = round(load.cores(), 2)
-    print(json.dumps(summary))
-    return summary
+    others = load.cores()
+    summary["other_load_cores"] = round(others, 2)
+    return finish(summary, other_cores=others)
 
 
 if __name__ == "__main__":
