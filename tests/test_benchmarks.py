@@ -1,6 +1,7 @@
-"""The benchmarks stay runnable as the library moves: each module of fusion.benchmarks imports and answers --help, and
-the ending they share prints the machine and the command, then one JSON object as the last line. (The benchmarks
-themselves take minutes to hours; benchmarks/gpu_check.sh has its own tests in tests/test_gpu_ready.py.)"""
+"""The benchmarks stay runnable as the library moves: each module of fusion.benchmarks imports and answers --help
+(gpu_check without importing torch, so its preflight can say torch is missing), and the ending they share prints
+the machine and the command, then one JSON object as the last line. The benchmarks themselves take minutes to an
+hour; benchmarks/gpu_check.sh has its own tests in tests/test_gpu_ready.py."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import subprocess
 import sys
 import textwrap
 
-# In a child process: importing fusion.benchmarks sets HF_HUB_OFFLINE and TOKENIZERS_PARALLELISM for the process.
+# Run in a child process: importing fusion.benchmarks sets HF_HUB_OFFLINE and TOKENIZERS_PARALLELISM in its process.
 EVERY_HELP_THEN_AN_ENDING = textwrap.dedent("""
-    import contextlib, importlib, io, pkgutil
-    import fusion.benchmarks
+    import contextlib, importlib, io, pkgutil, sys
+    import fusion.benchmarks.gpu_check
 
+    # gpu_check's preflight reports a missing torch or numpy: importing it must not need them.
+    assert not {"torch", "numpy", "transformers"} & set(sys.modules), "gpu_check imports heavy packages"
     for module in pkgutil.iter_modules(fusion.benchmarks.__path__):
         benchmark = importlib.import_module(f"fusion.benchmarks.{module.name}")
         if hasattr(benchmark, "main"):
