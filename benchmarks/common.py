@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from fusion.device import ENCODER_PRECISIONS, bf16_units
+from fusion.heads.config import loss_label
 
 # The paper's encoders: bert-base-uncased (768-d, max_length 128) and dinov2-small at 224 px (384-d, CLS + 16 x 16
 # patches).
@@ -121,7 +122,16 @@ def finish(summary: dict, *, other_cores: float) -> dict:
     return summary
 
 
-# ------------------------------------------------------------------ features and the peak matrix-product rate
+# ------------------------------------------------------------------ configurations, features, the peak GEMM rate
+
+
+def config_name(row_or_config: dict) -> str:
+    """A grid row's configuration, or a saved config, as the benchmarks print it: "self_attn lr 0.001 dropout 0.2
+    focal2" (the seed left out: rows of several seeds share it)."""
+    config = row_or_config.get("config", row_or_config)
+    return (f"{config['head']} lr {config['lr']:g} dropout {config['dropout']:g} "
+            f"{loss_label(config['loss'], config['gamma'])}")
+
 
 
 def signal_features(sizes: dict[str, int] = MVSA_MULTI, *, text_dim: int = TEXT_DIM, image_dim: int = IMAGE_DIM,

@@ -28,7 +28,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from fusion.benchmarks.common import OtherLoad, add_threads, finish, new_parser, signal_features, use_threads
+from fusion.benchmarks.common import (OtherLoad, add_threads, config_name, finish, new_parser, signal_features,
+                                      use_threads)
 from fusion.device import bf16_units
 from fusion.heads.config import FitConfig
 from fusion.heads.runs import load_features
@@ -39,7 +40,6 @@ from fusion.heads.search.summary import summarise
 from fusion.paper import HEADS as PAPER_HEADS, dataset_metric
 
 SYNTHETIC_SIZES = {"train": 2_000, "val": 500, "test": 500}
-CHOICE = ("head", "lr", "dropout", "loss", "gamma")
 
 
 def grid(features, configs, prune=None) -> tuple[list[dict], float]:
@@ -47,12 +47,6 @@ def grid(features, configs, prune=None) -> tuple[list[dict], float]:
         started = time.perf_counter()
         rows = run_grid(features, configs, Path(out), prune=prune)
         return rows, time.perf_counter() - started
-
-
-def choice(row_or_config: dict) -> str:
-    config = row_or_config.get("config", row_or_config)
-    gamma = "" if config["loss"] == "ce" else f"{config['gamma']:g}"
-    return f"{config['head']} lr {config['lr']:g} dropout {config['dropout']:g} {config['loss']}{gamma}"
 
 
 def compare_bf16(name: str, features, metric: str, seeds: int) -> dict:
@@ -66,11 +60,11 @@ def compare_bf16(name: str, features, metric: str, seeds: int) -> dict:
     result = {"best_fp32": round(best["fp32"].val_mean, 4), "best_bf16": round(best["bf16"].val_mean, 4),
               "best_diff": round(abs(best["fp32"].val_mean - best["bf16"].val_mean), 4), "seeds": seeds,
               "fp32_seed_sd": round(best["fp32"].val_std, 4),
-              "max_config_diff": round(worst, 4), "same_choice": choice(best["fp32"].config) == choice(
+              "max_config_diff": round(worst, 4), "same_choice": config_name(best["fp32"].config) == config_name(
                   best["bf16"].config)}
     print(f"bf16 on {name} ({seeds} seeds): best val {metric} fp32 {result['best_fp32']:.4f} ± "
-          f"{result['fp32_seed_sd']:.4f} ({choice(best['fp32'].config)}), "
-          f"bf16 {result['best_bf16']:.4f} ({choice(best['bf16'].config)}); largest difference of one "
+          f"{result['fp32_seed_sd']:.4f} ({config_name(best['fp32'].config)}), "
+          f"bf16 {result['best_bf16']:.4f} ({config_name(best['bf16'].config)}); largest difference of one "
           f"run {worst:.4f}; {fp32_seconds:.0f} s fp32, {bf16_seconds:.0f} s bf16", flush=True)
     return result
 
@@ -82,14 +76,14 @@ def compare_prune(name: str, features, metric: str, seeds: int, batch_size: int)
         exhaustive, exhaustive_seconds = grid(features, configs)
         pruned, pruned_seconds = grid(features, configs, prune=Pruning())
         full_best, pruned_best = summarise(exhaustive, metric)[0], summarise(pruned, metric)[0]
-        by_choice = {choice(row): row["val"][metric] for row in exhaustive}
+        by_choice = {config_name(row): row["val"][metric] for row in exhaustive}
         epochs = [sum(row["epochs_run"] for row in rows) for rows in (exhaustive, pruned)]
-        outcome = {"seed": seed, "same": choice(full_best.config) == choice(pruned_best.config),
-                   "gap": round(full_best.val_mean - by_choice[choice(pruned_best.config)], 4),
+        outcome = {"seed": seed, "same": config_name(full_best.config) == config_name(pruned_best.config),
+                   "gap": round(full_best.val_mean - by_choice[config_name(pruned_best.config)], 4),
                    "epochs": epochs, "seconds": [round(exhaustive_seconds, 1), round(pruned_seconds, 1)]}
         outcomes.append(outcome)
-        print(f"prune on {name}, seed {seed}: exhaustive {choice(full_best.config)} ({full_best.val_mean:.4f}), "
-              f"pruned {choice(pruned_best.config)} ({pruned_best.val_mean:.4f}); same: {outcome['same']}, "
+        print(f"prune on {name}, seed {seed}: exhaustive {config_name(full_best.config)} ({full_best.val_mean:.4f}), "
+              f"pruned {config_name(pruned_best.config)} ({pruned_best.val_mean:.4f}); same: {outcome['same']}, "
               f"gap {outcome['gap']:.4f}; epochs {epochs[0]} -> {epochs[1]} "
               f"({1 - epochs[1] / epochs[0]:.0%} saved); {exhaustive_seconds:.0f} s -> {pruned_seconds:.0f} s",
               flush=True)
@@ -111,9 +105,9 @@ def compare_batch(name: str, features, metric: str, seeds: int) -> dict:
             by_lr.setdefault(f"{summary.config['lr']:g}", round(summary.val_mean, 4))
         stuck = sum(1 for row in rows if row["val"]["accuracy"] <= majority + 1e-9)
         stuck_by_lr = Counter(row["config"]["lr"] for row in rows if row["val"]["accuracy"] <= majority + 1e-9)
-        result[f"batch_{batch_size}"] = {"choice": choice(best.config), "val": round(best.val_mean, 4),
+        result[f"batch_{batch_size}"] = {"choice": config_name(best.config), "val": round(best.val_mean, 4),
                                          "test": round(best.test[metric], 4), "best_val_by_lr": by_lr, "stuck": stuck}
-        print(f"batch {batch_size} on {name} ({seeds} seeds): chooses {choice(best.config)}: val {metric} "
+        print(f"batch {batch_size} on {name} ({seeds} seeds): chooses {config_name(best.config)}: val {metric} "
               f"{best.val_mean:.4f}, test {best.test[metric]:.4f}; best val by lr {by_lr}; {stuck} of {len(rows)} "
               f"runs never beat the majority class on validation (by lr: {dict(sorted(stuck_by_lr.items()))}); "
               f"{sum(r['epochs_run'] for r in rows)} epochs in {seconds:.0f} s", flush=True)

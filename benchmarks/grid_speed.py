@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from fusion.benchmarks.common import (MVSA_MULTI, OtherLoad, add_device, add_threads, finish, gemm_rate, new_parser,
-                                      signal_features, synchronize, use_threads)
+from fusion.benchmarks.common import (MVSA_MULTI, OtherLoad, add_device, add_threads, config_name, finish,
+                                      gemm_rate, new_parser, signal_features, synchronize, use_threads)
 from fusion.benchmarks.fit_speed import PlainRun, epoch_flops
 from fusion.device import autocast, bf16_units, resolve_device
 from fusion.heads.config import FitConfig
@@ -101,20 +101,15 @@ def pruned_same_best(size: str, precision: str, scale: float, device: torch.devi
     chosen = [summarise(rows, "macro_f1")[0] for rows in (exhaustive, pruned)]
     epochs = [sum(row["epochs_run"] for row in rows) for rows in (exhaustive, pruned)]
     same = chosen[0].config == chosen[1].config
-    print(f"check at {size} size {scaled(CHECK_SIZES[size], scale)}: exhaustive chooses {_name(chosen[0].config)} "
-          f"(val {chosen[0].val_mean:.4f}) in {epochs[0]} epochs, {exhaustive_seconds:.0f} s; pruned chooses "
-          f"{_name(chosen[1].config)} (val {chosen[1].val_mean:.4f}) in {epochs[1]} epochs, {pruned_seconds:.0f} s",
-          flush=True)
+    print(f"check at {size} size {scaled(CHECK_SIZES[size], scale)}: exhaustive chooses "
+          f"{config_name(chosen[0].config)} (val {chosen[0].val_mean:.4f}) in {epochs[0]} epochs, "
+          f"{exhaustive_seconds:.0f} s; pruned chooses {config_name(chosen[1].config)} (val {chosen[1].val_mean:.4f}) "
+          f"in {epochs[1]} epochs, {pruned_seconds:.0f} s", flush=True)
     return same, 1 - epochs[1] / epochs[0], size
 
 
 def scaled(sizes: dict[str, int], scale: float) -> dict[str, int]:
     return {split: max(30, round(n * scale)) for split, n in sizes.items()}
-
-
-def _name(config: dict) -> str:
-    loss = "ce" if config["loss"] == "ce" else f"focal{config['gamma']:g}"
-    return f"{config['head']} lr {config['lr']:g} dropout {config['dropout']:g} {loss}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -143,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, seconds = timed_grid(features, configs, Pruning(), device)
     pruned = sum(1 for row in rows if row["pruned_at"] is not None)
     print(f"ours (--prune, {precision}): {seconds:.0f} s; {sum(r['epochs_run'] for r in rows)} configuration-epochs; "
-          f"{pruned} configurations pruned; chooses {_name(summarise(rows, 'macro_f1')[0].config)}", flush=True)
+          f"{pruned} configurations pruned; chooses {config_name(summarise(rows, 'macro_f1')[0].config)}", flush=True)
     ours_rate = sum(r["epochs_run"] * trained_flops(features, r["config"]["head"], "stacked") for r in rows) / seconds
     rates.append(gemm_rate(dtype, device=device))
     plain_seconds, _, plain_rate = plain_total(features, configs, args.plain_sample, device)
