@@ -1,5 +1,6 @@
-"""What the benchmarks share: their common options, the synthetic inputs several of them build, the peak matrix-product
-rate their "of limit" figures divide by, and the ending every one of them prints.
+"""What the benchmarks share: their common options, the synthetic inputs several of them build, what several of them
+time or read (a grid end to end, the peak matrix-product rate their "of limit" figures divide by, this process's
+memory), and the ending every one of them prints.
 
 The ending (finish): a line describing the machine (cores, torch threads, the CPU's bf16 units, what other processes
 used during the run: these machines are shared), a line with the date and the exact command, then the benchmark's
@@ -16,6 +17,7 @@ import functools
 import json
 import multiprocessing
 import os
+import re
 import resource
 import shlex
 import sys
@@ -122,7 +124,7 @@ def finish(summary: dict, *, other_cores: float) -> dict:
     return summary
 
 
-# ------------------------------------------------------------------ configurations, features, the peak GEMM rate
+# ------------------------------------------------------------------ grids, features, the peak GEMM rate, memory
 
 
 def config_name(row_or_config: dict) -> str:
@@ -132,6 +134,20 @@ def config_name(row_or_config: dict) -> str:
     return (f"{config['head']} lr {config['lr']:g} dropout {config['dropout']:g} "
             f"{loss_label(config['loss'], config['gamma'])}")
 
+
+
+def timed_grid(features: dict, configs: list, *, prune=None, device="cpu") -> tuple[list[dict], float]:
+    """`run_grid` (heads/search/grid.py) into a throwaway folder: its rows, and its seconds end to end."""
+    import tempfile
+
+    from fusion.heads.search.grid import run_grid
+
+    with tempfile.TemporaryDirectory() as out:
+        synchronize(device)
+        started = time.perf_counter()
+        rows = run_grid(features, configs, Path(out), prune=prune, device=device)
+        synchronize(device)
+        return rows, time.perf_counter() - started
 
 
 def signal_features(sizes: dict[str, int] = MVSA_MULTI, *, text_dim: int = TEXT_DIM, image_dim: int = IMAGE_DIM,
@@ -192,6 +208,12 @@ def timed_mm(a, b) -> float:
     torch.mm(a, b)
     synchronize(a.device)
     return time.perf_counter() - start
+
+
+def memory_kb(field: str) -> int:
+    """A field of /proc/self/status in kB: VmRSS (resident now) or VmHWM (the peak). Not ru_maxrss, which Linux
+    carries over fork and exec, so a child process would report its parent's peak."""
+    return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 # ------------------------------------------------------------------ synthetic encoders and posts

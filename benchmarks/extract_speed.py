@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from fusion.benchmarks.common import (OtherLoad, add_device, add_precisions, add_repeats, add_workdir, finish,
-                                      new_parser, synchronize, write_encoders, write_mvsa_single)
+                                      memory_kb, new_parser, synchronize, write_encoders, write_mvsa_single)
 from fusion.cache.reader import read_cache
 from fusion.extract.batches import image_loader, pad_token_ids
 from fusion.extract.datasets.registry import load_dataset
@@ -118,21 +117,17 @@ def peak_rss_mb(args, models: tuple[Path, Path], root: Path, out: Path) -> dict[
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def resident_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def rss_child(args) -> None:
     """The peak over the whole run (usually set while the weights load), and the highest resident size seen at
     the batch loop's progress reports, which is where per-row growth would show."""
     models = write_encoders(Path(args.workdir))
     config = extract_config(args, models, Path(args.rss_child), Path(args.rss_out), args.rss_precision)
     in_loop = []
-    extract(config, lambda done, total: in_loop.append(resident_mb()))
+    extract(config, lambda done, total: in_loop.append(memory_kb("VmRSS") / 1024))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so this process would report the
     # benchmark's own peak (its models and batches), the same for N and 4N. The decode workers are forked from
     # here, so their ru_maxrss starts at this process's size: an upper bound only.
-    peak_kb = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+    peak_kb = memory_kb("VmHWM")
     workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(json.dumps({"peak": peak_kb / 1024, "loop": max(in_loop), "workers": workers_kb / 1024}))
 

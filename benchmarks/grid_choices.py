@@ -23,18 +23,15 @@ The last line is one JSON object with the figures README quotes.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 from fusion.benchmarks.common import (OtherLoad, add_threads, config_name, finish, new_parser, signal_features,
-                                      use_threads)
+                                      timed_grid, use_threads)
 from fusion.device import bf16_units
 from fusion.heads.config import FitConfig
 from fusion.heads.runs import load_features
 from fusion.heads.search.configs import grid_configs
-from fusion.heads.search.grid import run_grid
 from fusion.heads.search.prune import Pruning
 from fusion.heads.search.summary import summarise
 from fusion.paper import HEADS as PAPER_HEADS, dataset_metric
@@ -42,19 +39,12 @@ from fusion.paper import HEADS as PAPER_HEADS, dataset_metric
 SYNTHETIC_SIZES = {"train": 2_000, "val": 500, "test": 500}
 
 
-def grid(features, configs, prune=None) -> tuple[list[dict], float]:
-    with tempfile.TemporaryDirectory() as out:
-        started = time.perf_counter()
-        rows = run_grid(features, configs, Path(out), prune=prune)
-        return rows, time.perf_counter() - started
-
-
 def compare_bf16(name: str, features, metric: str, seeds: int) -> dict:
     base = FitConfig(metric=metric, loss="ce")
     fp32_configs = grid_configs(base, heads=PAPER_HEADS, lrs=(1e-3, 1e-4), dropouts=(0.2,), losses=("ce",),
                                 seeds=range(seeds))
-    fp32, fp32_seconds = grid(features, fp32_configs)
-    bf16, bf16_seconds = grid(features, [dataclasses.replace(c, precision="bf16") for c in fp32_configs])
+    fp32, fp32_seconds = timed_grid(features, fp32_configs)
+    bf16, bf16_seconds = timed_grid(features, [dataclasses.replace(c, precision="bf16") for c in fp32_configs])
     best = {p: summarise(rows, metric)[0] for p, rows in (("fp32", fp32), ("bf16", bf16))}
     worst = max(abs(a["val"][metric] - b["val"][metric]) for a, b in zip(fp32, bf16))
     result = {"best_fp32": round(best["fp32"].val_mean, 4), "best_bf16": round(best["bf16"].val_mean, 4),
@@ -73,8 +63,8 @@ def compare_prune(name: str, features, metric: str, seeds: int, batch_size: int)
     outcomes = []
     for seed in range(seeds):
         configs = grid_configs(FitConfig(metric=metric, batch_size=batch_size), seeds=(seed,))
-        exhaustive, exhaustive_seconds = grid(features, configs)
-        pruned, pruned_seconds = grid(features, configs, prune=Pruning())
+        exhaustive, exhaustive_seconds = timed_grid(features, configs)
+        pruned, pruned_seconds = timed_grid(features, configs, prune=Pruning())
         full_best, pruned_best = summarise(exhaustive, metric)[0], summarise(pruned, metric)[0]
         by_choice = {config_name(row): row["val"][metric] for row in exhaustive}
         epochs = [sum(row["epochs_run"] for row in rows) for rows in (exhaustive, pruned)]
@@ -97,7 +87,7 @@ def compare_batch(name: str, features, metric: str, seeds: int) -> dict:
     result = {}
     for batch_size in (256, 32):
         configs = grid_configs(FitConfig(metric=metric, batch_size=batch_size), seeds=range(seeds))
-        rows, seconds = grid(features, configs)
+        rows, seconds = timed_grid(features, configs)
         summaries = summarise(rows, metric)
         best = summaries[0]
         by_lr = {}

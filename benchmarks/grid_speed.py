@@ -26,33 +26,21 @@ from __future__ import annotations
 import os
 import random
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from fusion.benchmarks.common import (MVSA_MULTI, OtherLoad, add_device, add_threads, config_name, finish,
-                                      gemm_rate, new_parser, signal_features, synchronize, use_threads)
+                                      gemm_rate, new_parser, signal_features, synchronize, timed_grid, use_threads)
 from fusion.benchmarks.fit_speed import PlainRun, epoch_flops
 from fusion.device import autocast, bf16_units, resolve_device
 from fusion.heads.config import FitConfig
 from fusion.heads.search.configs import grid_configs
-from fusion.heads.search.grid import run_grid
 from fusion.heads.search.prune import Pruning
 from fusion.heads.search.summary import summarise
 from fusion.paper import HEADS as PAPER_HEADS
 
 CHECK_SIZES = {"mvsa-multi": MVSA_MULTI, "mvsa-single": {"train": 3_608, "val": 451, "test": 452}}
-
-
-def timed_grid(features, configs, prune: Pruning | None, device: torch.device) -> tuple[list[dict], float]:
-    with tempfile.TemporaryDirectory() as out:
-        synchronize(device)
-        start = time.perf_counter()
-        rows = run_grid(features, configs, Path(out), prune=prune, device=device)
-        synchronize(device)
-        return rows, time.perf_counter() - start
 
 
 def plain_complete_run(features, config: FitConfig, device: torch.device) -> tuple[float, int]:
@@ -96,8 +84,8 @@ def trained_flops(features, head: str, written: str) -> int:
 def pruned_same_best(size: str, precision: str, scale: float, device: torch.device) -> tuple[bool, float, str]:
     features = signal_features(scaled(CHECK_SIZES[size], scale), seed=1)
     configs = grid_configs(FitConfig(precision=precision))
-    exhaustive, exhaustive_seconds = timed_grid(features, configs, None, device)
-    pruned, pruned_seconds = timed_grid(features, configs, Pruning(), device)
+    exhaustive, exhaustive_seconds = timed_grid(features, configs, device=device)
+    pruned, pruned_seconds = timed_grid(features, configs, prune=Pruning(), device=device)
     chosen = [summarise(rows, "macro_f1")[0] for rows in (exhaustive, pruned)]
     epochs = [sum(row["epochs_run"] for row in rows) for rows in (exhaustive, pruned)]
     same = chosen[0].config == chosen[1].config
@@ -135,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     rates = [gemm_rate(dtype, device=device)]
-    rows, seconds = timed_grid(features, configs, Pruning(), device)
+    rows, seconds = timed_grid(features, configs, prune=Pruning(), device=device)
     pruned = sum(1 for row in rows if row["pruned_at"] is not None)
     print(f"ours (--prune, {precision}): {seconds:.0f} s; {sum(r['epochs_run'] for r in rows)} configuration-epochs; "
           f"{pruned} configurations pruned; chooses {config_name(summarise(rows, 'macro_f1')[0].config)}", flush=True)

@@ -44,7 +44,6 @@ import ctypes.util
 import json
 import mmap
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -56,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion.benchmarks.common import (IMAGE_DIM, PATCHES, TEXT_DIM, TEXT_LENGTH, OtherLoad, add_repeats, add_threads,
-                                      add_workdir, finish, new_parser, use_threads)
+                                      add_workdir, finish, memory_kb, new_parser, use_threads)
 
 WRITE_BATCH = 128  # rows per partial batch file while writing the cache
 CONFIG = {"head": "dual_attn", "epochs": 1, "batch_size": 256}
@@ -156,10 +155,6 @@ def drop_page_cache(path: Path) -> None:
 
 
 # ------------------------------------------------------------------ the measured process
-
-
-def memory_kb(field: str) -> int:
-    return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 def reset_peak() -> bool:
