@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from fusion.heads.config import FitConfig
 from fusion.device import autocast
@@ -47,6 +48,9 @@ from fusion.memory import available_memory
 
 if TYPE_CHECKING:  # the schedule is the search's (heads/search/prune.py); the trainer only calls it
     from fusion.heads.search.prune import Pruning
+
+# What torch.profiler sees a training step and an evaluation as (benchmarks/step_profile.py counts per step by them).
+TRAIN_STEP, EVALUATION = "fusion.train_step", "fusion.evaluation"
 
 
 def train_head(features: dict[str, SplitFeatures], config: FitConfig, on_epoch=None, *,
@@ -208,19 +212,22 @@ class _Pass:
         total = torch.zeros(len(self.active), device=self.device)
         for batch in train.batches(order[start:start + self.batch_size] for start in range(0, len(train),
                                                                                           self.batch_size)):
-            batch = _moved(batch, self.device)
-            noise = None if rates is None else tuple(torch.rand(len(batch), d, generator=self.noise).to(self.device)
-                                                     for d in self.noise_dims)
-            with autocast(self.precision, self.device):
-                logits = head_forward(self.spec, stack.params, batch.text, batch.image, rates, noise)
-            losses = focal_loss(logits.float(), batch.label, gammas, alphas)
-            # Parameters a head never uses (Q/K of a single-key cross-attention) get zero gradients: Adam leaves them.
-            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True, materialize_grads=True)
-            self.adam.step(grads)
-            total += losses.detach() * len(batch)
+            with record_function(TRAIN_STEP):
+                batch = _moved(batch, self.device)
+                noise = None if rates is None else tuple(torch.rand(len(batch), d, generator=self.noise)
+                                                         .to(self.device) for d in self.noise_dims)
+                with autocast(self.precision, self.device):
+                    logits = head_forward(self.spec, stack.params, batch.text, batch.image, rates, noise)
+                losses = focal_loss(logits.float(), batch.label, gammas, alphas)
+                # Parameters a head never uses (Q/K of a single-key cross-attention) get zero gradients: Adam
+                # leaves them.
+                grads = torch.autograd.grad(losses.sum(), params, allow_unused=True, materialize_grads=True)
+                self.adam.step(grads)
+                total += losses.detach() * len(batch)
         return total / len(train)
 
     @torch.no_grad()
+    @record_function(EVALUATION)
     def _evaluate(self, split: SplitFeatures, params: dict[str, Tensor], positions: Tensor) -> tuple[Tensor, Tensor]:
         """Mean loss (M,) and predictions (M, N) of the models at `positions` (no dropout)."""
         _, gammas, alphas = self._model_inputs(positions)
