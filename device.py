@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 DEVICES = ("auto", "cpu", "cuda")
-# The precisions each stage accepts. Encoders take fp16 too (a GPU only); heads train in fp32 or bf16 autocast.
+# The precisions each stage accepts. Encoders take fp16 too (a GPU only); heads train in fp32 or bf16 (head_dtype).
 ENCODER_PRECISIONS = ("fp32", "bf16", "fp16")
 HEAD_PRECISIONS = ("fp32", "bf16")
 
@@ -86,8 +86,7 @@ def bf16_units() -> str:
 def check_precision(precision: str, device: torch.device) -> None:
     """Heads in bf16 on a CPU without bf16 units are refused: emulated, far slower than fp32 (the encoders refuse
     fp16 on a CPU for the same reason, encoder_dtypes)."""
-    if precision not in HEAD_PRECISIONS:
-        raise DeviceError(f"unknown precision {precision!r} for the heads: choose one of {', '.join(HEAD_PRECISIONS)}")
+    check_head_precision(precision)
     if precision == "bf16" and device.type == "cpu" and bf16_units() == "none":
         raise DeviceError("--precision bf16 on this CPU would be emulated (it has neither AMX nor avx512_bf16), many "
                           "times slower than fp32: use --precision fp32, or a GPU with --device cuda")
@@ -98,6 +97,22 @@ def training_device(name: str, precision: str) -> torch.device:
     device = resolve_device(name)
     check_precision(precision, device)
     return device
+
+
+def head_dtype(precision: str) -> torch.dtype:
+    """The dtype a head's training computes in: its products, activations and gradients, and the features it is fed
+    (cast once per pass). bf16 keeps the weights, Adam's state and the losses in fp32 (heads/optim.py BatchedAdam
+    multiplies a bf16 copy of the weights, refreshed once per step); there is no autocast, which would cast every
+    weight again for every product."""
+    import torch
+
+    check_head_precision(precision)
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def check_head_precision(precision: str) -> None:
+    if precision not in HEAD_PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r} for the heads: choose one of {', '.join(HEAD_PRECISIONS)}")
 
 
 def autocast(precision: str, device: torch.device):

@@ -82,24 +82,25 @@ def parameter_blocks(config: FitConfig, features: dict) -> int:
 
 
 def profile_training(features: dict, configs: list[FitConfig]) -> dict:
-    """One warm-up epoch, then `train_many` under torch.profiler: its seconds, self CPU seconds by operator, copy_
-    calls inside training steps, and the number of steps."""
+    """One warm-up epoch, then `train_many` under torch.profiler: its seconds, self CPU seconds by operator, the
+    number of training steps and the copy_ calls inside them: of tensors, and of Python numbers (an operator given
+    a float copies it into a 0-dim tensor: a few bytes, counted apart)."""
     warm_up = [dataclasses.replace(config, epochs=1, patience=1) for config in configs]
     train_many(features, warm_up)
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
         started = time.perf_counter()
         train_many(features, configs)
         wall = time.perf_counter() - started
-    events = profiler.events()
     seconds: Counter = Counter()
     calls: Counter = Counter()
-    steps, step_copies = 0, 0
-    for event in events:
+    steps, step_copies = 0, Counter()
+    for event in profiler.events():
         seconds[event.name] += event.self_cpu_time_total / 1e6
         calls[event.name] += 1
         if event.name == TRAIN_STEP:
             steps += 1
-            step_copies += sum(1 for child in descendants(event) if child.name in COPIES)
+            step_copies.update("number" if child.input_shapes and child.input_shapes[0] == [] else "tensor"
+                               for child in descendants(event) if child.name in COPIES)
     return {"seconds": seconds, "calls": calls, "steps": steps, "step_copies": step_copies, "wall": wall}
 
 
@@ -117,30 +118,31 @@ def summarise(measured: dict, blocks: int) -> dict:
     for name, spent in measured["seconds"].items():
         by_kind[kind_of(name)] += spent
     top = measured["seconds"].most_common(6)
+    steps = max(1, measured["steps"])
     return {"wall_seconds": round(measured["wall"], 2), "self_cpu_seconds": round(total, 2),
             "shares": {kind: round(spent / total, 3) for kind, spent in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "matrix_share": round(by_kind["matrix products"] / total, 3),
             "copy_share": round(by_kind["copy_"] / total, 3),
             "elementwise_share": round(by_kind["elementwise"] / total, 3),
             "steps": measured["steps"],
-            "copy_calls_per_step": round(measured["step_copies"] / max(1, measured["steps"]), 2),
+            "copy_calls_per_step": round(measured["step_copies"]["tensor"] / steps, 2),
+            "number_copy_calls_per_step": round(measured["step_copies"]["number"] / steps, 2),
             "parameter_blocks": blocks,
             "top": [(name, round(spent / total, 3), measured["calls"][name]) for name, spent in top]}
 
 
 def merged(parts: list[dict]) -> dict:
-    return {"seconds": sum((p["seconds"] for p in parts), Counter()), "calls": sum((p["calls"] for p in parts),
-                                                                                    Counter()),
-            "steps": sum(p["steps"] for p in parts), "step_copies": sum(p["step_copies"] for p in parts),
-            "wall": sum(p["wall"] for p in parts)}
+    return {key: sum((p[key] for p in parts), Counter()) for key in ("seconds", "calls", "step_copies")} | {
+        "steps": sum(p["steps"] for p in parts), "wall": sum(p["wall"] for p in parts)}
 
 
 def print_lines(precision: str, head: str, figures: dict) -> None:
     shares = ", ".join(f"{kind} {share:.1%}" for kind, share in figures["shares"].items())
     print(f"{precision} {head}: {figures['wall_seconds']:.1f} s profiled ({figures['steps']} steps); matrix products "
           f"{figures['matrix_share']:.1%} of self CPU time, copy_ {figures['copy_share']:.1%} "
-          f"({figures['copy_calls_per_step']:g} calls per step; {figures['parameter_blocks']} parameter blocks), "
-          f"elementwise {figures['elementwise_share']:.1%}", flush=True)
+          f"({figures['copy_calls_per_step']:g} calls per step of tensors, {figures['parameter_blocks']} parameter "
+          f"blocks; {figures['number_copy_calls_per_step']:g} of Python numbers), elementwise "
+          f"{figures['elementwise_share']:.1%}", flush=True)
     print(f"    by kind: {shares}")
     print("    costliest: " + ", ".join(f"{name} {share:.1%} ({count} calls)" for name, share, count in figures["top"]),
           flush=True)

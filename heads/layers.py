@@ -1,14 +1,22 @@
 """Stacked layers: M models of one architecture computed together, every parameter with a leading model dimension.
 
 Weights keep nn.Linear's (out, in) layout, so model m's slice of a stacked tensor is exactly a single head's weight.
+A [W_Q; W_K; W_V] weight comes stacked as (M, 3d, d), or piece by piece as (3, M, d, d) (qkv_pieces).
+
+Layout: the functions take and return activations as (M, B, F), but compute them feature-major. A product is
+computed as W X^T, so its result lies in memory as (M, F, B) and is returned as the transposed view (`columns` of
+it is dense again), and a function handed such a view computes on (M, F, B). So every product multiplies the weights
+as they are stored, every weight gradient leaves its product dense, and the elementwise work between products runs
+over dense memory: no activation, gradient or weight is copied into another layout, in fp32 or in bf16 (whose matrix
+kernels copy any operand that is not dense). benchmarks/step_profile.py counts the copies.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -19,51 +27,108 @@ def linear_init(generator: torch.Generator, out_dim: int, in_dim: int, bias: boo
     return [(torch.rand(shape, generator=generator) * 2 - 1) * bound for shape in shapes]
 
 
+def columns(x: Tensor) -> Tensor:
+    """(M, B, F) activations as (M, F, B), a column per row: a view, dense for what this module returns."""
+    return x.transpose(-1, -2)
+
+
+def qkv_pieces(qkv_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """W_Q, W_K, W_V (each (M, d, d)) of a stacked (M, 3d, d) weight, or of one stacked piece by piece, (3, M, d, d)
+    (heads/optim.py ParamStack), whose pieces are dense."""
+    if qkv_weight.dim() == 4:
+        return qkv_weight.unbind(0)
+    return qkv_weight.split(qkv_weight.shape[-1], dim=1)
+
+
 def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The same input (..., D) through M models' weights (M, out, D): ONE GEMM of width M*out -> (M, ..., out)."""
     models, out_dim, in_dim = weight.shape
-    flat_bias = None if bias is None else bias.reshape(models * out_dim)
-    y = F.linear(x, weight.reshape(models * out_dim, in_dim), flat_bias)
-    return y.unflatten(-1, (models, out_dim)).movedim(-2, 0)
+    rows = x.reshape(-1, in_dim)
+    y = torch.mm(weight.reshape(models * out_dim, in_dim), rows.T)  # (M*out, N): the first layer's weight as stored
+    if bias is not None:
+        y.add_(bias.reshape(-1, 1))  # in place: the product keeps only its inputs for its backward
+    return y.view(models, out_dim, *x.shape[:-1]).movedim(1, -1)
 
 
 def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Per-model inputs (M, B, in) -> (M, B, out) with one batched matmul."""
-    if bias is None:
-        return torch.bmm(x, weight.transpose(1, 2))
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    """Per-model inputs (M, B, in) -> (M, B, out) with one batched matmul, W X^T."""
+    y = torch.bmm(weight, columns(x))
+    if bias is not None:
+        y.add_(bias.unsqueeze(-1))
+    return columns(y)
 
 
-def dropout(x: Tensor, rates: Tensor | None, noise: Tensor | None) -> Tensor:
-    """Inverted dropout with a rate per model: x (M, B, F), rates (M,), noise (B, F) uniform in [0, 1).
+def transposed_product(weight: Tensor, x: Tensor) -> Tensor:
+    """W^T X for stacked W (M, k, n) and X (M, k, B) -> (M, n, B). Its weight gradient X G^T is computed as such,
+    dense; autograd's would be (G X^T)^T, a transposed view, which Adam and bf16 kernels would copy."""
+    return _TransposedProduct.apply(weight, x)
+
+
+class _TransposedProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(weight, x)
+        return torch.bmm(weight.transpose(1, 2), x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, x = ctx.saved_tensors
+        weight_grad = torch.bmm(x, grad.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        x_grad = torch.bmm(weight, grad) if ctx.needs_input_grad[1] else None
+        return weight_grad, x_grad
+
+
+@dataclass(frozen=True)
+class DropoutRates:
+    """Dropout rates, one per model, as dropout reads them: the rates (M, 1, 1) the noise is compared with, and the
+    kept units' scale 1 / (1 - rate) (M, 1, 1) in the compute dtype, made once (a trainer's epoch), not per step."""
+    rates: Tensor
+    scales: Tensor
+
+    @classmethod
+    def of(cls, rates: Tensor, dtype: torch.dtype) -> "DropoutRates":
+        return cls(rates.view(-1, 1, 1), (1 / (1 - rates)).to(dtype).view(-1, 1, 1))
+
+
+def dropout(x: Tensor, rates: DropoutRates | Tensor | None, noise: Tensor | None) -> Tensor:
+    """Inverted dropout with a rate per model: x (M, B, F), rates (M,) or made once (DropoutRates), noise (B, F)
+    uniform in [0, 1).
 
     The noise is shared by the models of one pass (it depends on the seed only), so a model's masks are the same
-    whether it trains alone or stacked with others; rate 0 keeps every unit at scale 1.
+    whether it trains alone or stacked with others; rate 0 keeps every unit at scale 1. The mask is drawn as
+    booleans straight into x's layout and turned into each kept unit's scale in one op; one product applies it, and
+    one its gradient.
     """
     if rates is None or noise is None:
         return x
-    rates = rates.view(-1, 1, 1)
-    keep = (noise >= rates).to(x.dtype) / (1 - rates)
-    return x * keep
+    if isinstance(rates, Tensor):
+        rates = DropoutRates.of(rates, x.dtype)
+    units = columns(x)
+    kept = torch.empty(units.shape, dtype=torch.bool, device=x.device)
+    torch.ge(columns(noise), rates.rates, out=kept)
+    return columns(units * torch.where(kept, rates.scales, 0))
 
 
 def pair_self_attention(first: Tensor, second: Tensor, qkv_weight: Tensor) -> Tensor:
     """Eq. 7 over the two-token sequence [x_1, x_2] = [first, second] (each (M, B, d)) -> both attended tokens,
-    concatenated (M, B, 2d); qkv_weight (M, 3d, d) holds W_Q, W_K, W_V stacked.
+    concatenated (M, B, 2d); qkv_weight holds W_Q, W_K, W_V (qkv_pieces).
 
     Over two keys a softmax is a sigmoid of the score difference: token i gives weight
-    a_i = sigmoid(q_i.(k_1 - k_2) / sqrt(d)) = sigmoid(x_i.w) to x_1, with w = W_Q^T W_K (x_1 - x_2) / sqrt(d), and
-    1 - a_i to x_2. As the weights sum to 1, its output is W_V (x_2 + a_i (x_1 - x_2)). Exactly Eq. 7, with four
-    d x d products per row (w, then W_V of the two mixtures) instead of the six of Q, K and V for both tokens.
+    a_i = sigmoid(q_i.(k_1 - k_2) / sqrt(d)) = sigmoid(x_i.w / sqrt(d)) to x_1, with w = W_Q^T W_K (x_1 - x_2), and
+    1 - a_i to x_2. As the weights sum to 1, its output is W_V (x_2 + a_i (x_1 - x_2)) = W_V x_2 + a_i W_V (x_1 - x_2).
+    Exactly Eq. 7, with four d x d products per row (w, then W_V of x_2 and of the difference) instead of the six
+    of Q, K and V for both tokens.
     """
-    models, batch, dim = first.shape
-    query_weight, key_weight, value_weight = qkv_weight.split(dim, dim=1)
-    difference = first - second
-    direction = torch.bmm(stacked_linear(difference, key_weight), query_weight) / math.sqrt(dim)  # w, as rows
-    weight_first = torch.sigmoid(torch.stack(((first * direction).sum(-1), (second * direction).sum(-1)), dim=-1))
-    mixtures = second.unsqueeze(2) + weight_first.unsqueeze(-1) * difference.unsqueeze(2)  # (M, B, 2, d)
-    attended = stacked_linear(mixtures.reshape(models, batch * 2, dim), value_weight)
-    return attended.reshape(models, batch, 2 * dim)
+    query_weight, key_weight, value_weight = qkv_pieces(qkv_weight)
+    x1, x2 = columns(first), columns(second)  # (M, d, B)
+    models, dim, batch = x1.shape
+    difference = x1 - x2
+    direction = transposed_product(query_weight, torch.bmm(key_weight, difference))  # w, a column per row
+    scores = torch.stack(((x1 * direction).sum(1), (x2 * direction).sum(1)), dim=1)  # (M, 2, B)
+    weight_first = torch.sigmoid(scores / math.sqrt(dim))
+    attended = torch.addcmul(torch.bmm(value_weight, x2).unsqueeze(1), weight_first.unsqueeze(2),
+                             torch.bmm(value_weight, difference).unsqueeze(1))  # (M, 2, d, B): token, feature, row
+    return columns(attended.view(models, 2 * dim, batch))
 
 
 def token_cross_attention(query: Tensor, tokens: Tensor, mask: Tensor, proj_weight: Tensor, proj_bias: Tensor,
@@ -75,11 +140,13 @@ def token_cross_attention(query: Tensor, tokens: Tensor, mask: Tensor, proj_weig
     With K_j = W_K (P x_j + b), q.K_j = x_j.u + q.W_K b where u = (W_K P)^T q: the second term is the same for every
     key, so it cancels in the softmax, and as the weights a_j sum to 1 the output sum_j a_j W_V (P x_j + b) is
     W_V (P (sum_j a_j x_j) + b). Exactly the attention over projected tokens, at O(L D) per row and model instead of
-    O(L D d): no token is ever projected. A masked token gets exactly zero weight, whatever its values.
+    O(L D d): no token is ever projected. A masked token gets exactly zero weight, whatever its values. The softmax
+    is taken in fp32 at least, whatever the compute dtype.
     """
     scale = 1.0 / math.sqrt(query.shape[-1])
     feature_query = torch.bmm(torch.bmm(query, key_weight), proj_weight)  # (M, B, D): u of each row and model
     scores = torch.bmm(feature_query.transpose(0, 1), tokens.transpose(1, 2)) * scale  # (B, M, L)
     scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))  # token 0 is always real: no row is all -inf
-    mean_token = torch.bmm(torch.softmax(scores, dim=-1), tokens).transpose(0, 1)  # (M, B, D): sum_j a_j x_j
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(tokens.dtype)
+    mean_token = torch.bmm(weights, tokens).transpose(0, 1)  # (M, B, D): sum_j a_j x_j
     return stacked_linear(stacked_linear(mean_token, proj_weight, proj_bias), value_weight)

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from fusion.heads.config import FitConfig
 from fusion.heads.registry import HEADS, NUM_CLASSES, HeadSpec, fused_dim
 from fusion.heads.features import Modality, pooled_modality
-from fusion.heads.layers import (dropout, linear_init, pair_self_attention, shared_linear, stacked_linear,
-                                 token_cross_attention)
+from fusion.heads.layers import (DropoutRates, columns, dropout, linear_init, pair_self_attention, qkv_pieces,
+                                 shared_linear, stacked_linear, token_cross_attention)
 
 def param_shapes(spec: HeadSpec, text_dim: int, image_dim: int, proj_dim: int, hidden: int) -> dict[str, tuple]:
     """Every parameter's name and single-model shape, in a fixed order (the init draws follow it)."""
@@ -38,6 +38,18 @@ def param_shapes(spec: HeadSpec, text_dim: int, image_dim: int, proj_dim: int, h
     return shapes
 
 
+# Parameters a head uses in fp32 whatever the compute dtype: the output bias is added to the logits after their one
+# cast to fp32, the loss's precision, so in bf16 training its gradient needs no cast either (heads/optim.py).
+OUTPUT_BIAS = "classifier.out.bias"
+FULL_PRECISION = (OUTPUT_BIAS,)
+
+
+def stacked_pieces(shapes: dict[str, tuple]) -> dict[str, int]:
+    """The parameters a trainer's stack keeps piece by piece (heads/optim.py ParamStack): each [W_Q; W_K; W_V]
+    weight, whose three pieces are separate operands (layers.qkv_pieces)."""
+    return {name: 3 for name in shapes if name.endswith("qkv.weight")}
+
+
 def init_params(shapes: dict[str, tuple], head: str, seed: int) -> dict[str, Tensor]:
     """One model's initial weights from its own generator, seeded by the head name and the config seed."""
     generator = torch.Generator().manual_seed(zlib.crc32(f"{head}:{seed}".encode()))
@@ -53,13 +65,16 @@ def init_params(shapes: dict[str, tuple], head: str, seed: int) -> dict[str, Ten
 
 
 def head_forward(spec: HeadSpec, params: dict[str, Tensor], text: Modality, image: Modality,
-                 rates: Tensor | None = None, noise: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Logits (M, B, 3) of M stacked models; rates (M,) and noise ((B, F), (B, hidden)) turn dropout on."""
+                 rates: DropoutRates | Tensor | None = None, noise: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Logits (M, B, 3) of M stacked models, dense, in the output bias's dtype (FULL_PRECISION); rates and noise
+    ((B, F), (B, hidden)) turn dropout on."""
     fused = _FUSIONS[spec.fusion](spec, params, text, image)
     fused = dropout(fused, rates, None if noise is None else noise[0])
     hidden = torch.relu(stacked_linear(fused, params["classifier.hidden.weight"], params["classifier.hidden.bias"]))
     hidden = dropout(hidden, rates, None if noise is None else noise[1])
-    return stacked_linear(hidden, params["classifier.out.weight"], params["classifier.out.bias"])
+    logits = stacked_linear(hidden, params["classifier.out.weight"])
+    bias = params[OUTPUT_BIAS]
+    return logits.to(bias.dtype, memory_format=torch.contiguous_format) + bias.unsqueeze(1)
 
 
 def _latent(params: dict[str, Tensor], modality: str, features: Modality) -> Tensor:
@@ -68,7 +83,8 @@ def _latent(params: dict[str, Tensor], modality: str, features: Modality) -> Ten
 
 
 def _concat(spec, params, text, image) -> Tensor:
-    return torch.cat((_latent(params, "text", text), _latent(params, "image", image)), dim=-1)
+    latents = (_latent(params, "text", text), _latent(params, "image", image))
+    return columns(torch.cat([columns(latent) for latent in latents], dim=1))  # stays feature-major (layers.py)
 
 
 def _self_attn(spec, params, text, image) -> Tensor:
@@ -87,15 +103,15 @@ def _dual_attn(spec, params, text, image) -> Tensor:
 def _cross(params: dict[str, Tensor], latent: Tensor, modality: str, other_latent: Tensor, other: str,
            other_features: Modality) -> Tensor:
     """One modality's latent (M, B, d) attends to the other modality's tokens -> (M, B, d)."""
-    query_weight, other_qkv = params[f"cross.{modality}_qkv.weight"], params[f"cross.{other}_qkv.weight"]
-    dim = latent.shape[-1]
+    query_weight = qkv_pieces(params[f"cross.{modality}_qkv.weight"])[0]
+    _, other_key_weight, other_value_weight = qkv_pieces(params[f"cross.{other}_qkv.weight"])
     if other_features.pooled:
         # A softmax over a single key is exactly 1, so the result is that key's value: W_Q and W_K drop out
         # (registry.pooled_dual_attn_note says so to the user).
-        return stacked_linear(other_latent, other_qkv[:, 2 * dim:])
-    query = stacked_linear(latent, query_weight[:, :dim])
+        return stacked_linear(other_latent, other_value_weight)
+    query = stacked_linear(latent, query_weight)
     return token_cross_attention(query, other_features.tokens, other_features.mask, params[f"{other}_proj.weight"],
-                                 params[f"{other}_proj.bias"], other_qkv[:, dim:2 * dim], other_qkv[:, 2 * dim:])
+                                 params[f"{other}_proj.bias"], other_key_weight, other_value_weight)
 
 
 def _single(spec, params, text, image) -> Tensor:

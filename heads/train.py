@@ -16,9 +16,11 @@ How the vectorisation works
   its best-on-validation weights were copied aside whenever it improved, and test metrics come from those. With
   `prune` (heads/search/prune.py), the worst models still training are also dropped at the rungs, the same way.
 - Device and precision: every tensor is made on the device the features are moved to (random draws come from CPU
-  generators, so a seed means the same minibatches and dropout masks everywhere). A bf16 config runs its forward
-  passes under autocast (device.py) and its loss in fp32, with fp32 weights and Adam state; an fp32 config runs
-  no autocast at all. Precision is part of the config, so bf16 and fp32 models never share a pass.
+  generators, so a seed means the same minibatches and dropout masks everywhere). A bf16 config computes its
+  forward and backward passes in bf16 (device.py head_dtype): the features are cast once per pass, the weights
+  once per step (a bf16 copy that heads/optim.py BatchedAdam refreshes), the logits to fp32 for the loss before
+  the output bias is added (models.FULL_PRECISION), and the gradients to fp32 for Adam, whose weights and state stay
+  fp32. Precision is part of the config, so bf16 and fp32 models never share a pass.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from fusion.heads.config import FitConfig
-from fusion.device import autocast
+from fusion.device import head_dtype
 from fusion.heads.optim import BatchedAdam, ParamStack
 from fusion.heads.result import FitResult, TestPredictions
 from fusion.heads.features import Modality, SplitFeatures
 from fusion.heads.losses import focal_loss, focal_loss_per_sample
 from fusion.heads.metrics import classification_metrics, confusion_counts
-from fusion.heads.models import head_forward, init_params, param_shapes
+from fusion.heads.layers import DropoutRates
+from fusion.heads.models import FULL_PRECISION, head_forward, init_params, param_shapes, stacked_pieces
 from fusion.heads.registry import HEADS, HeadSpec, fused_dim
 from fusion.errors import FusionError
 from fusion.memory import available_memory
@@ -163,17 +166,17 @@ class _Pass:
         self.spec = HEADS[first.head]
         if self.spec.fusion != "dual_attn":  # only cross-modal attention reads past token 0: gather less per step
             features = {name: split.latents_only() for name, split in features.items()}
-        self.device = device
-        self.features = {name: _moved(split, device) for name, split in features.items()}
+        self.device, self.dtype = device, head_dtype(first.precision)
+        self.features = {name: _moved(split, device, self.dtype) for name, split in features.items()}
         self.configs, self.indices, self.on_epoch = configs, indices, on_epoch
         self.proj_dim, self.hidden = first.proj_dim, first.hidden
         self.batch_size = first.batch_size
-        self.precision = first.precision
         self.noise_dims = (fused_dim(self.spec, first.proj_dim), first.hidden)
         self.shapes = param_shapes(self.spec, *features["train"].dims, first.proj_dim, first.hidden)
         stack = ParamStack.from_models(self.shapes, [init_params(self.shapes, c.head, c.seed) for c in configs],
-                                       device)
-        self.adam = BatchedAdam(stack, [c.lr for c in configs])
+                                       device, pieces=stacked_pieces(self.shapes))
+        self.adam = BatchedAdam(stack, [c.lr for c in configs], compute_dtype=self.dtype,
+                                full_precision=FULL_PRECISION)
         self.best = {name: p.detach().clone() for name, p in stack.params.items()}
         self.trackers = [_Tracker(c) for c in configs]
         self.active = torch.arange(len(configs))  # config positions of the models still training
@@ -186,13 +189,13 @@ class _Pass:
     def run(self) -> list[FitResult]:
         for epoch in range(1, max(c.epochs for c in self.configs) + 1):
             train_loss = self._train_epoch()
-            val_loss, val_pred = self._evaluate(self.features["val"], self.adam.stack.params, self.active)
+            val_loss, val_pred = self._evaluate(self.features["val"], self.adam.params, self.active)
             self._record(epoch, train_loss, val_loss, val_pred)
             if len(self.active) == 0:
                 break
         return self._results()
 
-    def _model_inputs(self, positions: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    def _model_inputs(self, positions: Tensor) -> tuple[DropoutRates | None, Tensor, Tensor | None]:
         """Dropout rates (None when all 0: no noise drawn), focal gammas and alphas (None when all None)."""
         configs = [self.configs[i] for i in positions.tolist()]
         rates = torch.tensor([c.dropout for c in configs], device=self.device)
@@ -201,42 +204,41 @@ class _Pass:
         if any(c.alpha is not None for c in configs):
             alphas = torch.tensor([c.alpha if c.alpha is not None else (1.0, 1.0, 1.0) for c in configs],
                                   device=self.device)
-        return (rates if bool((rates > 0).any()) else None), gammas, alphas
+        return (DropoutRates.of(rates, self.dtype) if bool((rates > 0).any()) else None), gammas, alphas
 
     def _train_epoch(self) -> Tensor:
         """One epoch over the shuffled training split -> the mean training loss of each active model."""
-        train, stack = self.features["train"], self.adam.stack
+        train, adam = self.features["train"], self.adam
         rates, gammas, alphas = self._model_inputs(self.active)
-        params = list(stack.params.values())
+        params = list(adam.params.values())
         order = torch.randperm(len(train), generator=self.order).to(train.label.device)
         total = torch.zeros(len(self.active), device=self.device)
         for batch in train.batches(order[start:start + self.batch_size] for start in range(0, len(train),
                                                                                           self.batch_size)):
             with record_function(TRAIN_STEP):
-                batch = _moved(batch, self.device)
+                batch = _moved(batch, self.device, self.dtype)
                 noise = None if rates is None else tuple(torch.rand(len(batch), d, generator=self.noise)
                                                          .to(self.device) for d in self.noise_dims)
-                with autocast(self.precision, self.device):
-                    logits = head_forward(self.spec, stack.params, batch.text, batch.image, rates, noise)
-                losses = focal_loss(logits.float(), batch.label, gammas, alphas)
+                logits = head_forward(self.spec, adam.params, batch.text, batch.image, rates, noise)
+                losses = focal_loss(logits, batch.label, gammas, alphas)
                 # Parameters a head never uses (Q/K of a single-key cross-attention) get zero gradients: Adam
                 # leaves them.
                 grads = torch.autograd.grad(losses.sum(), params, allow_unused=True, materialize_grads=True)
-                self.adam.step(grads)
-                total += losses.detach() * len(batch)
+                adam.step(grads)
+                total.add_(losses.detach(), alpha=len(batch))
         return total / len(train)
 
     @torch.no_grad()
     @record_function(EVALUATION)
     def _evaluate(self, split: SplitFeatures, params: dict[str, Tensor], positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean loss (M,) and predictions (M, N) of the models at `positions` (no dropout)."""
+        """Mean loss (M,) and predictions (M, N) of the models at `positions` (no dropout); `params` in the
+        compute dtype."""
         _, gammas, alphas = self._model_inputs(positions)
         chunk = _eval_chunk(split, len(positions), values_per_row(self.spec, split, self.proj_dim, self.hidden))
         loss_sum, predictions = torch.zeros(len(positions), device=self.device), []
         for rows in split.batches(slice(start, start + chunk) for start in range(0, len(split), chunk)):
-            rows = _moved(rows, self.device)
-            with autocast(self.precision, self.device):
-                logits = head_forward(self.spec, params, rows.text, rows.image).float()
+            rows = _moved(rows, self.device, self.dtype)
+            logits = head_forward(self.spec, params, rows.text, rows.image)
             loss_sum += focal_loss_per_sample(logits, rows.label, gammas, alphas).sum(dim=-1)
             predictions.append(logits.argmax(dim=-1))
         return (loss_sum / max(len(split), 1)).cpu(), torch.cat(predictions, dim=1).cpu()
@@ -278,8 +280,10 @@ class _Pass:
     def _copy_best(self, rows: Tensor) -> None:
         if len(rows):
             targets, rows = self.active[rows].to(self.device), rows.to(self.device)
-            for name, param in self.adam.stack.params.items():
-                self.best[name].index_copy_(0, targets, param.detach()[rows])
+            stack = self.adam.stack
+            for name, param in stack.params.items():
+                dim = stack.model_dim(name)
+                self.best[name].index_copy_(dim, targets, param.detach().index_select(dim, rows))
 
     def _results(self) -> list[FitResult]:
         everyone = torch.arange(len(self.configs))
@@ -287,7 +291,9 @@ class _Pass:
         test_metrics: list[dict | None] = [None] * len(self.configs)
         test_predictions: list[TestPredictions | None] = [None] * len(self.configs)
         if test is not None and len(test):
-            losses, predictions = self._evaluate(test, self.best, everyone)
+            best = {name: tensor if name in FULL_PRECISION else tensor.to(self.dtype)
+                    for name, tensor in self.best.items()}
+            losses, predictions = self._evaluate(test, best, everyone)
             labels = test.label.cpu().numpy()
             test_metrics = [{**classification_metrics(labels, predictions[i].numpy()), "loss": float(losses[i]),
                              "confusion_matrix": confusion_counts(labels, predictions[i].numpy())}
@@ -304,7 +310,8 @@ class _Pass:
         best = tracker.history[tracker.best_epoch - 1]
         val = {key: value for key, value in best.items() if key not in ("epoch", "train_loss", "val_loss")}
         val["loss"] = best["val_loss"]
-        state = {name: tensor[position].cpu().clone() for name, tensor in self.best.items()}
+        state = {name: self.adam.stack.of_model(name, tensor, position).cpu().clone()
+                 for name, tensor in self.best.items()}
         return FitResult(tracker.config, tracker.best_epoch, len(tracker.history), tracker.history, val, test,
                          state, tracker.seconds, pruned_at=tracker.pruned_at, device=str(self.device))
 
@@ -316,13 +323,15 @@ def _eval_chunk(split: SplitFeatures, models: int, model_values_per_row: int) ->
     return max(1, min(4096, (1 << 25) // per_row))
 
 
-def _moved(split, device: torch.device):
-    """An in-memory split (or minibatch) on `device`; the same object when it is there already. A streamed split
-    stays where it is: its minibatches are moved as they are read."""
-    if not isinstance(split, SplitFeatures) or split.label.device == device:
+def _moved(split, device: torch.device, dtype: torch.dtype):
+    """An in-memory split (or minibatch) on `device` in `dtype`; the same object when it is so already. A streamed
+    split stays as it is: its minibatches are moved as they are read."""
+    if not isinstance(split, SplitFeatures) or (split.label.device == device and split.text.tokens.dtype == dtype):
         return split
-    return SplitFeatures(*(Modality(m.tokens.to(device), m.mask.to(device)) for m in (split.text, split.image)),
-                         split.label.to(device))
+    moved = SplitFeatures(*(Modality(m.tokens.to(device, dtype), m.mask.to(device)) for m in (split.text, split.image)),
+                          split.label.to(device))
+    moved.ids = split.ids
+    return moved
 
 
 def _check_features(features: dict[str, SplitFeatures]) -> None:

@@ -58,21 +58,28 @@ def test_fused_and_vectorised_optimisers_train_alike(monkeypatch):
 
 
 def test_bf16_trains_matmuls_in_bf16_with_fp32_weights_and_state(monkeypatch):
+    import fusion.heads.models as models
     import fusion.heads.train as train
 
     features, bayes = gaussian_features({"train": 600, "val": 300, "test": 300})
     config = FitConfig(head="self_attn", lr=3e-3, dropout=0.0, loss="ce", epochs=8, metric="accuracy", **FAST)
-    seen = []
-    real_forward = train.head_forward
+    products, logits_seen = set(), set()
+    real_linear, real_forward = models.stacked_linear, train.head_forward
 
-    def spy(*args, **kwargs):
+    def product_spy(x, weight, bias=None):
+        products.add((x.dtype, weight.dtype))
+        return real_linear(x, weight, bias)
+
+    def forward_spy(*args, **kwargs):
         logits = real_forward(*args, **kwargs)
-        seen.append(logits.dtype)
+        logits_seen.add(logits.dtype)
         return logits
 
-    monkeypatch.setattr(train, "head_forward", spy)
+    monkeypatch.setattr(models, "stacked_linear", product_spy)
+    monkeypatch.setattr(train, "head_forward", forward_spy)
     fp32, bf16 = train_many(features, [config, replace(config, precision="bf16")])  # two passes: never stacked
-    assert set(seen) == {torch.float32, torch.bfloat16}
+    assert products == {(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)}
+    assert logits_seen == {torch.float32}  # the loss reads fp32 logits in both
     assert all(t.dtype == torch.float32 for t in bf16.state_dict.values())
     assert not torch.equal(fp32.state_dict["fusion.qkv.weight"], bf16.state_dict["fusion.qkv.weight"])
     assert abs(fp32.val["accuracy"] - bf16.val["accuracy"]) <= 0.03 and bf16.test["accuracy"] > bayes - 0.05
