@@ -15,8 +15,9 @@ validation), it prints the share of:
 - the rest by kind (reductions and softmax, cat/stack, Adam, the Python between operators), and the costliest
   operators.
 Calls per step do not depend on the machine, so they can be checked where bf16 is emulated (bf16 units "none"); the
-shares and seconds can not. The last line is one JSON object: per precision and head, seconds, shares and copy_
-calls per step.
+shares and seconds can not. --compile-check also times torch.compile of the first head's step against the eager
+step (compile_check). The last line is one JSON object: per precision and head, seconds, shares and copy_ calls per
+step; the compile check's figures.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from fusion.benchmarks.common import (MVSA_MULTI, OtherLoad, add_threads, finish, new_parser, signal_features,
                                       use_threads)
-from fusion.device import HEAD_PRECISIONS, bf16_units
+from fusion.device import HEAD_PRECISIONS, bf16_units, head_dtype
 from fusion.heads.config import FitConfig
-from fusion.heads.models import param_shapes
-from fusion.heads.registry import HEADS
+from fusion.heads.features import Modality
+from fusion.heads.layers import DropoutRates
+from fusion.heads.losses import focal_loss
+from fusion.heads.models import FULL_PRECISION, head_forward, init_params, param_shapes, stacked_pieces
+from fusion.heads.optim import BatchedAdam, ParamStack
+from fusion.heads.registry import HEADS, fused_dim
 from fusion.heads.search.configs import grid_configs
 from fusion.heads.train import TRAIN_STEP, train_many
 
@@ -164,6 +169,54 @@ def run_profile(features: dict, precisions: list[str], heads: list[str], epochs:
     return results
 
 
+def compile_check(features: dict, head: str, precision: str, steps: int = 5) -> dict:
+    """torch.compile of the training step's forward and loss (its backward compiled with it) for the head's 48
+    models at batch 256, against the same step eager: the compile's seconds, each step's, and after how many steps
+    the compile pays back. One shape: another model count (models stop early, pruning drops them) or batch size
+    (an epoch's last) compiles again."""
+    configs = head_configs(head, precision, 1)
+    spec, dtype, first = HEADS[head], head_dtype(precision), configs[0]
+    shapes = param_shapes(spec, *features["train"].dims, first.proj_dim, first.hidden)
+    stack = ParamStack.from_models(shapes, [init_params(shapes, c.head, c.seed) for c in configs],
+                                   pieces=stacked_pieces(shapes))
+    adam = BatchedAdam(stack, [c.lr for c in configs], compute_dtype=dtype, full_precision=FULL_PRECISION)
+    batch = features["train"].rows(slice(0, first.batch_size))
+    text, image = (Modality(m.tokens[:, :1].to(dtype), m.mask[:, :1]) for m in (batch.text, batch.image))
+    rates = DropoutRates.of(torch.tensor([c.dropout for c in configs]), dtype)
+    gammas = torch.tensor([c.focal_gamma for c in configs])
+    generator = torch.Generator().manual_seed(0)
+    noise = tuple(torch.rand(len(batch), d, generator=generator) for d in (fused_dim(spec, first.proj_dim),
+                                                                              first.hidden))
+
+    def losses(params):
+        return focal_loss(head_forward(spec, params, text, image, rates, noise), batch.label, gammas)
+
+    def step(forward) -> float:
+        started = time.perf_counter()
+        params = adam.params
+        adam.step(torch.autograd.grad(forward(params).sum(), list(params.values()), materialize_grads=True))
+        return time.perf_counter() - started
+
+    step(losses)
+    eager = min(step(losses) for _ in range(steps))
+    compiled_losses = torch.compile(losses)
+    try:
+        compile_seconds = step(compiled_losses)
+    except Exception as error:  # no C++ compiler, an unsupported op: say so, the eager path stands
+        print(f"compile check: torch.compile failed: {str(error).splitlines()[0][:200]}", flush=True)
+        return {"failed": str(error).splitlines()[0][:200]}
+    compiled = min(step(compiled_losses) for _ in range(steps))
+    saved = eager - compiled
+    payback = math.ceil(compile_seconds / saved) if saved > 0 else None
+    print(f"compile check ({precision} {head}, 48 models, batch {first.batch_size}): compiling took "
+          f"{compile_seconds:.1f} s; a step takes {eager * 1e3:.0f} ms eager, {compiled * 1e3:.0f} ms compiled; "
+          f"{'pays back after ' + str(payback) + ' steps of this shape' if payback else 'never pays back'}",
+          flush=True)
+    return {"head": head, "precision": precision, "compile_seconds": round(compile_seconds, 1),
+            "eager_step_ms": round(eager * 1e3, 1), "compiled_step_ms": round(compiled * 1e3, 1),
+            "payback_steps": payback}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = new_parser(__doc__)
     add_threads(parser, 2)
@@ -171,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated, among fp32, bf16 [fp32,bf16]")
     parser.add_argument("--heads", default=",".join(PROFILED_HEADS), help="comma-separated [self_attn,dual_attn]")
     parser.add_argument("--scale", type=float, default=1.0, help="rows x SCALE (a quick look; printed)")
+    parser.add_argument("--compile-check", action="store_true",
+                        help="also time torch.compile of the first head's step in each precision (a minute or more)")
     args = parser.parse_args(argv)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
@@ -184,9 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{FitConfig().batch_size}, {rows} training and {len(features['val'])} validation rows "
           f"({math.ceil(rows / FitConfig().batch_size)} steps an epoch), {args.epochs} epochs", flush=True)
     results = run_profile(features, precisions, heads, args.epochs)
+    compiled = [compile_check(features, heads[0], precision) for precision in precisions] if args.compile_check else []
     others = load.cores()
-    summary = {"profile": results, "epochs": args.epochs, "scale": args.scale, "bf16_units": bf16_units(),
-               "threads": torch.get_num_threads(), "other_load_cores": round(others, 2)}
+    summary = {"profile": results, "compile_check": compiled, "epochs": args.epochs, "scale": args.scale,
+               "bf16_units": bf16_units(), "threads": torch.get_num_threads(), "other_load_cores": round(others, 2)}
     return finish(summary, other_cores=others)
 
 

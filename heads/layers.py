@@ -50,63 +50,52 @@ def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.view(models, out_dim, *x.shape[:-1]).movedim(1, -1)
 
 
-def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Per-model inputs (M, B, in) -> (M, B, out) with one batched matmul, W X^T."""
+def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    """Per-model inputs (M, B, in) -> (M, B, out) with one batched matmul, W X^T; scale (M, 1, 1), if given,
+    multiplies the product before the bias is added (dropout's, heads/models.py head_forward)."""
     y = torch.bmm(weight, columns(x))
+    if scale is not None:
+        return columns(torch.addcmul(bias.unsqueeze(-1), y, scale) if bias is not None else y * scale)
     if bias is not None:
         y.add_(bias.unsqueeze(-1))
     return columns(y)
 
 
-def transposed_product(weight: Tensor, x: Tensor) -> Tensor:
-    """W^T X for stacked W (M, k, n) and X (M, k, B) -> (M, n, B). Its weight gradient X G^T is computed as such,
-    dense; autograd's would be (G X^T)^T, a transposed view, which Adam and bf16 kernels would copy."""
-    return _TransposedProduct.apply(weight, x)
-
-
-class _TransposedProduct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight: Tensor, x: Tensor) -> Tensor:
-        ctx.save_for_backward(weight, x)
-        return torch.bmm(weight.transpose(1, 2), x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        weight, x = ctx.saved_tensors
-        weight_grad = torch.bmm(x, grad.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        x_grad = torch.bmm(weight, grad) if ctx.needs_input_grad[1] else None
-        return weight_grad, x_grad
-
-
 @dataclass(frozen=True)
 class DropoutRates:
-    """Dropout rates, one per model, as dropout reads them: the rates (M, 1, 1) the noise is compared with, and the
-    kept units' scale 1 / (1 - rate) (M, 1, 1) in the compute dtype, made once (a trainer's epoch), not per step."""
+    """Dropout rates, one per model, as a forward pass reads them, made once (a trainer's epoch), not per step: the
+    rates (M, 1, 1) the noise is compared with, and the kept units' scale 1 / (1 - rate) (M, 1, 1) in fp32 and in the
+    compute dtype."""
     rates: Tensor
     scales: Tensor
+    compute_scales: Tensor
 
     @classmethod
     def of(cls, rates: Tensor, dtype: torch.dtype) -> "DropoutRates":
-        return cls(rates.view(-1, 1, 1), (1 / (1 - rates)).to(dtype).view(-1, 1, 1))
+        scales = (1 / (1 - rates)).view(-1, 1, 1)
+        return cls(rates.view(-1, 1, 1), scales, scales.to(dtype))
 
 
-def dropout(x: Tensor, rates: DropoutRates | Tensor | None, noise: Tensor | None) -> Tensor:
-    """Inverted dropout with a rate per model: x (M, B, F), rates (M,) or made once (DropoutRates), noise (B, F)
-    uniform in [0, 1).
-
-    The noise is shared by the models of one pass (it depends on the seed only), so a model's masks are the same
-    whether it trains alone or stacked with others; rate 0 keeps every unit at scale 1. The mask is drawn as
-    booleans straight into x's layout and turned into each kept unit's scale in one op; one product applies it, and
-    one its gradient.
-    """
-    if rates is None or noise is None:
-        return x
-    if isinstance(rates, Tensor):
-        rates = DropoutRates.of(rates, x.dtype)
-    units = columns(x)
-    kept = torch.empty(units.shape, dtype=torch.bool, device=x.device)
+def kept_units(x: Tensor, rates: DropoutRates, noise: Tensor) -> Tensor:
+    """The units of x (M, B, F) that dropout keeps: those whose noise (B, F, uniform in [0, 1)) is >= their model's
+    rate, as booleans laid out like x. The noise is shared by the models of one pass (it depends on the seed only),
+    so a model's masks are the same whether it trains alone or stacked with others; rate 0 keeps every unit."""
+    kept = torch.empty(columns(x).shape, dtype=torch.bool, device=x.device)
     torch.ge(columns(noise), rates.rates, out=kept)
-    return columns(units * torch.where(kept, rates.scales, 0))
+    return columns(kept)
+
+
+def masked(x: Tensor, rates: DropoutRates, noise: Tensor) -> Tensor:
+    """Dropout without its scale: the dropped units of x (M, B, F) set to 0, in one pass (and one for the
+    gradient). The scale 1 / (1 - rate) goes to the next product's output (stacked_linear's scale)."""
+    return torch.where(kept_units(x, rates, noise), x, 0)
+
+
+def masked_relu(x: Tensor, rates: DropoutRates, noise: Tensor) -> Tensor:
+    """ReLU, then dropout without its scale (masked), in one pass over x and one for the gradient."""
+    kept = kept_units(x, rates, noise)
+    kept.logical_and_(x > 0)
+    return torch.where(kept, x, 0)
 
 
 def pair_self_attention(first: Tensor, second: Tensor, qkv_weight: Tensor) -> Tensor:
@@ -120,15 +109,57 @@ def pair_self_attention(first: Tensor, second: Tensor, qkv_weight: Tensor) -> Te
     of Q, K and V for both tokens.
     """
     query_weight, key_weight, value_weight = qkv_pieces(qkv_weight)
-    x1, x2 = columns(first), columns(second)  # (M, d, B)
+    x1 = columns(first)
     models, dim, batch = x1.shape
-    difference = x1 - x2
-    direction = transposed_product(query_weight, torch.bmm(key_weight, difference))  # w, a column per row
-    scores = torch.stack(((x1 * direction).sum(1), (x2 * direction).sum(1)), dim=1)  # (M, 2, B)
-    weight_first = torch.sigmoid(scores / math.sqrt(dim))
-    attended = torch.addcmul(torch.bmm(value_weight, x2).unsqueeze(1), weight_first.unsqueeze(2),
-                             torch.bmm(value_weight, difference).unsqueeze(1))  # (M, 2, d, B): token, feature, row
+    attended = _PairAttention.apply(x1, columns(second), query_weight, key_weight, value_weight)
     return columns(attended.view(models, 2 * dim, batch))
+
+
+class _PairAttention(torch.autograd.Function):
+    """pair_self_attention on columns: x_1, x_2 (M, d, B) and W_Q, W_K, W_V -> (M, 2, d, B) (token, feature, row).
+    Its gradient is written out: autograd's would make each elementwise step of it a pass over memory of its own,
+    and add up the parts of the gradients of x_2, the difference and w in passes of their own; here most are summed
+    in the multiply-adds (addcmul)."""
+
+    @staticmethod
+    def forward(ctx, x1: Tensor, x2: Tensor, query_weight: Tensor, key_weight: Tensor, value_weight: Tensor):
+        difference = x1 - x2
+        keyed = torch.bmm(key_weight, difference)
+        direction = torch.bmm(query_weight.transpose(1, 2), keyed)  # w, a column per row
+        scores = torch.stack(((x1 * direction).sum(1), (x2 * direction).sum(1)), dim=1)  # (M, 2, B)
+        weight_first = torch.sigmoid(scores / math.sqrt(x1.shape[1]))
+        value_difference = torch.bmm(value_weight, difference)
+        attended = torch.addcmul(torch.bmm(value_weight, x2).unsqueeze(1), weight_first.unsqueeze(2),
+                                 value_difference.unsqueeze(1))
+        ctx.save_for_backward(x1, x2, query_weight, key_weight, value_weight, difference, keyed, direction,
+                              weight_first, value_difference)
+        return attended
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x1, x2, query_weight, key_weight, value_weight, difference, keyed, direction, weight_first,
+         value_difference) = ctx.saved_tensors
+        first_grad, second_grad = grad.unbind(1)
+        weight_of = (weight_first[:, :1], weight_first[:, 1:])  # a_1, a_2 as (M, 1, B)
+        # attended_i = W_V x_2 + a_i W_V (x_1 - x_2)
+        value_second_grad = first_grad + second_grad
+        value_difference_grad = torch.addcmul(first_grad * weight_of[0], second_grad, weight_of[1])
+        weight_grad = (grad * value_difference.unsqueeze(1)).sum(2)  # (M, 2, B)
+        # a_i = sigmoid(x_i.w / sqrt(d))
+        score_grad = weight_grad * weight_first * (1 - weight_first) / math.sqrt(x1.shape[1])
+        score_of = (score_grad[:, :1], score_grad[:, 1:])
+        direction_grad = torch.addcmul(x1 * score_of[0], x2, score_of[1])
+        keyed_grad = torch.bmm(query_weight, direction_grad)
+        difference_grad = torch.bmm(key_weight.transpose(1, 2), keyed_grad)
+        difference_grad += torch.bmm(value_weight.transpose(1, 2), value_difference_grad)
+        first = torch.addcmul(difference_grad, direction, score_of[0])
+        second = torch.bmm(value_weight.transpose(1, 2), value_second_grad).addcmul_(direction, score_of[1])
+        second -= difference_grad
+        query_weight_grad = torch.bmm(keyed, direction_grad.transpose(1, 2))
+        key_weight_grad = torch.bmm(keyed_grad, difference.transpose(1, 2))
+        value_weight_grad = torch.bmm(value_second_grad, x2.transpose(1, 2))
+        value_weight_grad += torch.bmm(value_difference_grad, difference.transpose(1, 2))
+        return first, second, query_weight_grad, key_weight_grad, value_weight_grad
 
 
 def token_cross_attention(query: Tensor, tokens: Tensor, mask: Tensor, proj_weight: Tensor, proj_bias: Tensor,
