@@ -108,21 +108,22 @@ def pair_self_attention(first: Tensor, second: Tensor, qkv_weight: Tensor) -> Te
     Exactly Eq. 7, with four d x d products per row (w, then W_V of x_2 and of the difference) instead of the six
     of Q, K and V for both tokens.
     """
-    query_weight, key_weight, value_weight = qkv_pieces(qkv_weight)
     x1 = columns(first)
     models, dim, batch = x1.shape
-    attended = _PairAttention.apply(x1, columns(second), query_weight, key_weight, value_weight)
+    attended = _PairAttention.apply(x1, columns(second), qkv_weight)
     return columns(attended.view(models, 2 * dim, batch))
 
 
 class _PairAttention(torch.autograd.Function):
-    """pair_self_attention on columns: x_1, x_2 (M, d, B) and W_Q, W_K, W_V -> (M, 2, d, B) (token, feature, row).
+    """pair_self_attention on columns: x_1, x_2 (M, d, B) and [W_Q; W_K; W_V] -> (M, 2, d, B) (token, feature, row).
     Its gradient is written out: autograd's would make each elementwise step of it a pass over memory of its own,
-    and add up the parts of the gradients of x_2, the difference and w in passes of their own; here most are summed
-    in the multiply-adds (addcmul)."""
+    add up the parts of the gradients of x_2, the difference and w in passes of their own, and stack the three
+    weight gradients into a fourth; here most parts are summed in the multiply-adds (addcmul), and the products
+    write the weight gradients in place."""
 
     @staticmethod
-    def forward(ctx, x1: Tensor, x2: Tensor, query_weight: Tensor, key_weight: Tensor, value_weight: Tensor):
+    def forward(ctx, x1: Tensor, x2: Tensor, qkv_weight: Tensor):
+        query_weight, key_weight, value_weight = qkv_pieces(qkv_weight)
         difference = x1 - x2
         keyed = torch.bmm(key_weight, difference)
         direction = torch.bmm(query_weight.transpose(1, 2), keyed)  # w, a column per row
@@ -131,14 +132,13 @@ class _PairAttention(torch.autograd.Function):
         value_difference = torch.bmm(value_weight, difference)
         attended = torch.addcmul(torch.bmm(value_weight, x2).unsqueeze(1), weight_first.unsqueeze(2),
                                  value_difference.unsqueeze(1))
-        ctx.save_for_backward(x1, x2, query_weight, key_weight, value_weight, difference, keyed, direction,
-                              weight_first, value_difference)
+        ctx.save_for_backward(x1, x2, qkv_weight, difference, keyed, direction, weight_first, value_difference)
         return attended
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (x1, x2, query_weight, key_weight, value_weight, difference, keyed, direction, weight_first,
-         value_difference) = ctx.saved_tensors
+        x1, x2, qkv_weight, difference, keyed, direction, weight_first, value_difference = ctx.saved_tensors
+        query_weight, key_weight, value_weight = qkv_pieces(qkv_weight)
         first_grad, second_grad = grad.unbind(1)
         weight_of = (weight_first[:, :1], weight_first[:, 1:])  # a_1, a_2 as (M, 1, B)
         # attended_i = W_V x_2 + a_i W_V (x_1 - x_2)
@@ -155,11 +155,13 @@ class _PairAttention(torch.autograd.Function):
         first = torch.addcmul(difference_grad, direction, score_of[0])
         second = torch.bmm(value_weight.transpose(1, 2), value_second_grad).addcmul_(direction, score_of[1])
         second -= difference_grad
-        query_weight_grad = torch.bmm(keyed, direction_grad.transpose(1, 2))
-        key_weight_grad = torch.bmm(keyed_grad, difference.transpose(1, 2))
-        value_weight_grad = torch.bmm(value_second_grad, x2.transpose(1, 2))
+        qkv_grad = torch.empty_like(qkv_weight)
+        query_weight_grad, key_weight_grad, value_weight_grad = qkv_pieces(qkv_grad)
+        torch.bmm(keyed, direction_grad.transpose(1, 2), out=query_weight_grad)
+        torch.bmm(keyed_grad, difference.transpose(1, 2), out=key_weight_grad)
+        torch.bmm(value_second_grad, x2.transpose(1, 2), out=value_weight_grad)
         value_weight_grad += torch.bmm(value_difference_grad, difference.transpose(1, 2))
-        return first, second, query_weight_grad, key_weight_grad, value_weight_grad
+        return first, second, qkv_grad
 
 
 def token_cross_attention(query: Tensor, tokens: Tensor, mask: Tensor, proj_weight: Tensor, proj_bias: Tensor,
