@@ -6,7 +6,8 @@ whether --prune chooses what the exhaustive grid chooses; measured in one run.
 Features: common.py signal_features (a learnable signal in both modalities, so "best" means something), 768-d text
 and 384-d image, MVSA-Multi's 13,624 / 1,700 / 1,700 rows, in memory.
 - ours: `run_grid` over the paper's grid (3 heads x 4 lrs x 3 dropouts x 4 losses) with --prune, in bf16 on a GPU
-  (--device cuda) or where the CPU has bf16 units (AMX or avx512_bf16), else fp32; the default FitConfig otherwise
+  (--device cuda) or where the CPU has bf16 units (AMX or avx512_bf16), else fp32 (--precision chooses); the
+  default FitConfig otherwise
   (batch size, at most 30 epochs, patience 5, macro F1); timed end to end.
 - plain: the paper's protocol run plainly, one configuration at a time, exhaustive (fit_speed.PlainRun: nn.Linear
   modules, torch.optim.Adam, index_select minibatches at the same batch size and precision, the same early
@@ -33,7 +34,7 @@ import torch
 from fusion.benchmarks.common import (MVSA_MULTI, OtherLoad, add_device, add_threads, config_name, finish,
                                       gemm_rate, new_parser, signal_features, synchronize, timed_grid, use_threads)
 from fusion.benchmarks.fit_speed import PlainRun, epoch_flops
-from fusion.device import autocast, bf16_units, resolve_device
+from fusion.device import HEAD_PRECISIONS, autocast, bf16_units, resolve_device
 from fusion.heads.config import FitConfig
 from fusion.heads.search.configs import grid_configs
 from fusion.heads.search.prune import Pruning
@@ -107,12 +108,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--check-size", choices=sorted(CHECK_SIZES), default="mvsa-single")
     parser.add_argument("--scale", type=float, default=1.0, help="rows x SCALE everywhere (a quick look; printed)")
     add_device(parser, "cpu", help="cpu, or cuda (benchmarks/gpu_check.sh)")
+    parser.add_argument("--precision", choices=("auto", *HEAD_PRECISIONS), default="auto",
+                        help="auto: bf16 on a GPU or a CPU with bf16 units, else fp32 [auto]")
     args = parser.parse_args(argv)
     use_threads(args.threads)
     load = OtherLoad()
     device = resolve_device(args.device)
     units = bf16_units() if device.type == "cpu" else "gpu"
-    precision = "fp32" if units == "none" else "bf16"
+    precision = ("fp32" if units == "none" else "bf16") if args.precision == "auto" else args.precision
     sizes = scaled(MVSA_MULTI, args.scale)
     features = signal_features(sizes)
     configs = grid_configs(FitConfig(precision=precision))
