@@ -46,7 +46,7 @@ def _options(version: bool = typer.Option(False, "--version", callback=_print_ve
 
 STREAM_HELP = "With --tokens: read each minibatch's sequences from the cache instead of loading them."
 STREAM_DEFAULT = "stream when loading would take over half the available memory"
-PRECISION_HELP = ("fp32, or bf16: matmuls in bf16 under autocast, weights and Adam state in fp32 (a GPU, or a CPU "
+PRECISION_HELP = ("fp32, or bf16: products and activations in bf16, weights and Adam state in fp32 (a GPU, or a CPU "
                   "with AMX or avx512_bf16). Recorded with the results.")
 DEVICE_HELP = "auto (cuda when torch sees one), cpu or cuda."
 

@@ -38,8 +38,9 @@ class FitConfig:
     seed: int = 0
     proj_dim: int = 256
     hidden: int = 256
-    # bf16: matmuls under autocast, weights and Adam state in fp32. Part of the config because it changes the numbers
-    # (a bf16 result is recorded and resumed as such); the device is not, it only changes where they are computed.
+    # bf16: products and activations in bf16, weights and Adam state in fp32 (device.py head_dtype). Part of the
+    # config because it changes the numbers (a bf16 result is recorded and resumed as such); the device is not, it
+    # only changes where they are computed.
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
