@@ -86,27 +86,53 @@ def parameter_blocks(config: FitConfig, features: dict) -> int:
     return len(param_shapes(HEADS[config.head], *features["train"].dims, config.proj_dim, config.hidden))
 
 
-def profile_training(features: dict, configs: list[FitConfig]) -> dict:
-    """One warm-up epoch, then `train_many` under torch.profiler: its seconds, self CPU seconds by operator, the
-    number of training steps and the copy_ calls inside them: of tensors, and of Python numbers (an operator given
-    a float copies it into a 0-dim tensor: a few bytes, counted apart)."""
+def profile_training(features: dict, configs: list[FitConfig], counted_steps: int = 4) -> dict:
+    """`train_many` under torch.profiler, after one untimed warm-up epoch: its seconds and self CPU seconds by
+    operator over the whole run, and, from `counted_steps` steps profiled apart with their shapes, the copy_ calls
+    inside a training step: of tensors, and of Python numbers (an operator given a float copies it into a 0-dim
+    tensor: a few bytes, counted apart). Calls per step are the same in every step, and recording shapes holds
+    memory per step, so the long run records none."""
     warm_up = [dataclasses.replace(config, epochs=1, patience=1) for config in configs]
     train_many(features, warm_up)
+    rows = slice(0, counted_steps * configs[0].batch_size)
+    few = {name: split.rows(rows) for name, split in features.items()}
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
-        started = time.perf_counter()
-        train_many(features, configs)
-        wall = time.perf_counter() - started
-    seconds: Counter = Counter()
-    calls: Counter = Counter()
+        train_many(few, warm_up)
     steps, step_copies = 0, Counter()
     for event in profiler.events():
-        seconds[event.name] += event.self_cpu_time_total / 1e6
-        calls[event.name] += 1
         if event.name == TRAIN_STEP:
             steps += 1
             step_copies.update("number" if child.input_shapes and child.input_shapes[0] == [] else "tensor"
                                for child in descendants(event) if child.name in COPIES)
-    return {"seconds": seconds, "calls": calls, "steps": steps, "step_copies": step_copies, "wall": wall}
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        started = time.perf_counter()
+        train_many(features, configs, on_epoch=HeapTrimmer())
+        wall = time.perf_counter() - started
+    seconds: Counter = Counter()
+    calls: Counter = Counter()
+    for event in profiler.events():
+        seconds[event.name] += event.self_cpu_time_total / 1e6
+        calls[event.name] += 1
+    return {"seconds": seconds, "calls": calls, "steps": calls[TRAIN_STEP], "counted_steps": steps,
+            "step_copies": step_copies, "wall": wall}
+
+
+class HeapTrimmer:
+    """An on_epoch callback that hands the heap's free memory back to the system once an epoch (glibc's
+    malloc_trim; nothing elsewhere). The profiler's records, allocated between a step's tensors, fragment the heap,
+    so that without it a profile of a few epochs holds tens of GB."""
+
+    def __init__(self):
+        import ctypes
+        import ctypes.util
+
+        self.epoch = 0
+        self.trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+
+    def __call__(self, epoch: int, index: int, metrics: dict) -> None:
+        if epoch != self.epoch and self.trim is not None:
+            self.epoch = epoch
+            self.trim(0)
 
 
 def descendants(event):
@@ -123,22 +149,22 @@ def summarise(measured: dict, blocks: int) -> dict:
     for name, spent in measured["seconds"].items():
         by_kind[kind_of(name)] += spent
     top = measured["seconds"].most_common(6)
-    steps = max(1, measured["steps"])
+    counted = max(1, measured["counted_steps"])
     return {"wall_seconds": round(measured["wall"], 2), "self_cpu_seconds": round(total, 2),
             "shares": {kind: round(spent / total, 3) for kind, spent in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "matrix_share": round(by_kind["matrix products"] / total, 3),
             "copy_share": round(by_kind["copy_"] / total, 3),
             "elementwise_share": round(by_kind["elementwise"] / total, 3),
             "steps": measured["steps"],
-            "copy_calls_per_step": round(measured["step_copies"]["tensor"] / steps, 2),
-            "number_copy_calls_per_step": round(measured["step_copies"]["number"] / steps, 2),
+            "copy_calls_per_step": round(measured["step_copies"]["tensor"] / counted, 2),
+            "number_copy_calls_per_step": round(measured["step_copies"]["number"] / counted, 2),
             "parameter_blocks": blocks,
             "top": [(name, round(spent / total, 3), measured["calls"][name]) for name, spent in top]}
 
 
 def merged(parts: list[dict]) -> dict:
     return {key: sum((p[key] for p in parts), Counter()) for key in ("seconds", "calls", "step_copies")} | {
-        "steps": sum(p["steps"] for p in parts), "wall": sum(p["wall"] for p in parts)}
+        key: sum(p[key] for p in parts) for key in ("steps", "counted_steps", "wall")}
 
 
 def print_lines(precision: str, head: str, figures: dict) -> None:
