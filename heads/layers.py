@@ -50,12 +50,9 @@ def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.view(models, out_dim, *x.shape[:-1]).movedim(1, -1)
 
 
-def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
-    """Per-model inputs (M, B, in) -> (M, B, out) with one batched matmul, W X^T; scale (M, 1, 1), if given,
-    multiplies the product before the bias is added (dropout's, heads/models.py head_forward)."""
+def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Per-model inputs (M, B, in) -> (M, B, out) with one batched matmul, W X^T."""
     y = torch.bmm(weight, columns(x))
-    if scale is not None:
-        return columns(torch.addcmul(bias.unsqueeze(-1), y, scale) if bias is not None else y * scale)
     if bias is not None:
         y.add_(bias.unsqueeze(-1))
     return columns(y)
@@ -63,39 +60,36 @@ def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale:
 
 @dataclass(frozen=True)
 class DropoutRates:
-    """Dropout rates, one per model, as a forward pass reads them, made once (a trainer's epoch), not per step: the
-    rates (M, 1, 1) the noise is compared with, and the kept units' scale 1 / (1 - rate) (M, 1, 1) in fp32 and in the
-    compute dtype."""
-    rates: Tensor
+    """Per-model dropout rates as dropout reads them, made once (a trainer's epoch), not per step: the distinct rates
+    (R, 1, 1), the kept units' scale 1 / (1 - rate) of each (R, 1, 1) in the compute dtype, and which of them each
+    model has (M,)."""
+    levels: Tensor
     scales: Tensor
-    compute_scales: Tensor
+    which: Tensor
 
     @classmethod
     def of(cls, rates: Tensor, dtype: torch.dtype) -> "DropoutRates":
-        scales = (1 / (1 - rates)).view(-1, 1, 1)
-        return cls(rates.view(-1, 1, 1), scales, scales.to(dtype))
+        levels, which = torch.unique(rates, return_inverse=True)
+        return cls(levels.view(-1, 1, 1), (1 / (1 - levels)).to(dtype).view(-1, 1, 1), which)
 
 
-def kept_units(x: Tensor, rates: DropoutRates, noise: Tensor) -> Tensor:
-    """The units of x (M, B, F) that dropout keeps: those whose noise (B, F, uniform in [0, 1)) is >= their model's
-    rate, as booleans laid out like x. The noise is shared by the models of one pass (it depends on the seed only),
-    so a model's masks are the same whether it trains alone or stacked with others; rate 0 keeps every unit."""
-    kept = torch.empty(columns(x).shape, dtype=torch.bool, device=x.device)
-    torch.ge(columns(noise), rates.rates, out=kept)
-    return columns(kept)
+def dropout(x: Tensor, rates: DropoutRates | Tensor | None, noise: Tensor | None) -> Tensor:
+    """Inverted dropout with a rate per model: x (M, B, F), rates (M,) or made once (DropoutRates), noise (B, F)
+    uniform in [0, 1); a unit is kept, at scale 1 / (1 - rate), where its noise >= the rate.
 
-
-def masked(x: Tensor, rates: DropoutRates, noise: Tensor) -> Tensor:
-    """Dropout without its scale: the dropped units of x (M, B, F) set to 0, in one pass (and one for the
-    gradient). The scale 1 / (1 - rate) goes to the next product's output (stacked_linear's scale)."""
-    return torch.where(kept_units(x, rates, noise), x, 0)
-
-
-def masked_relu(x: Tensor, rates: DropoutRates, noise: Tensor) -> Tensor:
-    """ReLU, then dropout without its scale (masked), in one pass over x and one for the gradient."""
-    kept = kept_units(x, rates, noise)
-    kept.logical_and_(x > 0)
-    return torch.where(kept, x, 0)
+    The noise is shared by the models of one pass (it depends on the seed only), so a model's masks are the same
+    whether it trains alone or stacked with others; rate 0 keeps every unit at scale 1. As the masks differ only by
+    rate, each distinct rate's is made once, at its scale, in x's layout, and gathered for the models (a grid has a
+    few rates for dozens of models): then one product applies them, and one their gradient.
+    """
+    if rates is None or noise is None:
+        return x
+    if isinstance(rates, Tensor):
+        rates = DropoutRates.of(rates, x.dtype)
+    units = columns(x)
+    kept = torch.empty((len(rates.levels), *units.shape[1:]), dtype=torch.bool, device=x.device)
+    torch.ge(columns(noise), rates.levels, out=kept)
+    return columns(units * torch.where(kept, rates.scales, 0).index_select(0, rates.which))
 
 
 def pair_self_attention(first: Tensor, second: Tensor, qkv_weight: Tensor) -> Tensor:
@@ -164,12 +158,36 @@ class _PairAttention(torch.autograd.Function):
         return first, second, qkv_grad
 
 
+# Denormal numbers (below about 1e-38 in fp32 and bf16) are multiplied about a hundred times slower by x86 CPUs
+# (unless every thread flushes them, which torch.set_flush_denormal does for the calling thread only): a few of them
+# among a product's operands made whole training steps 20-30% slower. They arose where a tiny attention weight or a
+# tiny loss gradient was multiplied on; both are cut at NEGLIGIBLE, the square root of the smallest normal number,
+# where nothing is lost (saturated, without_tiny_gradients).
+def negligible(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).tiny ** 0.5
+
+
 def saturated(weights: Tensor) -> Tensor:
-    """Attention weights below the square root of the dtype's smallest normal number (about 1e-19 in fp32 and bf16)
-    set to 0. Such a weight is lost in the rounding of any sum it scales, but its products with gradients would be
-    denormal numbers, which x86 CPUs multiply about a hundred times slower: a few of them among a product's operands
-    made a whole training step 20-30% slower. A weight near 1 needs nothing: 1 - a is then 0 or normal."""
-    return torch.nn.functional.threshold(weights, torch.finfo(weights.dtype).tiny ** 0.5, 0.0)
+    """Attention weights below negligible (about 1e-19) set to 0: such a weight is lost in the rounding of any sum it
+    scales. A weight near 1 needs nothing: 1 - a is then 0 or normal."""
+    return torch.nn.functional.threshold(weights, negligible(weights.dtype), 0.0)
+
+
+def without_tiny_gradients(x: Tensor) -> Tensor:
+    """x, whose gradient entries below negligible (about 1e-19) are set to 0 on the way back. Such a gradient cannot
+    move Adam: its square underflows, so eps (1e-8) rules the step's denominator and the step is below lr * 1e-11.
+    Applied to the logits, where a confident sample's focal-loss gradient can be that small."""
+    return _WithoutTinyGradients.apply(x)
+
+
+class _WithoutTinyGradients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return torch.where(grad.abs() < negligible(grad.dtype), 0, grad)
 
 
 def token_cross_attention(query: Tensor, tokens: Tensor, mask: Tensor, proj_weight: Tensor, proj_bias: Tensor,

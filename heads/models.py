@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from fusion.heads.config import FitConfig
 from fusion.heads.registry import HEADS, NUM_CLASSES, HeadSpec, fused_dim
 from fusion.heads.features import Modality, pooled_modality
-from fusion.heads.layers import (DropoutRates, columns, linear_init, masked, masked_relu, pair_self_attention,
-                                 qkv_pieces, shared_linear, stacked_linear, token_cross_attention)
+from fusion.heads.layers import (DropoutRates, columns, dropout, linear_init, pair_self_attention, qkv_pieces,
+                                 shared_linear, stacked_linear, token_cross_attention)
 
 def param_shapes(spec: HeadSpec, text_dim: int, image_dim: int, proj_dim: int, hidden: int) -> dict[str, tuple]:
     """Every parameter's name and single-model shape, in a fixed order (the init draws follow it)."""
@@ -66,25 +66,15 @@ def init_params(shapes: dict[str, tuple], head: str, seed: int) -> dict[str, Ten
 
 def head_forward(spec: HeadSpec, params: dict[str, Tensor], text: Modality, image: Modality,
                  rates: DropoutRates | Tensor | None = None, noise: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Logits (M, B, 3) of M stacked models, dense, in the output bias's dtype (FULL_PRECISION).
-
-    rates (M,) (or made once, DropoutRates) and noise ((B, F), (B, hidden)) turn dropout on: a unit is kept where its
-    noise >= its model's rate (layers.kept_units), and inverted dropout's 1 / (1 - rate) scales the next product's
-    output rather than its input, which is the same as a product is linear, at a fraction of the passes over memory.
-    """
+    """Logits (M, B, 3) of M stacked models, dense, in the output bias's dtype (FULL_PRECISION); rates (M,) (or made
+    once, DropoutRates) and noise ((B, F), (B, hidden)) turn dropout on."""
     fused = _FUSIONS[spec.fusion](spec, params, text, image)
-    hidden_weight, hidden_bias = params["classifier.hidden.weight"], params["classifier.hidden.bias"]
+    fused = dropout(fused, rates, None if noise is None else noise[0])
+    hidden = torch.relu(stacked_linear(fused, params["classifier.hidden.weight"], params["classifier.hidden.bias"]))
+    hidden = dropout(hidden, rates, None if noise is None else noise[1])
+    logits = stacked_linear(hidden, params["classifier.out.weight"])
     bias = params[OUTPUT_BIAS]
-    if rates is None or noise is None:
-        hidden = torch.relu(stacked_linear(fused, hidden_weight, hidden_bias))
-        logits = stacked_linear(hidden, params["classifier.out.weight"])
-        return logits.to(bias.dtype, memory_format=torch.contiguous_format) + bias.unsqueeze(1)
-    if isinstance(rates, Tensor):
-        rates = DropoutRates.of(rates, fused.dtype)
-    hidden = stacked_linear(masked(fused, rates, noise[0]), hidden_weight, hidden_bias, rates.compute_scales)
-    logits = stacked_linear(masked_relu(hidden, rates, noise[1]), params["classifier.out.weight"])
-    return torch.addcmul(bias.unsqueeze(1), logits.to(bias.dtype, memory_format=torch.contiguous_format),
-                         rates.scales)
+    return logits.to(bias.dtype, memory_format=torch.contiguous_format) + bias.unsqueeze(1)
 
 
 def _latent(params: dict[str, Tensor], modality: str, features: Modality) -> Tensor:

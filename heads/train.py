@@ -43,7 +43,7 @@ from fusion.heads.result import FitResult, TestPredictions
 from fusion.heads.features import Modality, SplitFeatures
 from fusion.heads.losses import focal_loss, focal_loss_per_sample
 from fusion.heads.metrics import classification_metrics, confusion_counts
-from fusion.heads.layers import DropoutRates
+from fusion.heads.layers import DropoutRates, without_tiny_gradients
 from fusion.heads.models import FULL_PRECISION, head_forward, init_params, param_shapes, stacked_pieces
 from fusion.heads.registry import HEADS, HeadSpec, fused_dim
 from fusion.errors import FusionError
@@ -220,7 +220,7 @@ class _Pass:
                 noise = None if rates is None else tuple(torch.rand(len(batch), d, generator=self.noise)
                                                          .to(self.device) for d in self.noise_dims)
                 logits = head_forward(self.spec, adam.params, batch.text, batch.image, rates, noise)
-                losses = focal_loss(logits, batch.label, gammas, alphas)
+                losses = focal_loss(without_tiny_gradients(logits), batch.label, gammas, alphas)
                 # Parameters a head never uses (Q/K of a single-key cross-attention) get zero gradients: Adam
                 # leaves them.
                 grads = torch.autograd.grad(losses.sum(), params, allow_unused=True, materialize_grads=True)

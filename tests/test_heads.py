@@ -10,7 +10,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 
 from fusion.heads.config import ConfigError, FitConfig, config_from_dict
 from fusion.heads.features import Modality, features_from_cache
-from fusion.heads.layers import DropoutRates, kept_units
+from fusion.heads.layers import dropout
 from fusion.heads.losses import cross_entropy, focal_loss
 from fusion.heads.metrics import classification_metrics, confusion_counts
 from fusion.heads.models import build_head, head_forward, init_params, param_shapes, predict_proba
@@ -124,27 +124,28 @@ def test_init_is_seeded_by_seed_and_head():
 
 
 def test_dropout_rate_per_model():
-    x = torch.ones(3, 400, 50)
+    x = torch.ones(4, 400, 50)
     noise = torch.rand(400, 50, generator=torch.Generator().manual_seed(0))
-    rates = DropoutRates.of(torch.tensor([0.0, 0.2, 0.5]), torch.float32)
-    kept = kept_units(x, rates, noise)
-    assert kept.shape == x.shape and kept[0].all()
+    out = dropout(x, torch.tensor([0.0, 0.2, 0.5, 0.2]), noise)
+    assert torch.equal(out[0], x[0])
     for m, rate in ((1, 0.2), (2, 0.5)):
-        assert abs(kept[m].float().mean().item() - (1 - rate)) < 0.02
-        assert torch.equal(kept[m], noise >= rate)
-    torch.testing.assert_close(rates.scales.flatten(), torch.tensor([1.0, 1.25, 2.0]))
+        kept = out[m] != 0
+        assert abs(kept.float().mean().item() - (1 - rate)) < 0.02
+        assert torch.equal(kept, noise >= rate)
+        torch.testing.assert_close(out[m][kept], torch.full_like(out[m][kept], 1 / (1 - rate)))
+    assert torch.equal(out[3], out[1])  # the same rate, the same noise: the same mask
 
 
 def test_dropout_in_a_head_is_inverted_dropout_written_out():
-    """head_forward scales the next product's output by 1 / (1 - rate) instead of the kept units: the textbook
-    inverted dropout, model by model, with the same noise."""
+    """Stacked models with their own rates (two of them sharing one) against textbook inverted dropout, model by
+    model, with the same noise."""
     generator = torch.Generator().manual_seed(4)
     text, image = Modality(torch.randn(7, 1, 6, generator=generator), torch.ones(7, 1, dtype=torch.bool)), \
         Modality(torch.randn(7, 1, 4, generator=generator), torch.ones(7, 1, dtype=torch.bool))
     shapes = param_shapes(HEADS["basic"], 6, 4, 8, 5)
-    singles = [init_params(shapes, "basic", seed) for seed in range(3)]
+    singles = [init_params(shapes, "basic", seed) for seed in range(4)]
     stacked = {name: torch.stack([p[name] for p in singles]) for name in shapes}
-    rates = [0.0, 0.3, 0.5]
+    rates = [0.3, 0.0, 0.5, 0.3]
     noise = (torch.rand(7, 16, generator=generator), torch.rand(7, 5, generator=generator))
     logits = head_forward(HEADS["basic"], stacked, text, image, torch.tensor(rates), noise)
     for m, (sd, rate) in enumerate(zip(singles, rates)):
