@@ -135,6 +135,22 @@ def _split_list(value: str, cast=str) -> list:
         raise FusionError(f"cannot read the list {value!r}: expected comma-separated values") from None
 
 
+def _split_file_pairs(values: list[str]) -> list[tuple[str, Path]]:
+    """`--split-file NAME=PATH` values as (NAME, PATH); a malformed, unknown or repeated NAME is a usage error."""
+    pairs: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not path.strip():
+            raise typer.BadParameter(f"{value!r}: expected NAME=PATH, e.g. mvsa-single=splits/clmlf.tsv")
+        if name not in paper.DATASETS:
+            raise typer.BadParameter(f"{name!r} is not one of {', '.join(paper.DATASETS)}")
+        if name in pairs:
+            raise typer.BadParameter(f"{name} is given twice")
+        pairs[name] = Path(path.strip())
+    return list(pairs.items())
+
+
 @app.command()
 def fit(
     cache: Path = typer.Option(..., help="Cache file written by `fusion extract`."),
@@ -347,6 +363,11 @@ def reproduce(
     epochs: int = typer.Option(FitConfig.epochs, min=1, help="Maximum epochs per configuration."),
     patience: int = typer.Option(FitConfig.patience, min=1, help="Early-stopping patience."),
     resamples: int = typer.Option(2000, min=100, help="Bootstrap resamples for the intervals."),
+    tokens: bool = typer.Option(False, "--tokens", help="Also extract token sequences and train dual_attn on them "
+                                "(real attention) beside the pooled heads."),
+    split_file: list[str] = typer.Option([], help="NAME=PATH, repeatable: an id,split file fixing the split of "
+                                         f"NAME ({', '.join(paper.DATASETS)}), e.g. a published split.",
+                                         callback=_split_file_pairs),
 ) -> None:
     """The paper's study in one command: extract each dataset found, train the grid and ablations with several seeds,
     write reproduction.md with intervals beside the published numbers (resumable)."""
@@ -356,7 +377,7 @@ def reproduce(
                               device=device, precision=precision, workers=workers, heads=_split_list(heads),
                               lrs=_split_list(lrs, float), dropouts=_split_list(dropouts, float),
                               losses=_split_list(losses), epochs=epochs, patience=patience, resamples=resamples,
-                              progress=progress_bar)
+                              tokens=tokens, split_files=dict(split_file), progress=progress_bar)
     for name, why in result.skipped.items():
         console.print(f"skipped {name}: {why}")
     console.print(f"reproduction: {result.markdown} ({len(result.figures)} figures)")

@@ -14,7 +14,7 @@ command would tell its user comes back as `notes` on the result.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -201,13 +201,18 @@ def reproduce(*, data: Path | str, out: Path | str = "reproduction", seeds: int 
               precision: str = "fp32", workers: int = 1, heads: Iterable[str] = paper.HEADS + paper.ABLATIONS,
               lrs: Iterable[float] = paper.LRS, dropouts: Iterable[float] = paper.DROPOUTS,
               losses: Iterable[str] = paper.LOSSES, epochs: int = FitConfig.epochs,
-              patience: int = FitConfig.patience, resamples: int | None = None,
+              patience: int = FitConfig.patience, resamples: int | None = None, tokens: bool = False,
+              split_files: Mapping[str, Path | str] | None = None,
               progress: Progress | None = None) -> ReproductionResult:
     """The paper's study: every dataset found under `data` extracted, its grid and ablations trained with several
-    seeds, and reproduction.md written with intervals beside the published numbers (resumable)."""
+    seeds, and reproduction.md written with intervals beside the published numbers (resumable).
+
+    tokens: also extract token sequences and train dual_attn on them beside the pooled heads; split_files:
+    {dataset: id,split file} fixing a dataset's split (a published one, e.g. {"mvsa-single": "clmlf.tsv"})."""
     _require(Path(data), "data folder", folder=True)
     check_device_name(device)
     check_encoder_precision(precision)
+    split_files = _split_files(split_files or {})
     from fusion.app.reporting.reproduction import write_reproduction
     from fusion.app.reproduce import ReproduceConfig, reproduce as run_reproduce
     from fusion.extract.encoders import quiet_transformers
@@ -217,10 +222,20 @@ def reproduce(*, data: Path | str, out: Path | str = "reproduction", seeds: int 
                              image_model=image_model, device=device, precision=precision, workers=workers,
                              heads=tuple(heads), lrs=tuple(float(lr) for lr in lrs),
                              dropouts=tuple(float(d) for d in dropouts), losses=tuple(losses), epochs=epochs,
-                             patience=patience, **({} if resamples is None else {"resamples": resamples}))
+                             patience=patience, tokens=tokens, split_files=split_files,
+                             **({} if resamples is None else {"resamples": resamples}))
     reproduction = run_reproduce(config, progress)
     markdown, figures = write_reproduction(reproduction)
     return ReproductionResult(markdown, figures, reproduction)
+
+
+def _split_files(split_files: Mapping[str, Path | str]) -> tuple[tuple[str, Path], ...]:
+    """(dataset, file) pairs, checked before anything heavy loads: a dataset of the paper, a file that exists."""
+    for name, path in split_files.items():
+        if name not in paper.DATASETS:
+            raise FusionError(f"--split-file {name}=...: {name!r} is not one of {', '.join(paper.DATASETS)}")
+        _require(Path(path), f"split file for {name}")
+    return tuple((name, Path(path)) for name, path in split_files.items())
 
 
 def _cache_path(cache: Cache | Path | str) -> Path:

@@ -83,6 +83,14 @@ class Encoders:
                 self._widths[id(model)] = projected_widths(model, self.device, self.dtype)
         return self._widths[id(model)]
 
+    def token_shapes(self, max_length: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((text tokens, width), (image tokens, width)) of one row's --tokens sequences at most: texts padded to
+        `max_length`, and the ViT's prefix tokens (CLS, registers) plus one token per patch."""
+        config = self.image_model.config
+        patch = getattr(config, "patch_size", None) or getattr(getattr(config, "vision_config", None), "patch_size", 14)
+        side = self.image_size // int(patch)
+        return (max_length, self.text_dim), (prefix_tokens(config) + side * side, self.image_dim)
+
     @property
     def recorded_pooling(self) -> dict[str, str]:
         """The cache attributes `text_pooling` and `image_pooling` (the paper's: cls and cls_layernorm)."""

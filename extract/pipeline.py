@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -120,6 +121,8 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
     notes: list[str] = []
     partial = PartialCache.open(config.out, plan=plan, rank=rank)
     try:
+        if config.tokens:
+            check_disk_for_tokens(config.out, encoders, config.max_length, len(partial.pending()), len(plan.ids))
         computed = run_batches(config, data, encoders, partial, rank, world_size, on_progress, notes)
     finally:
         partial.close()
@@ -159,6 +162,22 @@ def refuse_resume_on_other_device(out: Path, plan: Plan) -> None:
         raise CacheError(f"{partial_dir(out)} was started on {started_on} with --precision "
                          f"{plan.attrs['precision']}; this run is on {wanted}, whose numbers would differ: resume it "
                          f"with --device {started_on}, or delete the folder to start again on {wanted}")
+
+
+def check_disk_for_tokens(out: Path, encoders: Encoders, max_length: int, pending: int, rows: int) -> None:
+    """--tokens stores every row's whole sequences in float16 (2 bytes a value): rows x (text tokens x text width +
+    image tokens x image width). They are on disk twice at the peak, as batches in OUT.partial/ and merged into OUT
+    (cache/writer.py finalize removes the batches after the merge), so the pending rows' batches and the whole cache
+    must fit in the disk's free space; otherwise the run is refused before any row is computed."""
+    (text_tokens, text_width), (image_tokens, image_width) = encoders.token_shapes(max_length)
+    per_row = 2 * (text_tokens * text_width + image_tokens * image_width)
+    needed = per_row * (pending + rows)
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if needed > free:
+        raise CacheError(f"{out}: --tokens needs about {needed / 2**30:.1f} GiB free on its disk, which has "
+                         f"{free / 2**30:.1f} GiB free ({rows:,} rows x ({text_tokens} text tokens x {text_width} + "
+                         f"{image_tokens} image tokens x {image_width}) x 2 bytes = {per_row * rows / 2**30:.1f} GiB, "
+                         "on disk twice while the batches are merged); free space, or extract without --tokens")
 
 
 def limit_samples(data: DatasetSamples, limit: int | None) -> DatasetSamples:

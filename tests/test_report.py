@@ -95,9 +95,10 @@ def test_run_report_has_figures_and_published_numbers(tmp_path):
     assert sorted(linked_images(text)) == sorted(f.name for f in report.figures)
     for published in PUBLISHED["mvsa-single"]:
         assert f"| {published.model} |" in text
-    assert "| Basic | 0.73 | 0.71 | - | Seed paper, Table 1 |" in text
+    assert ("| Basic | 0.73 | 0.71 | F1 (kind not stated) | - | no | Seed paper (Zhao et al., arXiv:2503.07943, "
+            "2025), Table 1 |") in text
     assert "not the paper's encoders" not in text
-    assert "their authors' own splits, so they are not like for like" in text
+    assert "Not like for like: the published numbers used their authors' own splits" in text
     assert "shared/DATASETS.md" not in text and "Tables 1-2" not in text
     assert not list(run_dir.glob(".*.tmp"))
 
@@ -108,7 +109,7 @@ def test_run_report_reports_the_run_metrics(tmp_path):
     text = write_report(run_dir).markdown.read_text()
     test = metrics["test"]
     assert f"| **this run (self_attn)** | {test['accuracy']:.4f} | {test['weighted_f1']:.4f} |" in text
-    assert "| CLMLF | 0.7200 | 0.6983 | - | CLMLF (NAACL Findings 2022) |" in text   # Multi's, not Single's
+    assert "| CLMLF | 0.7200 | 0.6983 | F1 (weighted) | - | no | CLMLF: Li et al., Findings of NAACL 2022" in text
 
 
 def test_csv_dataset_with_other_encoders_gets_no_published_rows(tmp_path):
@@ -122,8 +123,8 @@ def test_csv_dataset_with_other_encoders_gets_no_published_rows(tmp_path):
 
 def test_memotion_shows_macro_f1_only(tmp_path):
     text = write_report(make_run(tmp_path / "run", cache_block("memotion"))).markdown.read_text()
-    assert "| Dual-Attention | - | - | 0.3552 | Seed paper, Memotion figure |" in text
-    assert "| SemEval-2020 Task 8 winner | - | - | 0.3547 |" in text
+    assert "| Dual-Attention | - | - | - | 0.3552 | no | Seed paper (Zhao et al., arXiv:2503.07943, 2025), Table 2 (§4.1.2) |" in text
+    assert "| SemEval-2020 Task 8 winner | - | - | - | 0.3547 | no | IITK (Keswani et al.)" in text
 
 
 def test_grid_report(tmp_path):

@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fusion.app.handles import CACHE_FIELDS, Run, json_field
 from fusion.app.reporting import markdown
-from fusion.app.reporting.published import PUBLISHED, split_lines, split_note
+from fusion.app.reporting.published import PUBLISHED, like_for_like, split_lines, split_note
+from fusion.app.reporting.readings import readings_lines
 from fusion.app.reporting.stats import Interval, metric_ci
 from fusion.atomic import write_atomic, write_text_atomic
 from fusion.errors import FusionError, RunError, install_extra
 from fusion.heads.checkpoint import PREDICTIONS_FILE, read_json
 from fusion.heads.config import loss_label
-from fusion.heads.search.summary import Summary, best_per_head, summarise
+from fusion.heads.search.summary import Summary, best_per_head, still_improving, summarise
 from fusion.heads.registry import pooled_dual_attn_note
 from fusion.labels import LABELS
 from fusion.paper import IMAGE_MODEL, METRICS, TEXT_MODEL, metric_title
@@ -200,11 +202,15 @@ def _published_lines(cache: dict[str, Any], label: str, test: dict[str, Any],
     if not published:
         return [f"No published numbers are known for dataset `{dataset}`.", ""]
     ours = [with_interval(test[m], (intervals or {}).get(m)) for m in METRICS]
-    rows = [[f"**{label}**"] + ours + ["this report (test split" + (", 95% CI)" if intervals else ")")]]
-    rows += [[p.model] + [markdown.number(getattr(p, m), p.digits) for m in METRICS] + [p.source] for p in published]
-    notes = [split_note(cache),
-             "'-' = not published. F1 on MVSA is the weighted F1, as the MVSA literature reports it."]
-    return markdown.table(["model", "accuracy", "weighted F1", "macro F1", "source"], rows) + notes + [""]
+    rows = [[f"**{label}**"] + ours[:2] + ["F1 (weighted)"] + ours[2:]
+            + ["yes", "this report (test split" + (", 95% CI)" if intervals else ")")]]
+    rows += [[p.model] + [markdown.number(p.value(m), p.digits) for m in METRICS[:2]] + [p.f1_label if p.f1_kind else "-"]
+             + [markdown.number(p.macro_f1, p.digits), "yes" if like_for_like(p, cache) else "no", p.source]
+             for p in published]
+    notes = [split_note(cache), "'-' = not published. Published F1 sits in the weighted F1 column; 'which F1' says "
+             "what each source reports (the seed paper's Table 1 does not say)."]
+    header = ["model", "accuracy", "weighted F1", "which F1", "macro F1", "same split", "source"]
+    return markdown.table(header, rows) + notes + [""]
 
 
 def _results_lines(metrics: dict[str, Any], intervals: dict[str, Interval] | None) -> list[str]:
@@ -252,7 +258,10 @@ def _run_lines(run: Run, figures: list[Path], base: Path, label: str, level: str
     intervals = run_intervals(run.path)
     settings = [[key, f"`{value}`"] for key, value in run.config.items() if not isinstance(value, dict)]
     epochs = run.metrics.get("epochs_run", len(run.metrics["history"]))
-    lines = [f"Best epoch {markdown.number(run.metrics['best_epoch'])} of {epochs} run.", "",
+    row = {"config": run.config, "best_epoch": run.metrics["best_epoch"], "epochs_run": epochs}
+    improving = (f" **Still improving at {epochs} epochs**: the best validation score came in the last epoch the "
+                 "cap allowed." if still_improving(row) else "")
+    lines = [f"Best epoch {markdown.number(run.metrics['best_epoch'])} of {epochs} run.{improving}", "",
              f"{level} Configuration", ""]
     lines += markdown.table(["setting", "value"], settings) + [BATCH_NOTE, "", f"{level} Cache and encoders", ""]
     lines += _encoder_lines(run.config["cache"]) + [f"{level} Results", ""] + _results_lines(run.metrics, intervals)
@@ -270,12 +279,30 @@ def _best_head_lines(summaries: list[Summary], metric: str, uncertainty: dict | 
         rows.append([head, f"{config['lr']:g}", f"{config['dropout']:g}", loss_label(config["loss"], config["gamma"]),
                      str(len(best.seeds)), f"{best.val_mean:.4f}{spread}"]
                     + [test_cell(best.test[m], best.test_std[m], len(best.seeds), (intervals or {}).get(m))
-                       for m in METRICS])
+                       for m in METRICS] + [improving_cell(best)])
     header = ["head", "lr", "dropout", "loss", "seeds", f"val {metric_title(metric)} (mean ± sd)",
-              "test accuracy", "test weighted F1", "test macro F1"]
+              "test accuracy", "test weighted F1", "test macro F1", "stopped at the cap"]
     note = ["Test cells: mean ± sd over seeds [95% CI of the seed mean: bootstrap over the test rows, 2,000 "
             "resamples, seed 0, BCa (scipy.stats.bootstrap), every seed scored on the same resampled rows].", ""]
     return markdown.table(header, rows) + (note if uncertainty else [])
+
+
+def improving_cell(best: Summary) -> str:
+    """'still improving at N epochs (k of n seeds)' when the epoch cap stopped some seeds still improving."""
+    if not best.still_improving:
+        return "–"
+    return f"still improving at {best.config.get('epochs')} epochs ({best.still_improving} of {len(best.seeds)} seeds)"
+
+
+def undertraining_line(rows: list[dict]) -> str:
+    """How many runs reached the epoch cap with their best validation score in the last epoch, by learning rate."""
+    flagged = Counter(row["config"]["lr"] for row in rows if still_improving(row))
+    total = Counter(row["config"]["lr"] for row in rows)
+    caps = sorted({row["config"].get("epochs") for row in rows if row["config"].get("epochs")})
+    by_lr = "; ".join(f"lr {lr:g}: {flagged[lr]} of {total[lr]}" for lr in sorted(total, reverse=True))
+    return (f"Still improving at the epoch cap ({', '.join(map(str, caps)) or '?'} epochs): {sum(flagged.values())} "
+            f"of {len(rows)} runs ended on their best validation score in their last epoch ({by_lr}); more epochs "
+            "might have helped them.")
 
 
 def test_cell(mean: float, sd: float, seeds: int, interval: dict | None) -> str:
@@ -296,6 +323,14 @@ def comparison_lines(uncertainty: dict | None) -> list[str]:
             f"resample draws {uncertainty['test_rows']} test rows with replacement and scores both heads (every "
             "seed) on them; an interval that holds 0 means the difference is within the noise of this test set.")
     return markdown.table(header, rows) + [note, ""]
+
+
+def _readings(report_dir: Path, config: dict[str, Any], heads: list[str]) -> list[str]:
+    """The "How we read the paper" block with the values `config` (a run's, or a grid's best) trained with."""
+    dual = ("tokens" if config.get("tokens") is True else "pooled") if "dual_attn" in heads else None
+    return readings_lines(report_dir, batch_size=config.get("batch_size", "?"),
+                          max_length=(config.get("cache") or {}).get("max_length"), epochs=config.get("epochs", "?"),
+                          patience=config.get("patience", "?"), hidden=config.get("hidden", 256), dual_attn=dual)
 
 
 def _pooled_note_lines(heads: list[str], run_config: dict[str, Any]) -> list[str]:
@@ -320,10 +355,11 @@ def _write_grid_report(grid_dir: Path) -> Report:
     summaries = summarise(results["rows"], metric)
     heatmap = plot_grid(grid_cells(summaries), metric, grid_dir / "grid_heatmap.png")
     seeds = len({row["config"].get("seed") for row in results["rows"]})
-    lines = [f"# Grid report: {results['cache']['dataset']}", "",
-             f"{len(results['rows'])} runs ({len(summaries)} settings x up to {seeds} seeds), "
-             f"selected by validation {metric_title(metric)}.", ""]
-    lines += _pooled_note_lines([row["config"]["head"] for row in results["rows"]], best.config)
+    heads = [row["config"]["head"] for row in results["rows"]]
+    lines = [f"# Grid report: {results['cache']['dataset']}", ""] + _readings(grid_dir, best.config, heads)
+    lines += [f"{len(results['rows'])} runs ({len(summaries)} settings x up to {seeds} seeds), "
+              f"selected by validation {metric_title(metric)}.", "", undertraining_line(results["rows"]), ""]
+    lines += _pooled_note_lines(heads, best.config)
     lines += _encoder_lines(results["cache"]) + ["## Validation metric over learning rate x dropout", ""]
     lines += _figure_lines([heatmap], grid_dir) + ["## Best configuration per head", ""]
     uncertainty = results.get("uncertainty")
@@ -341,6 +377,7 @@ def write_report(run_dir: Path) -> Report:
     run = Run.read(run_dir)
     figures = _run_figures(run)
     title = f"# Run report: {run.config['head']} on {run.config['cache']['dataset']}"
-    lines = [title, ""] + _pooled_note_lines([run.config["head"]], run.config)
+    lines = [title, ""] + _readings(run_dir, run.config, [run.config["head"]])
+    lines += _pooled_note_lines([run.config["head"]], run.config)
     lines += _run_lines(run, figures, run_dir, f"this run ({run.config['head']})")
     return Report(_write_text(run_dir / "report.md", lines), figures)

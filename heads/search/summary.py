@@ -18,6 +18,7 @@ class Summary:
     val_std: float
     test: dict[str, float]
     test_std: dict[str, float]
+    still_improving: int = 0  # seeds whose run reached the epoch cap while still improving (`still_improving`)
 
 
 def summarise(rows: list[dict], metric: str) -> list[Summary]:
@@ -36,7 +37,16 @@ def _summary(group: list[dict], metric: str) -> Summary:
     config = {k: v for k, v in group[0]["config"].items() if k != "seed"}
     return Summary(config=config, seeds=[row["config"]["seed"] for row in group], val_mean=statistics.fmean(vals),
                    val_std=_std(vals), test={k: statistics.fmean(v) for k, v in tests.items()},
-                   test_std={k: _std(v) for k, v in tests.items()})
+                   test_std={k: _std(v) for k, v in tests.items()},
+                   still_improving=sum(still_improving(row) for row in group))
+
+
+def still_improving(row: dict) -> bool:
+    """A row stopped by the epoch cap while its validation metric was still improving: its best epoch was the last
+    one and that was the cap (a pruned row stopped at a rung, not the cap). Derived from the row's own fields, so
+    rows logged before heads/search/grid.py recorded the flag get it too; a row without them is not marked."""
+    epochs, best, cap = row.get("epochs_run"), row.get("best_epoch"), row["config"].get("epochs")
+    return None not in (epochs, best, cap) and row.get("pruned_at") is None and epochs >= cap and best == epochs
 
 
 def _std(values: list[float]) -> float:
