@@ -13,7 +13,7 @@ file's sha256 prefix) when a `--split-file` fixes its split, so caches and grids
 
 With `--tokens` the cache also holds the token sequences (extracted once; free disk is checked first), the pooled
 heads train on its pooled features as before, and dual_attn trains a second time on the token sequences into
-`OUT/grids/STEM-dual_attn-tokens/`: real attention beside the single-key (pooled) variant. `OUT/reproduction.md` and
+`OUT/grids/STEM/dual_attn-tokens/`: real attention beside the single-key (pooled) variant. `OUT/reproduction.md` and
 `OUT/figures/` set the result beside the published numbers (app/reporting/reproduction.py).
 """
 
@@ -170,7 +170,7 @@ def _token_attention(config: ReproduceConfig, result: DatasetResult, cache_path:
                      labels: dict | None, stem: str, progress: Progress | None) -> None:
     """dual_attn on the token sequences, and the intervals and comparisons of the study read that way: the pooled
     heads' rows with these rows in place of pooled dual_attn's (app/reporting/uncertainty.py)."""
-    grid_dir = config.out / "grids" / f"{stem}-{TOKEN_HEAD}-tokens"
+    grid_dir = config.out / "grids" / stem / f"{TOKEN_HEAD}-tokens"
     stream = should_stream(cache_path)[0]  # sequences too big for half the free memory are read per minibatch
     features, meta = load_features(cache_path, tokens=True, stream=stream)
     rows = _grid(features, configs, grid_dir, f"grid {result.name} ({TOKEN_HEAD} on tokens)", "tokens", progress)
@@ -178,5 +178,5 @@ def _token_attention(config: ReproduceConfig, result: DatasetResult, cache_path:
     uncertainty = grid_uncertainty(table, labels, result.metric, resamples=config.resamples)
     write_results(grid_dir, rows, metric=result.metric, cache=meta,
                   extra={"test_labels": labels, "uncertainty": uncertainty, "features": "tokens",
-                         "uncertainty_rows": f"the rows of grids/{stem}/ with these in place of pooled {TOKEN_HEAD}"})
+                         "uncertainty_rows": f"the rows of grids/{stem}/ with these in place of pooled {TOKEN_HEAD}'s"})
     result.token_rows, result.token_uncertainty = rows, uncertainty

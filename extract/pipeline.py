@@ -174,10 +174,17 @@ def check_disk_for_tokens(out: Path, encoders: Encoders, max_length: int, pendin
     needed = per_row * (pending + rows)
     free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
     if needed > free:
-        raise CacheError(f"{out}: --tokens needs about {needed / 2**30:.1f} GiB free on its disk, which has "
-                         f"{free / 2**30:.1f} GiB free ({rows:,} rows x ({text_tokens} text tokens x {text_width} + "
-                         f"{image_tokens} image tokens x {image_width}) x 2 bytes = {per_row * rows / 2**30:.1f} GiB, "
-                         "on disk twice while the batches are merged); free space, or extract without --tokens")
+        raise CacheError(f"{out}: --tokens needs about {_size(needed)} free on its disk, which has {_size(free)} free "
+                         f"({rows:,} rows x ({text_tokens} text tokens x {text_width} + {image_tokens} image tokens x "
+                         f"{image_width}) x 2 bytes = {_size(per_row * rows)}, on disk twice while the batches are "
+                         "merged); free space, or extract without --tokens")
+
+
+def _size(size: int) -> str:
+    for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if size >= 1024 ** power:
+            return f"{size / 1024 ** power:.1f} {unit}"
+    return f"{size} B"
 
 
 def limit_samples(data: DatasetSamples, limit: int | None) -> DatasetSamples:

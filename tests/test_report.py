@@ -123,7 +123,8 @@ def test_csv_dataset_with_other_encoders_gets_no_published_rows(tmp_path):
 
 def test_memotion_shows_macro_f1_only(tmp_path):
     text = write_report(make_run(tmp_path / "run", cache_block("memotion"))).markdown.read_text()
-    assert "| Dual-Attention | - | - | - | 0.3552 | no | Seed paper (Zhao et al., arXiv:2503.07943, 2025), Table 2 (§4.1.2) |" in text
+    assert ("| Dual-Attention | - | - | - | 0.3552 | no | Seed paper (Zhao et al., arXiv:2503.07943, 2025), Table 2 "
+            "(§4.1.2) |") in text
     assert "| SemEval-2020 Task 8 winner | - | - | - | 0.3547 | no | IITK (Keswani et al.)" in text
 
 

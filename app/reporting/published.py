@@ -46,6 +46,11 @@ PUBLISHED_SPLITS = {
 }
 
 
+KNOWN_SPLITS = ("Released splits are recognised by the name of the split file given with `--split-file` "
+                "(clmlf-mvsa-single, clmlf-mvsa-multi: CLMLF's, which MDSE also used), and Memotion's official test "
+                "set when its files are beside the training data.")
+
+
 class Published(NamedTuple):
     model: str
     accuracy: float | None
@@ -135,11 +140,11 @@ def split_note(cache: dict) -> str:
                 "split' were measured on it and compare like for like; the others used their authors' own splits.")
     if cache.get("split_kind") == FILE:
         return (f"This run used the split file `{cache.get('split_file')}` (sha256 "
-                f"`{str(cache.get('split_file_sha256'))[:16]}`), which is none of the published splits fusion "
-                f"knows ({', '.join(sorted(PUBLISHED_SPLITS))}): no published number below is like for like with it.")
+                f"`{str(cache.get('split_file_sha256'))[:16]}`), which is none of the published splits: no published "
+                f"number below is like for like with it. {KNOWN_SPLITS}")
     where = f" This run's split: {cache['split_source']}." if cache.get("split_source") else ""
-    return ("Not like for like: the published numbers used their authors' own splits, this run did not use any of "
-            f"them (a released split can be given with `--split-file`, named as PUBLISHED_SPLITS says).{where}")
+    return ("Not like for like: the published numbers used their authors' own splits, and this run used none of "
+            f"them.{where} {KNOWN_SPLITS}")
 
 
 def split_lines(cache: dict, split_counts: dict | None = None) -> list[str]:
@@ -148,11 +153,16 @@ def split_lines(cache: dict, split_counts: dict | None = None) -> list[str]:
     source = cache.get("split_source") or "not recorded (a cache written before split sources were kept)"
     lines = [f"- Splits: {source}."]
     if cache.get("split_kind") == FILE and split_counts:
-        lines.append(f"- Split file `{cache.get('split_file')}`: {split_counts.get('ids_in_file_not_in_data', 0)} "
-                     f"ids of the file not found in the data, {split_counts.get('rows_in_data_not_in_file', 0)} "
-                     "rows of the data not in the file (left out).")
+        missing = split_counts.get("ids_in_file_not_in_data", 0)
+        left_out = split_counts.get("rows_in_data_not_in_file", 0)
+        lines.append(f"- Split file `{cache.get('split_file')}`: {_count(missing, 'id')} of the file not found in the "
+                     f"data, {_count(left_out, 'row')} of the data not in the file (left out).")
     if cache.get("split_kind") == MEMOTION_HOLDOUT:
         lines.append("- **Memotion test = a 10% holdout of the training pool, because the official test files "
                      "(2000_testdata.csv, Meme_groundTruth.csv) were absent: these test numbers are not on the "
                      "official SemEval-2020 Task 8 test set.**")
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

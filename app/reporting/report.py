@@ -204,9 +204,9 @@ def _published_lines(cache: dict[str, Any], label: str, test: dict[str, Any],
     ours = [with_interval(test[m], (intervals or {}).get(m)) for m in METRICS]
     rows = [[f"**{label}**"] + ours[:2] + ["F1 (weighted)"] + ours[2:]
             + ["yes", "this report (test split" + (", 95% CI)" if intervals else ")")]]
-    rows += [[p.model] + [markdown.number(p.value(m), p.digits) for m in METRICS[:2]] + [p.f1_label if p.f1_kind else "-"]
-             + [markdown.number(p.macro_f1, p.digits), "yes" if like_for_like(p, cache) else "no", p.source]
-             for p in published]
+    rows += [[p.model] + [markdown.number(p.value(m), p.digits) for m in METRICS[:2]]
+             + [p.f1_label if p.f1_kind else "-", markdown.number(p.macro_f1, p.digits),
+                "yes" if like_for_like(p, cache) else "no", p.source] for p in published]
     notes = [split_note(cache), "'-' = not published. Published F1 sits in the weighted F1 column; 'which F1' says "
              "what each source reports (the seed paper's Table 1 does not say)."]
     header = ["model", "accuracy", "weighted F1", "which F1", "macro F1", "same split", "source"]
