@@ -2,6 +2,7 @@
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 
 from fusion.errors import RunError
 from fusion.app.reporting.report import PUBLISHED, Report, is_paper_encoder, write_report
+from fusion.heads.search.summary import best_per_head, summarise
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -257,3 +259,72 @@ def test_grid_report_shows_intervals_and_paired_comparisons(tmp_path):
                 f"[{comparison['low']:+.4f}, {comparison['high']:+.4f}] |") in text
     block = uncertainty["heads"]["basic"]["test"]["accuracy"]
     assert f"{block['mean']:.4f} ± {block['sd']:.4f} [{block['low']:.4f}, {block['high']:.4f}]" in text
+
+
+def test_reports_open_with_how_we_read_the_paper(tmp_path):
+    from fusion.app.reporting.readings import PAPER_DOC
+
+    run_dir = make_run(tmp_path / "run", cache_block("mvsa-single") | {"max_length": 96}, head="dual_attn")
+    grid_dir = make_grid(tmp_path / "grid", cache_block("mvsa-single") | {"max_length": 96})
+    for report_dir, title in ((run_dir, "# Run report: dual_attn on mvsa-single"),
+                              (grid_dir, "# Grid report: mvsa-single")):
+        text = write_report(report_dir).markdown.read_text()
+        assert text.startswith(f"{title}\n\n## How we read the paper\n")
+        block = text.split("## How we read the paper", 1)[1].split("\n## ", 1)[0]
+        link = re.search(r"\[docs/paper\.md\]\(([^)]+)\)", block).group(1)
+        assert (report_dir / link).resolve() == PAPER_DOC.resolve() and PAPER_DOC.is_file()
+        # make_run's config: batch 64, at most 30 epochs, patience 5; its cache cut texts at 96 tokens.
+        for words in ("Batch size 64", "texts cut at 96 tokens", "at most 30 epochs", "patience 5",
+                      "two-token sequence [T, V]", "one hidden layer of 256 units", "focal loss without α",
+                      "Dropout on the fused vector and on the hidden layer only",
+                      "dual attention (Eqs. 8-10) ran on pooled features"):
+            assert words in block, (title, words)
+
+
+@pytest.mark.parametrize("best_epoch, epochs_run, marked", [(30, 30, True), (29, 30, False), (12, 12, False)])
+def test_a_run_stopped_by_the_cap_while_improving_says_so(tmp_path, best_epoch, epochs_run, marked):
+    run_dir = make_run(tmp_path / "run", cache_block("mvsa-single"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics.update(best_epoch=best_epoch, epochs_run=epochs_run, history=history(np.random.default_rng(0), epochs_run))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    text = write_report(run_dir).markdown.read_text()
+    assert ("**Still improving at 30 epochs**" in text) is marked
+
+
+def test_grid_report_marks_and_counts_the_rows_still_improving_at_the_cap(tmp_path):
+    grid_dir = make_grid(tmp_path / "grid", cache_block("csv"))
+    results = json.loads((grid_dir / "results.json").read_text())
+    for index, row in enumerate(results["rows"]):
+        row["config"]["epochs"] = 30
+        row["epochs_run"], row["best_epoch"] = (30, 30) if index % 3 == 0 else (10, 5)
+    (grid_dir / "results.json").write_text(json.dumps(results))
+    text = write_report(grid_dir).markdown.read_text()
+    rows = results["rows"]
+    flagged = [row for index, row in enumerate(rows) if index % 3 == 0]
+    by_lr = "; ".join(f"lr {lr:g}: {sum(r['config']['lr'] == lr for r in flagged)} of "
+                      f"{sum(r['config']['lr'] == lr for r in rows)}" for lr in (1e-2, 1e-3, 1e-4))
+    assert (f"Still improving at the epoch cap (30 epochs): {len(flagged)} of {len(rows)} runs ended on their best "
+            f"validation score in their last epoch ({by_lr})") in text
+    def without_seed(row: dict) -> str:
+        return json.dumps({k: v for k, v in row["config"].items() if k != "seed"}, sort_keys=True)
+
+    flagged_seeds = Counter(without_seed(row) for row in flagged)
+    cells = []
+    for head, best in best_per_head(summarise(rows, "macro_f1")).items():
+        line = next(line for line in text.splitlines() if line.startswith(f"| {head} | "))
+        count = flagged_seeds[json.dumps(best.config, sort_keys=True)]
+        cells.append(f"still improving at 30 epochs ({count} of 2 seeds)" if count else "–")
+        assert line.rstrip().endswith(f"| {cells[-1]} |"), line
+    assert len(set(cells)) > 1  # both a marked and an unmarked head are checked
+
+
+def test_report_marks_published_rows_on_the_same_split(tmp_path):
+    official = cache_block("memotion") | {"split_kind": "memotion-official-test", "split_source": "official test"}
+    text = write_report(make_run(tmp_path / "official", official)).markdown.read_text()
+    assert "| SemEval-2020 Task 8 winner | - | - | - | 0.3547 | yes | IITK" in text
+    assert "| Dual-Attention | - | - | - | 0.3552 | no |" in text
+    clmlf = cache_block("mvsa-multi") | {"split_kind": "file", "split_file": "clmlf_mvsa_multi.csv",
+                                         "split_file_sha256": "ef" * 32}
+    text = write_report(make_run(tmp_path / "clmlf", clmlf)).markdown.read_text()
+    yes = re.findall(r"^\| ([^|*]+?) \|.*\| yes \|", text, re.M)
+    assert yes == ["CLMLF", "MDSE"]
