@@ -133,9 +133,13 @@ def test_rows_stopped_by_the_cap_while_improving_are_marked_also_when_read_back(
     configs = grid_configs(FitConfig(epochs=3, patience=1, batch_size=32), heads=["basic"], lrs=[1e-2, 1e-4],
                            dropouts=[0.0], losses=["ce", "focal2"])
     rows = run_grid(features, configs, tmp_path)
-    # The definition, written here: the run used every epoch the cap allowed and its best was the last one.
+    # The definitions, written here: the run used every epoch the cap allowed and its best was the last one; its
+    # validation loss was lowest in its last epoch (from the history of the same configuration trained alone).
     expected = [row["epochs_run"] == 3 and row["best_epoch"] == 3 for row in rows]
     assert [row["still_improving"] for row in rows] == expected and any(expected)
+    histories = [train_head(features, config).history for config in configs]
+    falling = [min(e["val_loss"] for e in h) == h[-1]["val_loss"] for h in histories]
+    assert [row["val_loss_falling"] for row in rows] == falling and any(falling)
     logged = read_log(tmp_path / grid_module.RESULTS_LOG)
     assert [row["still_improving"] for row in logged] == expected
     # A log written before the flag existed gets it when read back.

@@ -2,7 +2,6 @@
 
 import json
 import re
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -281,39 +280,57 @@ def test_reports_open_with_how_we_read_the_paper(tmp_path):
             assert words in block, (title, words)
 
 
-@pytest.mark.parametrize("best_epoch, epochs_run, marked", [(30, 30, True), (29, 30, False), (12, 12, False)])
-def test_a_run_stopped_by_the_cap_while_improving_says_so(tmp_path, best_epoch, epochs_run, marked):
+@pytest.mark.parametrize("best_epoch, epochs_run, falling, marked", [
+    (30, 30, False, (True, False)), (29, 30, False, (False, False)), (12, 12, False, (False, False)),
+    (7, 12, True, (False, True)), (30, 30, True, (True, True))])
+def test_an_under_trained_run_says_so(tmp_path, best_epoch, epochs_run, falling, marked):
     run_dir = make_run(tmp_path / "run", cache_block("mvsa-single"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics.update(best_epoch=best_epoch, epochs_run=epochs_run, history=history(np.random.default_rng(0), epochs_run))
+    entries = history(np.random.default_rng(0), epochs_run)
+    if falling:  # the validation loss keeps falling to the last epoch
+        for entry in entries:
+            entry["val_loss"] = 1.0 / entry["epoch"]
+    metrics.update(best_epoch=best_epoch, epochs_run=epochs_run, history=entries)
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     text = write_report(run_dir).markdown.read_text()
-    assert ("**Still improving at 30 epochs**" in text) is marked
+    assert ("**Still improving at 30 epochs**" in text, "**Validation loss still falling**" in text) == marked
 
 
-def test_grid_report_marks_and_counts_the_rows_still_improving_at_the_cap(tmp_path):
+def test_grid_report_marks_and_counts_the_under_trained_rows(tmp_path):
     grid_dir = make_grid(tmp_path / "grid", cache_block("csv"))
     results = json.loads((grid_dir / "results.json").read_text())
-    for index, row in enumerate(results["rows"]):
+    rows = results["rows"]
+    for index, row in enumerate(rows):
         row["config"]["epochs"] = 30
         row["epochs_run"], row["best_epoch"] = (30, 30) if index % 3 == 0 else (10, 5)
+        row["val_loss_falling"] = index % 4 == 0
     (grid_dir / "results.json").write_text(json.dumps(results))
     text = write_report(grid_dir).markdown.read_text()
-    rows = results["rows"]
-    flagged = [row for index, row in enumerate(rows) if index % 3 == 0]
-    by_lr = "; ".join(f"lr {lr:g}: {sum(r['config']['lr'] == lr for r in flagged)} of "
-                      f"{sum(r['config']['lr'] == lr for r in rows)}" for lr in (1e-2, 1e-3, 1e-4))
-    assert (f"Still improving at the epoch cap (30 epochs): {len(flagged)} of {len(rows)} runs ended on their best "
-            f"validation score in their last epoch ({by_lr})") in text
+
+    def counted(marked: list[bool]) -> str:
+        by_lr = ", ".join(f"lr {lr:g}: {sum(m for r, m in zip(rows, marked) if r['config']['lr'] == lr)} of "
+                          f"{sum(r['config']['lr'] == lr for r in rows)}" for lr in (1e-2, 1e-3, 1e-4))
+        return f"{sum(marked)} of {len(rows)}", by_lr
+
+    capped = [index % 3 == 0 for index in range(len(rows))]
+    falling = [index % 4 == 0 for index in range(len(rows))]
+    (n_capped, capped_by_lr), (n_falling, falling_by_lr) = counted(capped), counted(falling)
+    assert (f"Under-training: {n_capped} runs reached the epoch cap (30 epochs) with their best validation score in "
+            f"their last epoch ({capped_by_lr}); {n_falling} stopped, by patience on the validation metric or by the "
+            f"cap, with their lowest validation loss in their last epoch ({falling_by_lr}).") in text
+
     def without_seed(row: dict) -> str:
         return json.dumps({k: v for k, v in row["config"].items() if k != "seed"}, sort_keys=True)
 
-    flagged_seeds = Counter(without_seed(row) for row in flagged)
     cells = []
     for head, best in best_per_head(summarise(rows, "macro_f1")).items():
         line = next(line for line in text.splitlines() if line.startswith(f"| {head} | "))
-        count = flagged_seeds[json.dumps(best.config, sort_keys=True)]
-        cells.append(f"still improving at 30 epochs ({count} of 2 seeds)" if count else "–")
+        key = json.dumps(best.config, sort_keys=True)
+        at_cap = sum(m for r, m in zip(rows, capped) if without_seed(r) == key)
+        loss = sum(m for r, m in zip(rows, falling) if without_seed(r) == key)
+        parts = ([f"still improving at 30 epochs ({at_cap} of 2 seeds)"] if at_cap else []) + (
+            [f"val loss still falling ({loss} of 2 seeds)"] if loss else [])
+        cells.append("; ".join(parts) or "–")
         assert line.rstrip().endswith(f"| {cells[-1]} |"), line
     assert len(set(cells)) > 1  # both a marked and an unmarked head are checked
 

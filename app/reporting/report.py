@@ -28,7 +28,7 @@ from fusion.atomic import write_atomic, write_text_atomic
 from fusion.errors import FusionError, RunError, install_extra
 from fusion.heads.checkpoint import PREDICTIONS_FILE, read_json
 from fusion.heads.config import loss_label
-from fusion.heads.search.summary import Summary, best_per_head, still_improving, summarise
+from fusion.heads.search.summary import Summary, best_per_head, still_improving, summarise, val_loss_falling
 from fusion.heads.registry import pooled_dual_attn_note
 from fusion.labels import LABELS
 from fusion.paper import IMAGE_MODEL, METRICS, TEXT_MODEL, metric_title
@@ -261,6 +261,9 @@ def _run_lines(run: Run, figures: list[Path], base: Path, label: str, level: str
     row = {"config": run.config, "best_epoch": run.metrics["best_epoch"], "epochs_run": epochs}
     improving = (f" **Still improving at {epochs} epochs**: the best validation score came in the last epoch the "
                  "cap allowed." if still_improving(row) else "")
+    if val_loss_falling(run.metrics["history"]):
+        improving += (" **Validation loss still falling**: it was lowest in the last epoch, so training stopped "
+                      "while the head still fitted.")
     lines = [f"Best epoch {markdown.number(run.metrics['best_epoch'])} of {epochs} run.{improving}", "",
              f"{level} Configuration", ""]
     lines += markdown.table(["setting", "value"], settings) + [BATCH_NOTE, "", f"{level} Cache and encoders", ""]
@@ -281,28 +284,43 @@ def _best_head_lines(summaries: list[Summary], metric: str, uncertainty: dict | 
                     + [test_cell(best.test[m], best.test_std[m], len(best.seeds), (intervals or {}).get(m))
                        for m in METRICS] + [improving_cell(best)])
     header = ["head", "lr", "dropout", "loss", "seeds", f"val {metric_title(metric)} (mean ± sd)",
-              "test accuracy", "test weighted F1", "test macro F1", "stopped at the cap"]
+              "test accuracy", "test weighted F1", "test macro F1", "under-training"]
     note = ["Test cells: mean ± sd over seeds [95% CI of the seed mean: bootstrap over the test rows, 2,000 "
             "resamples, seed 0, BCa (scipy.stats.bootstrap), every seed scored on the same resampled rows].", ""]
     return markdown.table(header, rows) + (note if uncertainty else [])
 
 
 def improving_cell(best: Summary) -> str:
-    """'still improving at N epochs (k of n seeds)' when the epoch cap stopped some seeds still improving."""
-    if not best.still_improving:
-        return "–"
-    return f"still improving at {best.config.get('epochs')} epochs ({best.still_improving} of {len(best.seeds)} seeds)"
+    """Under-training of a configuration's seeds: stopped by the epoch cap still improving, or with the validation
+    loss still falling (heads/search/summary.py); '–' when neither."""
+    seeds = len(best.seeds)
+    parts = [f"still improving at {best.config.get('epochs')} epochs ({best.still_improving} of {seeds} seeds)"
+             if best.still_improving else "",
+             f"val loss still falling ({best.loss_falling} of {seeds} seeds)" if best.loss_falling else ""]
+    return "; ".join(part for part in parts if part) or "–"
 
 
 def undertraining_line(rows: list[dict]) -> str:
-    """How many runs reached the epoch cap with their best validation score in the last epoch, by learning rate."""
-    flagged = Counter(row["config"]["lr"] for row in rows if still_improving(row))
+    """How many runs the epoch cap stopped while their validation metric still improved, and how many stopped
+    (patience or the cap) while their validation loss still fell, each by learning rate."""
+    caps = ", ".join(str(cap) for cap in sorted({row["config"].get("epochs") for row in rows} - {None})) or "?"
+    count, by_lr = _by_lr(rows, still_improving)
+    line = (f"Under-training: {count} runs reached the epoch cap ({caps} epochs) with their best validation score in "
+            f"their last epoch ({by_lr})")
+    known = [row for row in rows if "val_loss_falling" in row]  # rows logged before the flag cannot tell
+    if known:
+        count, by_lr = _by_lr(known, lambda row: row["val_loss_falling"] is True)
+        line += (f"; {count} stopped, by patience on the validation metric or by the cap, with their lowest "
+                 f"validation loss in their last epoch ({by_lr})")
+    return line + ". More epochs might have helped them."
+
+
+def _by_lr(rows: list[dict], flag) -> tuple[str, str]:
+    """('k of n', 'lr 0.001: a of b, ...') of the rows `flag` marks."""
+    flagged = Counter(row["config"]["lr"] for row in rows if flag(row))
     total = Counter(row["config"]["lr"] for row in rows)
-    caps = sorted({row["config"].get("epochs") for row in rows if row["config"].get("epochs")})
-    by_lr = "; ".join(f"lr {lr:g}: {flagged[lr]} of {total[lr]}" for lr in sorted(total, reverse=True))
-    return (f"Still improving at the epoch cap ({', '.join(map(str, caps)) or '?'} epochs): {sum(flagged.values())} "
-            f"of {len(rows)} runs ended on their best validation score in their last epoch ({by_lr}); more epochs "
-            "might have helped them.")
+    return (f"{sum(flagged.values())} of {len(rows)}",
+            ", ".join(f"lr {lr:g}: {flagged[lr]} of {total[lr]}" for lr in sorted(total, reverse=True)))
 
 
 def test_cell(mean: float, sd: float, seeds: int, interval: dict | None) -> str:

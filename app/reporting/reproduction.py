@@ -3,12 +3,12 @@
 reproduction.md opens with how we read the paper (app/reporting/readings.py, docs/paper.md). Per dataset: the split
 (a split file with its sha256 prefix and the ids it and the data do not share); our heads (the best configuration of
 each on validation, every seed) with test accuracy, weighted F1 and macro F1 as mean ± sd over seeds and a 95%
-bootstrap interval over the test rows, and how many seeds stopped at the epoch cap still improving; the same beside
-the seed paper's Tables 1 and 2 and later work, each row saying which F1 it reports and whether it was measured on
-this run's split; the best fusion head against each ablation and each other head by a paired bootstrap; one figure.
-dual_attn is always named by the features it ran on: "dual_attn (single-key, pooled)", where one key per modality
-makes its attention a linear map (the report carries heads/registry.py's note), and, with `--tokens`,
-"dual_attn (token attention)".
+bootstrap interval over the test rows, and how many seeds were under-trained (stopped by the epoch cap still
+improving, or with their validation loss still falling); the same beside the seed paper's Tables 1 and 2 and later
+work, each row saying which F1 it reports and whether it was measured on this run's split; the best fusion head
+against each ablation and each other head by a paired bootstrap; one figure. dual_attn is always named by the
+features it ran on: "dual_attn (single-key, pooled)", where one key per modality makes its attention a linear map (the
+report carries heads/registry.py's note), and, with `--tokens`, "dual_attn (token attention)".
 """
 
 from __future__ import annotations
@@ -118,12 +118,12 @@ def _heads_table(result: DatasetResult) -> list[str]:
                     + [test_cell(best.test[m], best.test_std[m], len(best.seeds), intervals.get(m)) for m in METRICS]
                     + [improving_cell(best)])
     header = ["head", "configuration", "seeds", f"val {metric_title(result.metric)}", "test accuracy",
-              "test weighted F1", "test macro F1", "stopped at the cap"]
+              "test weighted F1", "test macro F1", "under-training"]
     return markdown.table(header, rows)
 
 
 def _notes(result: DatasetResult) -> list[str]:
-    """The single-key note for pooled dual_attn, and how many runs the epoch cap stopped while still improving."""
+    """The single-key note for pooled dual_attn, and how many runs were under-trained."""
     note = pooled_dual_attn_note([row["config"]["head"] for row in result.rows], tokens=False)
     lines = [f"Note on {POOLED_LABEL}: {note}.", ""] if note else []
     return lines + [undertraining_line(result.rows + (result.token_rows or [])), ""]

@@ -12,8 +12,9 @@ are still written, marked with `pruned_at` (the rung epoch) and holding their be
 the results stay complete and the choice is made among all rows. A later exhaustive run of the same grid retrains the
 pruned configurations (a pruned row is not a finished run); a pruned run keeps them.
 
-A row that reached the epoch cap with its best validation score in its last epoch is marked `still_improving`: more
-epochs might have helped it (reports say "still improving at N epochs").
+A row that reached the epoch cap with its best validation score in its last epoch is marked `still_improving`, and a
+row whose validation loss was lowest in its last epoch `val_loss_falling` (early stopping on the metric, or the cap,
+ended it while the loss still fell): more epochs might have helped either (heads/search/summary.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from fusion.heads.config import FitConfig, config_from_dict
 from fusion.heads.search.configs import config_key, config_key_from_row
 from fusion.heads.search.prune import Pruning
-from fusion.heads.search.summary import still_improving
+from fusion.heads.search.summary import still_improving, val_loss_falling
 from fusion.heads.result import FitResult, encode_labels
 from fusion.heads.train import train_many
 
@@ -37,13 +38,14 @@ RESULTS_LOG = "results.jsonl"
 
 def result_row(result: FitResult) -> dict:
     """test_pred: the test predictions as a digit string (result.encode_labels), for bootstrap intervals;
-    still_improving: see heads/search/summary.py `still_improving`."""
+    still_improving, val_loss_falling: under-training, heads/search/summary.py."""
     predictions = result.test_predictions
     row = {"config": dataclasses.asdict(result.config), "val": result.val, "test": result.test,
            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": result.seconds,
            "test_pred": None if predictions is None else encode_labels(predictions.y_pred),
            "pruned_at": result.pruned_at, "device": result.device}
-    return {**row, "still_improving": still_improving(row)}
+    return {**row, "still_improving": still_improving(row),
+            "val_loss_falling": val_loss_falling(result.history, result.pruned_at)}
 
 
 def read_log(path: Path) -> list[dict]:

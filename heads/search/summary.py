@@ -19,6 +19,7 @@ class Summary:
     test: dict[str, float]
     test_std: dict[str, float]
     still_improving: int = 0  # seeds whose run reached the epoch cap while still improving (`still_improving`)
+    loss_falling: int = 0  # seeds whose validation loss still fell when training stopped (`val_loss_falling`)
 
 
 def summarise(rows: list[dict], metric: str) -> list[Summary]:
@@ -38,7 +39,8 @@ def _summary(group: list[dict], metric: str) -> Summary:
     return Summary(config=config, seeds=[row["config"]["seed"] for row in group], val_mean=statistics.fmean(vals),
                    val_std=_std(vals), test={k: statistics.fmean(v) for k, v in tests.items()},
                    test_std={k: _std(v) for k, v in tests.items()},
-                   still_improving=sum(still_improving(row) for row in group))
+                   still_improving=sum(still_improving(row) for row in group),
+                   loss_falling=sum(row.get("val_loss_falling") is True for row in group))
 
 
 def still_improving(row: dict) -> bool:
@@ -58,3 +60,11 @@ def best_per_head(summaries: list[Summary]) -> dict[str, Summary]:
     for summary in summaries:  # already sorted best first
         best.setdefault(summary.config["head"], summary)
     return best
+
+
+def val_loss_falling(history: list[dict], pruned_at: int | None = None) -> bool:
+    """The run's lowest validation loss came in its last epoch: whatever stopped it (patience on the validation
+    metric, or the cap) stopped it while the loss still fell. A flat metric with a falling loss is the under-training
+    that `still_improving` cannot see; a pruned run stopped at a rung and is not marked."""
+    losses = [entry["val_loss"] for entry in history if isinstance(entry.get("val_loss"), (int, float))]
+    return pruned_at is None and len(losses) == len(history) > 0 and losses[-1] <= min(losses)
