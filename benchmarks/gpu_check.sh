@@ -30,6 +30,10 @@ stop() {  # one line on stderr, the JSON line last on stdout
 }
 
 command -v "$PY" >/dev/null 2>&1 || stop "no python at PY=$PY; set PY=/path/to/python3 (the one with torch)" 2
+case $PY in  # a relative path (PY=.venv/bin/python) must survive the cd into the shim below
+    /*) ;;
+    */*) PY="$PWD/$PY" ;;
+esac
 
 SHIM=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-shim.XXXXXX") || stop "cannot make a temporary folder" 2
 trap 'rm -rf "$SHIM"' EXIT
