@@ -87,8 +87,7 @@ def fit(cache: Cache | Path | str, *, head: str = FitConfig.head, lr: float = Fi
     config = FitConfig(head=head, lr=lr, dropout=dropout, loss=loss, gamma=gamma, epochs=epochs, patience=patience,
                        batch_size=batch_size, metric=metric or paper.dataset_metric(dataset), seed=seed,
                        precision=precision)
-    check_device_name(device)
-    target = training_device(device, precision)
+    target = training_device(device, precision)  # checks the names before torch loads
     from fusion.app.handles import Run
     from fusion.heads.checkpoint import save_run
     from fusion.heads.registry import pooled_dual_attn_note
@@ -120,8 +119,7 @@ def grid(cache: Cache | Path | str, *, heads: Iterable[str] = paper.HEADS, lrs: 
     path = _cache_path(cache)
     configs_for = _grid_configs(heads, lrs, dropouts, losses, seeds, epochs, patience, batch_size, metric, precision)
     configs = configs_for({"dataset": _cache_dataset(path)})
-    check_device_name(device)
-    target = training_device(device, precision)
+    target = training_device(device, precision)  # checks the names before torch loads
     from fusion.app.grid import run_grid_to
 
     features, meta, notes = _features(path, tokens, stream)
@@ -143,8 +141,7 @@ def sweep(caches: Sequence[Cache | Path | str], *, heads: Iterable[str] = paper.
     configs_for = _grid_configs(heads, lrs, dropouts, losses, seeds, epochs, patience, batch_size, metric, precision)
     for path in paths:
         configs_for({"dataset": _cache_dataset(path)})
-    check_device_name(device)
-    target = training_device(device, precision)
+    target = training_device(device, precision)  # checks the names before torch loads
     from fusion.app.sweep import run_sweep_to
 
     return run_sweep_to(paths, configs_for, Path(out) if out is not None else Path("runs") / f"{paths[0].stem}-sweep",
