@@ -180,7 +180,7 @@ def sweep_table(document: dict) -> Table:
     """Each cache's chosen configuration with its test interval and its difference from the leader."""
     differences = {d["b"]: d for d in document["differences"] if d["what"] == "best"}
     table = Table(title=f"encoder sweep on {document['dataset']}: chosen on val {document['metric']}, test "
-                        f"{document['metric']} with {document['level']:.0%} bootstrap CI")
+                        f"{document['metric']} with {document['level']:.0%} bootstrap CI (* significant after Holm)")
     for column in ("cache", "encoders (pooling)", "head", "val", "test [CI]", f"Δ vs {document['leader']} [CI]"):
         table.add_column(column, no_wrap=column != "encoders (pooling)")
     for entry in document["caches"]:
@@ -189,5 +189,6 @@ def sweep_table(document: dict) -> Table:
         table.add_row(entry["name"], entry["encoders"], best["config"]["head"], f"{best['val_mean']:.4f}",
                       f"{test['value']:.4f} [{test['low']:.4f}, {test['high']:.4f}]",
                       "leader" if difference is None else
-                      f"{difference['difference']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]")
+                      f"{difference['difference']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]"
+                      + (" *" if difference.get("significant") else ""))
     return table
