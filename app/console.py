@@ -12,6 +12,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
+from fusion.app.reporting.duplicates import split_pairs
 from fusion.heads.config import loss_label
 from fusion.heads.search.summary import best_per_head
 from fusion.labels import LABELS, SPLITS
@@ -112,6 +113,17 @@ def cache_info_tables(info: dict) -> list[Table]:
         per_class = summary.get("per_class", {})
         counts.add_row(split, *(str(per_class.get(name, 0)) for name in LABELS), str(summary.get("count", 0)))
     tables = [key_value_table(str(info.get("path", "cache")), scalars), counts]
+    duplicates = info.get("duplicates") or {}
+    if duplicates.get("pairs"):
+        shared = Table(title="posts that also occur in an earlier split (normalised text, or equal pixels)")
+        for column in ("splits", "same text", "same image", "either"):
+            shared.add_column(column, justify="left" if column == "splits" else "right")
+        for pair, n in split_pairs(duplicates):
+            shared.add_row(pair, str(n["text"]), str(n["image"]), str(n["either"]))
+        if duplicates.get("dedupe"):
+            dropped = duplicates.get("dropped", {})
+            shared.caption = f"--dedupe dropped val {dropped.get('val', 0)}, test {dropped.get('test', 0)}"
+        tables.append(shared)
     skipped = info.get("skipped") or {}
     if skipped.get("count"):
         tables.append(key_value_table(f"skipped samples: {skipped['count']}",
@@ -171,9 +183,21 @@ def extract_notes(summary) -> list[str]:
     if summary.text_fallbacks:
         lines.append("texts not in UTF-8, decoded as: " +
                      ", ".join(f"{k} {v}" for k, v in summary.text_fallbacks.items()))
+    if summary.duplicates:
+        lines.append(duplicates_line(summary.duplicates))
     lines.append(f"computed {summary.rows_computed} of {summary.rows_total} rows in {summary.seconds:.1f} s "
                  f"({summary.samples_per_second:.1f} samples/s)")
     return lines
+
+
+def duplicates_line(record: dict) -> str:
+    """'duplicates across splits: train-val 1 (text 1, image 1), ...; dropped (--dedupe): val 1, test 2'."""
+    pairs = "; ".join(f"{pair} {n['either']} (text {n['text']}, image {n['image']})"
+                      for pair, n in split_pairs(record))
+    dropped = record.get("dropped", {})
+    tail = (f"; dropped (--dedupe): val {dropped.get('val', 0)}, test {dropped.get('test', 0)}" if record.get("dedupe")
+            else "; kept (--dedupe drops val/test posts that duplicate a training post)")
+    return f"duplicates across splits: {pairs}{tail}"
 
 
 def sweep_table(document: dict) -> Table:

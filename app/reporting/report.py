@@ -21,6 +21,7 @@ from typing import Any
 
 from fusion.app.handles import CACHE_FIELDS, Run, json_field
 from fusion.app.reporting import markdown
+from fusion.app.reporting.duplicates import duplicate_lines
 from fusion.app.reporting.published import PUBLISHED, split_lines, split_note
 from fusion.app.reporting.stats import RESAMPLES, Interval, metric_ci
 from fusion.atomic import write_atomic, write_text_atomic
@@ -184,10 +185,11 @@ def is_paper_encoder(name: str, hub_id: str) -> bool:
 def _encoder_lines(cache: dict[str, Any]) -> list[str]:
     text, image, paper = cache["text_model"], cache["image_model"], f"({TEXT_MODEL} + {IMAGE_MODEL})"
     same = is_paper_encoder(text, TEXT_MODEL) and is_paper_encoder(image, IMAGE_MODEL)
-    return [f"- Cache: `{cache.get('path', '?')}` (dataset `{cache['dataset']}`, "
+    return ([f"- Cache: `{cache.get('path', '?')}` (dataset `{cache['dataset']}`, "
             f"fingerprint `{str(cache.get('fingerprint', '?'))[:12]}`)", f"- Encoders: text `{text}`, image `{image}`.",
             f"- These are the paper's encoders {paper}." if same else f"- **These are not the paper's encoders** "
-            f"{paper}: any comparison with published numbers is not like for like."] + split_lines(cache) + [""]
+            f"{paper}: any comparison with published numbers is not like for like."] + split_lines(cache)
+            + duplicate_lines(cache) + [""])
 
 
 def with_interval(value: float, interval: Interval | None) -> str:

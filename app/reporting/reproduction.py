@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusion.app.reporting import markdown
+from fusion.app.reporting.duplicates import duplicate_lines
 from fusion.app.reporting.published import Published, published_for, split_lines, split_note
 from fusion.app.reporting.report import (comparison_lines, interval_note, is_paper_encoder, new_figure, save_png,
                                          test_cell)
@@ -63,8 +64,8 @@ def _dataset_lines(result: DatasetResult, figure: str) -> list[str]:
     lines = [f"## {_title(result.name)}", "",
              f"- Root: `{result.root}`; cache fingerprint `{str(cache.get('fingerprint'))[:12]}`; rows "
              + ", ".join(f"{split} {n}" for split, n in result.counts.items()) + "."]
-    lines += split_lines(cache) + ["", f"### Our heads (test; selected on validation {metric_title(result.metric)})",
-                                   ""]
+    lines += split_lines(cache) + duplicate_lines(cache)
+    lines += ["", f"### Our heads (test; selected on validation {metric_title(result.metric)})", ""]
     lines += _heads_table(result) + ["### Beside the published numbers", ""] + _published_table(result)
     lines += [split_note(cache), ""]
     lines += ["### Paired comparisons", ""] + comparison_lines(result.uncertainty)
