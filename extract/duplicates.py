@@ -17,8 +17,8 @@ whose text, image, or either also occurs in the earlier split. `drop_duplicates`
 off by default, because the paper's protocol keeps every post. It drops the validation and test posts that duplicate
 a training post, and each one is listed under /skipped with its reason, like every row left out.
 
-Cost: the image hashes need every image decoded once more before the encoders run (`image_digests`, in the
-extraction's decode workers). On MVSA-sized data this is a small share of the extraction.
+Cost: the image hashes need every image decoded once more before the encoders run (`image_digests`, in as many
+DataLoader workers as the extraction decodes with), and sha256 of the pixels adds about half a decode again.
 """
 
 from __future__ import annotations
