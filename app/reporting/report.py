@@ -291,7 +291,7 @@ def _best_head_lines(summaries: list[Summary], metric: str, uncertainty: dict | 
 
 
 def test_cell(mean: float, sd: float, seeds: int, interval: dict | None) -> str:
-    """'mean ± sd [low, high]': the spread over seeds and the test-row bootstrap interval of the seed mean."""
+    """'mean ± sd [low, high]': the spread over seeds and the hierarchical bootstrap interval of the seed mean."""
     text = f"{mean:.4f}" + (f" ± {sd:.4f}" if seeds > 1 else "")
     return text + (f" [{interval['low']:.4f}, {interval['high']:.4f}]" if interval else "")
 
