@@ -11,6 +11,8 @@ What is real and what is not, said plainly because the numbers depend on it:
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 from fusion.errors import ModelLoadError
@@ -57,6 +59,7 @@ def demo_steps(out: Path, *, text_model: str | None = None, image_model: str | N
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "data" / "MVSA_Single" / "labelResultAll.txt").exists():
         write_demo_dataset(out / "data", n=size)
+    write_new_posts(out)
     text = text_model or packaged_text_model()
     image = image_model or random_dinov2(out / "models" / "dinov2-random")
     about = (f"[bold]fusion demo[/bold]: synthetic MVSA-Single-format data in {out / 'data'}\n"
@@ -72,17 +75,40 @@ def demo_steps(out: Path, *, text_model: str | None = None, image_model: str | N
     return about, steps
 
 
+NEW_POSTS = 3
+
+
+def write_new_posts(out: Path) -> Path:
+    """out/new_posts.csv (columns image,text) and out/new_posts/post-N.jpg: a few of the demo's posts to try predict
+    and serve on, so that README's commands run as written on what the demo left."""
+    from fusion.atomic import write_bytes_atomic, write_text_atomic
+    from fusion.extract.datasets.demo_data import read_manifest
+
+    folder = out / "new_posts"
+    folder.mkdir(exist_ok=True)
+    table = io.StringIO()
+    rows = csv.writer(table, lineterminator="\n")
+    rows.writerow(["image", "text"])
+    for number, pair in enumerate(read_manifest(out / "data")[-NEW_POSTS:], start=1):
+        image = folder / f"post-{number}.jpg"
+        write_bytes_atomic(image, (out / "data" / "MVSA_Single" / "data" / f"{pair.id}.jpg").read_bytes())
+        rows.writerow([image.relative_to(out).as_posix(), pair.text])
+    write_text_atomic(out / "new_posts.csv", table.getvalue())
+    return out / "new_posts.csv"
+
+
 def next_steps(out: Path, text_model: str | None = None, image_model: str | None = None) -> list[str]:
     """The commands that try fit, predict, report and serve on what the demo just wrote, and the real workflow on
     its MVSA-format folder with its encoders (which stand in for the real data and models offline)."""
-    images = sorted((out / "data" / "MVSA_Single" / "data").glob("*.jpg"), key=lambda path: int(path.stem))
     text = text_model or packaged_text_model()
     image = image_model or str(out / "models" / "dinov2-random")
     return [
         f"fusion cache info {out / 'demo.h5'}",
         f"fusion fit --cache {out / 'demo.h5'} --head dual_attn --out {out / 'runs' / 'dual_attn'}",
         f"fusion report --run {out / 'runs' / 'dual_attn'}",
-        f"fusion predict --run {out / 'grid' / 'best'} --image {images[0]} --text 'what a great day'",
+        f"fusion predict --run {out / 'grid' / 'best'} --image {out / 'new_posts' / 'post-1.jpg'} "
+        f"--text 'what a great day'",
+        f"fusion predict --run {out / 'grid' / 'best'} --csv {out / 'new_posts.csv'} --json",
         f"fusion serve --run {out / 'grid' / 'best'}",
         f"fusion extract --dataset mvsa-single --root {out / 'data' / 'MVSA_Single'} --text-model {text} "
         f"--image-model {image} --out {out / 'mvsa-single.h5'}",

@@ -1,11 +1,11 @@
 """Seconds per configuration-epoch of the stacked trainer against the same head written plainly, at the same batch
 size, and the fraction of the machine's matmul rate each reaches; measured in one run.
 
-    .venv/bin/python benchmarks/fit_speed.py [--threads 2] [--models 48] [--train-rows 4096] [--epochs 2]
+    .venv/bin/python -m fusion.benchmarks.fit_speed [--threads 2] [--models 48] [--train-rows 4096] [--epochs 2]
 
-Problem: pooled features (768-d text, 384-d image) with a learnable signal (signal_features), `--train-rows` train
-and an eighth as many validation rows (MVSA-Multi has 13,624 / 1,700: every cost below is per epoch and grows with
-the rows). For the paper's three heads and batch 32 and 256:
+Problem: pooled features (768-d text, 384-d image) with a learnable signal (common.py signal_features),
+`--train-rows` train and an eighth as many validation rows (MVSA-Multi has 13,624 / 1,700: every cost below is per
+epoch and grows with the rows). For the paper's three heads and batch 32 and 256:
 - stacked: `train_many` on `--models` configurations of the paper's grid (lr x dropout x loss) in one pass, early
   stopping off, `--epochs` epochs of which the first is a warm-up; seconds per configuration-epoch.
 - plain: the same head written plainly (PlainHead: nn.Linear modules, nn.Dropout, softmax attention over the two
@@ -13,60 +13,40 @@ the rows). For the paper's three heads and batch 32 and 256:
   same batch size and epochs, timed after a warm-up epoch; each epoch scores the validation split as ours does.
 - peer-style (informational): the plain head trained the way peer repositories do: DataLoader(batch 32, shuffle).
 - limit: the epoch's matmul FLOPs (training forward + backward, validation forward; flops_per_sample) divided by
-  the peak GEMM rate measured here for that precision (gemm_rate, at the start and after every row: the rate of a
-  shared machine drifts, so the highest seen is the limit); "of limit" is the limit over the measured time, the
-  fraction of the machine's matmul rate reached. Each side counts its own FLOPs: the plain head computes
+  the peak GEMM rate measured here for that precision (common.py gemm_rate, at the start and after every row: the
+  rate of a shared machine drifts, so the highest seen is the limit); "of limit" is the limit over the measured
+  time, the fraction of the machine's matmul rate reached. Each side counts its own FLOPs: the plain head computes
   Q, K and V of both tokens, ours a third fewer attention products (heads/layers.py pair_self_attention), so the
   same seconds are a smaller fraction for ours.
 - bf16: the stacked self_attn pass at batch 256 in bf16 against fp32. Where the CPU has no bf16 units (AMX or
   avx512_bf16) bf16 is emulated, so only `--bf16-steps` steps are timed, each precision after one warm-up step.
 The last line is JSON: gemm_fraction_fp32 (stacked self_attn, batch 256), stacked_vs_plain_same_batch_32 and _256
-(plain seconds over stacked seconds per configuration-epoch, self_attn), bf16_speedup, bf16_units, threads.
+(plain seconds over stacked seconds per configuration-epoch, self_attn), bf16_speedup, bf16_units, threads,
+other_load_cores.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import time
 
 import torch
-import torch.nn.functional as F
-from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fusion.heads.config import FitConfig
-from fusion.device import bf16_units
-from fusion.heads.features import split_features
 from fusion import paper
-from fusion.heads.search.configs import grid_configs
+from fusion.benchmarks.common import (IMAGE_DIM, TEXT_DIM, OtherLoad, add_threads, finish, gemm_rate, new_parser,
+                                      signal_features, use_threads)
+from fusion.device import bf16_units
+from fusion.heads.config import FitConfig
 from fusion.heads.losses import focal_loss
 from fusion.heads.metrics import classification_metrics
 from fusion.heads.registry import HEADS
+from fusion.heads.search.configs import grid_configs
 from fusion.heads.train import train_many
 
-SIZES = {"train": 13_624, "val": 1_700, "test": 1_700}  # MVSA-Multi after cleaning, split 8:1:1
-TEXT_DIM, IMAGE_DIM = 768, 384
 BENCH_HEADS = ("basic", "self_attn", "dual_attn")
-
-
-def signal_features(sizes: dict[str, int] = SIZES, *, text_dim: int = TEXT_DIM, image_dim: int = IMAGE_DIM,
-                    separation: float = 1.0, seed: int = 0) -> dict:
-    """Three equal-prior classes; each modality is N(class mean, I), the means `separation` from the origin in
-    random directions, so both modalities carry part of the label (about 0.7 accuracy is reachable)."""
-    generator = torch.Generator().manual_seed(seed)
-    means = [F.normalize(torch.randn(3, dim, generator=generator), dim=1) * separation for dim in (text_dim,
-                                                                                                      image_dim)]
-    features = {}
-    for split, n in sizes.items():
-        label = torch.randint(0, 3, (n,), generator=generator)
-        text = means[0][label] + torch.randn(n, text_dim, generator=generator)
-        image = means[1][label] + torch.randn(n, image_dim, generator=generator)
-        features[split] = split_features(text, image, label)
-    return features
 
 
 def flops_per_sample(head: str, proj: int, hidden: int, written: str = "stacked", text_dim: int = TEXT_DIM,
@@ -91,32 +71,6 @@ def flops_per_sample(head: str, proj: int, hidden: int, written: str = "stacked"
 def epoch_flops(head: str, train_rows: int, val_rows: int, written: str = "stacked") -> int:
     forward, backward = flops_per_sample(head, FitConfig().proj_dim, FitConfig().hidden, written)
     return train_rows * (forward + backward) + val_rows * forward
-
-
-def gemm_rate(dtype: torch.dtype, budget: float = 1.0, device: torch.device = torch.device("cpu")) -> float:
-    """Peak FLOP/s of a square torch.mm in `dtype`: the size doubles from 256 until one product takes a fortieth of
-    the budget (or 2048), so an emulated precision does not take minutes; then the fastest of the products timed one
-    by one over the budget (a shared machine's slow spells lower the mean, not the peak)."""
-    size = 256
-    while True:
-        a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
-        timed_mm(a, b)
-        fastest = timed_mm(a, b)
-        if fastest > budget / 40 or size >= 2048:
-            break
-        size *= 2
-    deadline = time.perf_counter() + budget
-    while time.perf_counter() < deadline:
-        fastest = min(fastest, timed_mm(a, b))
-    return 2 * size ** 3 / fastest
-
-
-def timed_mm(a: torch.Tensor, b: torch.Tensor) -> float:
-    start = time.perf_counter()
-    torch.mm(a, b)
-    if a.device.type == "cuda":
-        torch.cuda.synchronize(a.device)
-    return time.perf_counter() - start
 
 
 class PlainHead(nn.Module):
@@ -238,14 +192,14 @@ def bf16_speedup(features: dict, models: int, steps: int) -> tuple[float, float]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = new_parser(__doc__)
+    add_threads(parser, 2)
     parser.add_argument("--models", type=int, default=48)
     parser.add_argument("--train-rows", type=int, default=4096)
     parser.add_argument("--epochs", type=int, default=2, help="including the warm-up epoch")
     parser.add_argument("--bf16-steps", type=int, default=None, help="default: 4 without bf16 units, else an epoch")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     load = OtherLoad()
     rows = {"train": args.train_rows, "val": args.train_rows // 8}
     features = signal_features(rows)
@@ -282,15 +236,15 @@ def main(argv: list[str] | None = None) -> dict:
     fp32_step, bf16_step = bf16_speedup(features, args.models, steps)
     print(f"bf16 vs fp32, stacked self_attn at batch 256, {steps} steps: {fp32_step:.3f} s/step fp32, "
           f"{bf16_step:.3f} s/step bf16" + (" (emulated: this CPU has no bf16 units)" if units == "none" else ""))
+    others = load.cores()
     summary = {"gemm_fraction_fp32": round(table["self_attn", 256]["fraction"], 3),
                "stacked_vs_plain_same_batch_32": round(table["self_attn", 32]["plain"] /
                                                        table["self_attn", 32]["stacked"], 2),
                "stacked_vs_plain_same_batch_256": round(table["self_attn", 256]["plain"] /
                                                         table["self_attn", 256]["stacked"], 2),
                "bf16_speedup": round(fp32_step / bf16_step, 3), "bf16_units": units,
-               "threads": torch.get_num_threads(), "other_load_cores": round(load.cores(), 2)}
-    print(json.dumps(summary))
-    return summary
+               "threads": torch.get_num_threads(), "other_load_cores": round(others, 2)}
+    return finish(summary, other_cores=others)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The GPU machine check behind benchmarks/gpu_check.sh (which makes `fusion` importable and calls this).
 
     bash benchmarks/gpu_check.sh        # on the GPU machine; its last line is one JSON object
-    python benchmarks/gpu_check.py --device cpu --small-models --n 48 --batch-size 16 --torchrun-n 24   # dry run
+    .venv/bin/python -m fusion.benchmarks.gpu_check --device cpu --small-models --n 48 --batch-size 16 \
+        --torchrun-n 24                 # a dry run without a GPU
 
 Preflight (python, torch, CUDA, the packages, free /dev/shm), then on random models of the bert-base-uncased and
 dinov2-small shapes (written here, no hub) and N synthetic MVSA-Single posts:
@@ -14,11 +15,12 @@ dinov2-small shapes (written here, no hub) and N synthetic MVSA-Single posts:
 - a 2-rank torchrun extraction on this machine's GPU(s) at small N, compared with one process;
 - the paper's grid (`fusion grid --device cuda`, 144 configurations) on the fp32 cache, if fit/grid have --device.
 Every step reports its own failure instead of stopping the rest; steps that would pass the time budget are skipped.
+The extraction is timed with extract_speed's measures, on common.py's synthetic encoders and posts. Only the standard
+library and this package's light modules are imported before the preflight: it reports what is missing.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import importlib.util
@@ -30,6 +32,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fusion.benchmarks.common import (OtherLoad, add_device, add_precisions, finish, new_parser, write_encoders,
+                                      write_mvsa_single)
 
 PACKAGES = ("torch", "transformers", "h5py", "numpy", "typer", "rich", "sklearn", "safetensors", "PIL", "filelock")
 NO_GPU_EXIT, MISSING_EXIT = 3, 4
@@ -93,69 +98,16 @@ class Steps:
 # ------------------------------------------------------------------ extraction against the pure forward
 
 
-def prepared_batches(config, encoders):
-    """The extraction's own batches of this data (decoded in workers, untimed), normalised on the GPU."""
-
-    from fusion.extract.batches import image_loader, pad_token_ids
-    from fusion.extract.datasets.registry import load_dataset
-    from fusion.extract.pipeline import shard_batches, tokenize
-
-    samples = load_dataset(config.dataset, config.root, seed=config.split_seed).samples
-    token_ids = tokenize(encoders, samples, config.max_length)
-    batches = shard_batches(token_ids, config.batch_size, rank=0, world_size=1)
-    loader = image_loader([s.image for s in samples], encoders.pixels, batches, workers=max(1, os.cpu_count() - 1),
-                          pin_memory=encoders.device.type == "cuda")
-    prepared = []
-    for indices, pixels, _ in loader:
-        ids, mask = pad_token_ids([token_ids[i] for i in indices], encoders.tokenizer.pad_token_id,
-                                  encoders.pad_multiple)
-        prepared.append((ids.to(encoders.device), mask.to(encoders.device), encoders.model_pixels(pixels)))
-    synchronize(encoders.device)
-    return prepared
-
-
-def synchronize(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def forward_seconds(encoders, prepared) -> float:
-    import torch
-
-    from fusion.extract.encoders import image_embeddings, text_embeddings
-
-    synchronize(encoders.device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for ids, mask, pixels in prepared:
-            text_embeddings(encoders, ids, mask)
-            image_embeddings(encoders, pixels)
-    synchronize(encoders.device)
-    return time.perf_counter() - started
-
-
-def timed_extract(config) -> dict:
-    from fusion.extract.pipeline import extract
-
-    stamps = []
-    started = time.perf_counter()
-    summary = extract(config, lambda done, total: stamps.append(time.perf_counter()))
-    ended = time.perf_counter()
-    return {"rows": summary.rows_computed, "total_s": ended - started, "load_s": stamps[0] - started,
-            "loop_s": stamps[-1] - stamps[0], "finalize_s": ended - stamps[-1], "notes": summary.notes}
-
-
 def measure_precision(config, precision: str) -> dict:
     import torch
 
+    from fusion.benchmarks.extract_speed import forward_seconds, prepared_batches, timed_extract
     from fusion.extract.batches import default_decode_workers
     from fusion.extract.encoders import load_encoders
 
     config = dataclasses.replace(config, precision=precision, out=config.out.with_name(f"cache-{precision}.h5"))
     encoders = load_encoders(config.text_model, config.image_model, device=config.device, precision=precision)
-    prepared = prepared_batches(config, encoders)
+    prepared = prepared_batches(config, encoders, workers=max(1, os.cpu_count() - 1))
     forward_seconds(encoders, prepared[:2])  # kernels chosen and memory pooled before anything is timed
     forward = min(forward_seconds(encoders, prepared) for _ in range(2))
     pixels = encoders.pixels.describe()
@@ -172,20 +124,6 @@ def measure_precision(config, precision: str) -> dict:
 
 def rounded(figures: dict) -> dict:
     return {key: round(value, 3) if isinstance(value, float) else value for key, value in figures.items()}
-
-
-def min_cosine(path_a: Path, path_b: Path) -> float:
-    import numpy as np
-
-    from fusion.cache.reader import read_cache
-
-    a, b = read_cache(path_a), read_cache(path_b)
-    lowest = 1.0
-    for modality in ("text", "image"):
-        x = np.concatenate([getattr(a.splits[s], modality) for s in a.splits]).astype(np.float64)
-        y = np.concatenate([getattr(b.splits[s], modality) for s in b.splits]).astype(np.float64)
-        lowest = min(lowest, float(((x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))).min()))
-    return round(lowest, 5)
 
 
 # ------------------------------------------------------------------ the CLI: --tokens, predict, torchrun, grid
@@ -270,26 +208,6 @@ def check_grid(cache: Path, work: Path, seconds: float, device: str):
     return {"seconds": round(time.perf_counter() - started, 1), "configs": len(rows)}
 
 
-def write_small_models(folder: Path) -> tuple[Path, Path]:
-    """Two-layer random encoders with benchmarks/extract_speed.py's tokenizer and dinov2-small's preprocessing, for a
-    dry run of this script."""
-    from extract_speed import bert_vocab
-    from transformers import BertConfig, BertModel, BertTokenizerFast, Dinov2Config, Dinov2Model
-    from transformers.models.bit.image_processing_bit import BitImageProcessor
-
-    bert, dinov2 = folder / "bert-small", folder / "dinov2-2-layers"
-    vocab = bert_vocab()
-    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True).save_pretrained(bert)
-    BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=128)).save_pretrained(bert)
-    Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                             image_size=224)).save_pretrained(dinov2)
-    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
-                      resample=3, image_mean=[0.485, 0.456, 0.406],
-                      image_std=[0.229, 0.224, 0.225]).save_pretrained(dinov2)
-    return bert, dinov2
-
-
 def count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -297,40 +215,39 @@ def count_lines(path: Path) -> int:
 # ------------------------------------------------------------------ the run
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None):
+    parser = new_parser(__doc__)
     parser.add_argument("--n", type=int, default=int(os.environ.get("N", 4096)), help="posts extracted per precision")
     parser.add_argument("--batch-size", type=int, default=int(os.environ.get("BATCH", 128)))
     parser.add_argument("--budget", type=float, default=float(os.environ.get("BUDGET", 270)),
                         help="seconds for everything after the preflight")
     parser.add_argument("--torchrun-n", type=int, default=256)
-    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script without a GPU")
+    add_device(parser, "cuda", help="cuda or cuda:N; cpu: a dry run of this script without a GPU")
     parser.add_argument("--small-models", action="store_true", help="small random encoders (a quick dry run)")
-    parser.add_argument("--precisions", default="fp32,bf16,fp16", help="the first is the baseline")
-    return parser.parse_args()
+    add_precisions(parser, "fp32,bf16,fp16")
+    return parser.parse_args(argv)
 
 
 def run_all(args, info: dict, work: Path) -> dict:
-    from extract_speed import write_dataset, write_models  # benchmarks/extract_speed.py, beside this script
-
+    from fusion.benchmarks.extract_speed import min_cosine, timed_extract
     from fusion.extract.encoders import quiet_transformers
     from fusion.extract.pipeline import ExtractConfig
 
     quiet_transformers()
     steps = Steps(args.budget)
-    models = write_small_models(work) if args.small_models else write_models(work)
-    root = write_dataset(work / "data", args.n)
+    models = write_encoders(work, small=args.small_models)
+    root = write_mvsa_single(work / "data", args.n)
     config = ExtractConfig(dataset="mvsa-single", root=root, out=work / "cache.h5", text_model=str(models[0]),
                            image_model=str(models[1]), device=args.device, batch_size=args.batch_size,
                            workers=None)
-    precisions = args.precisions.split(",")
+    precisions = args.precisions
     for precision in precisions:
         steps.run(precision, lambda: measure_precision(config, precision), needs_s=40)
     base = work / f"cache-{precisions[0]}.h5"
     for precision in precisions[1:]:
         if base.exists() and (work / f"cache-{precision}.h5").exists():
             cosine = min_cosine(base, work / f"cache-{precision}.h5")
-            steps.results[precision]["min_cosine_to_" + precisions[0]] = cosine
+            steps.results[precision]["min_cosine_to_" + precisions[0]] = round(min(cosine.values()), 5)
     tokens = dataclasses.replace(config, tokens=True, precision="bf16", limit=args.n // 4, out=work / "tokens.h5")
     steps.run("tokens", lambda: rounded(timed_extract(tokens)))
     steps.run("predict", lambda: check_predict(work / f"cache-{precisions[-1]}.h5", root, work, args.device))
@@ -339,12 +256,13 @@ def run_all(args, info: dict, work: Path) -> dict:
     return {"preflight": info, "n": args.n, "batch_size": args.batch_size, **steps.results}
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     info = preflight(args.device)
+    load = OtherLoad()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as temp:
         result = run_all(args, info, Path(temp))
-    print(json.dumps(result))
+    return finish(result, other_cores=load.cores())
 
 
 if __name__ == "__main__":

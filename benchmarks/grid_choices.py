@@ -1,11 +1,11 @@
 """What the grid's options change in its answer, measured in one run: bf16 against fp32, `--prune` against the
 exhaustive grid, and batch 32 against batch 256 (the paper gives no batch size).
 
-    .venv/bin/python benchmarks/grid_choices.py --cache demo_out/demo.h5 [--parts bf16,prune,batch] [--seeds 3]
+    .venv/bin/python -m fusion.benchmarks.grid_choices --cache demo_out/demo.h5 [--parts bf16,prune,batch] [--seeds 3]
 
-Data: the cache given (`make demo` writes demo_out/demo.h5) and a synthetic task (benchmarks/fit_speed.py
-signal_features: three gaussian classes whose means lie in random directions of both modalities; 2,000 / 500 / 500
-rows of 768-d text and 384-d image features).
+Data: the cache given (`make demo` writes demo_out/demo.h5) and a synthetic task (common.py signal_features: three
+gaussian classes whose means lie in random directions of both modalities; 2,000 / 500 / 500 rows of 768-d text and
+384-d image features).
 - bf16: a 6-configuration grid (basic, self_attn, dual_attn x lr 1e-3, 1e-4; dropout 0.2, cross-entropy) x --seeds
   in fp32 and in bf16; the best validation metric of each (mean over seeds, as `grid --seeds` ranks), the seeds'
   spread of fp32's best for scale, and the largest difference of any one run's. A CPU without bf16 units emulates
@@ -22,63 +22,39 @@ The last line is one JSON object with the figures README quotes.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
-import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fit_speed import signal_features  # noqa: E402
-from machine_load import OtherLoad  # noqa: E402
-
-from fusion.heads.config import FitConfig  # noqa: E402
-from fusion.device import bf16_units  # noqa: E402
-from fusion.paper import HEADS as PAPER_HEADS, dataset_metric  # noqa: E402
-from fusion.heads.search.grid import run_grid  # noqa: E402
-from fusion.heads.search.configs import grid_configs  # noqa: E402
-from fusion.heads.search.summary import summarise  # noqa: E402
-from fusion.heads.search.prune import Pruning  # noqa: E402
-from fusion.heads.runs import load_features  # noqa: E402
+from fusion.benchmarks.common import (OtherLoad, add_threads, config_name, finish, new_parser, signal_features,
+                                      timed_grid, use_threads)
+from fusion.device import bf16_units
+from fusion.heads.config import FitConfig
+from fusion.heads.runs import load_features
+from fusion.heads.search.configs import grid_configs
+from fusion.heads.search.prune import Pruning
+from fusion.heads.search.summary import summarise
+from fusion.paper import HEADS as PAPER_HEADS, dataset_metric
 
 SYNTHETIC_SIZES = {"train": 2_000, "val": 500, "test": 500}
-CHOICE = ("head", "lr", "dropout", "loss", "gamma")
-
-
-def grid(features, configs, prune=None) -> tuple[list[dict], float]:
-    with tempfile.TemporaryDirectory() as out:
-        started = time.perf_counter()
-        rows = run_grid(features, configs, Path(out), prune=prune)
-        return rows, time.perf_counter() - started
-
-
-def choice(row_or_config: dict) -> str:
-    config = row_or_config.get("config", row_or_config)
-    gamma = "" if config["loss"] == "ce" else f"{config['gamma']:g}"
-    return f"{config['head']} lr {config['lr']:g} dropout {config['dropout']:g} {config['loss']}{gamma}"
 
 
 def compare_bf16(name: str, features, metric: str, seeds: int) -> dict:
     base = FitConfig(metric=metric, loss="ce")
     fp32_configs = grid_configs(base, heads=PAPER_HEADS, lrs=(1e-3, 1e-4), dropouts=(0.2,), losses=("ce",),
                                 seeds=range(seeds))
-    fp32, fp32_seconds = grid(features, fp32_configs)
-    bf16, bf16_seconds = grid(features, [dataclasses.replace(c, precision="bf16") for c in fp32_configs])
+    fp32, fp32_seconds = timed_grid(features, fp32_configs)
+    bf16, bf16_seconds = timed_grid(features, [dataclasses.replace(c, precision="bf16") for c in fp32_configs])
     best = {p: summarise(rows, metric)[0] for p, rows in (("fp32", fp32), ("bf16", bf16))}
     worst = max(abs(a["val"][metric] - b["val"][metric]) for a, b in zip(fp32, bf16))
     result = {"best_fp32": round(best["fp32"].val_mean, 4), "best_bf16": round(best["bf16"].val_mean, 4),
               "best_diff": round(abs(best["fp32"].val_mean - best["bf16"].val_mean), 4), "seeds": seeds,
               "fp32_seed_sd": round(best["fp32"].val_std, 4),
-              "max_config_diff": round(worst, 4), "same_choice": choice(best["fp32"].config) == choice(
+              "max_config_diff": round(worst, 4), "same_choice": config_name(best["fp32"].config) == config_name(
                   best["bf16"].config)}
     print(f"bf16 on {name} ({seeds} seeds): best val {metric} fp32 {result['best_fp32']:.4f} ± "
-          f"{result['fp32_seed_sd']:.4f} ({choice(best['fp32'].config)}), "
-          f"bf16 {result['best_bf16']:.4f} ({choice(best['bf16'].config)}); largest difference of one "
+          f"{result['fp32_seed_sd']:.4f} ({config_name(best['fp32'].config)}), "
+          f"bf16 {result['best_bf16']:.4f} ({config_name(best['bf16'].config)}); largest difference of one "
           f"run {worst:.4f}; {fp32_seconds:.0f} s fp32, {bf16_seconds:.0f} s bf16", flush=True)
     return result
 
@@ -87,17 +63,17 @@ def compare_prune(name: str, features, metric: str, seeds: int, batch_size: int)
     outcomes = []
     for seed in range(seeds):
         configs = grid_configs(FitConfig(metric=metric, batch_size=batch_size), seeds=(seed,))
-        exhaustive, exhaustive_seconds = grid(features, configs)
-        pruned, pruned_seconds = grid(features, configs, prune=Pruning())
+        exhaustive, exhaustive_seconds = timed_grid(features, configs)
+        pruned, pruned_seconds = timed_grid(features, configs, prune=Pruning())
         full_best, pruned_best = summarise(exhaustive, metric)[0], summarise(pruned, metric)[0]
-        by_choice = {choice(row): row["val"][metric] for row in exhaustive}
+        by_choice = {config_name(row): row["val"][metric] for row in exhaustive}
         epochs = [sum(row["epochs_run"] for row in rows) for rows in (exhaustive, pruned)]
-        outcome = {"seed": seed, "same": choice(full_best.config) == choice(pruned_best.config),
-                   "gap": round(full_best.val_mean - by_choice[choice(pruned_best.config)], 4),
+        outcome = {"seed": seed, "same": config_name(full_best.config) == config_name(pruned_best.config),
+                   "gap": round(full_best.val_mean - by_choice[config_name(pruned_best.config)], 4),
                    "epochs": epochs, "seconds": [round(exhaustive_seconds, 1), round(pruned_seconds, 1)]}
         outcomes.append(outcome)
-        print(f"prune on {name}, seed {seed}: exhaustive {choice(full_best.config)} ({full_best.val_mean:.4f}), "
-              f"pruned {choice(pruned_best.config)} ({pruned_best.val_mean:.4f}); same: {outcome['same']}, "
+        print(f"prune on {name}, seed {seed}: exhaustive {config_name(full_best.config)} ({full_best.val_mean:.4f}), "
+              f"pruned {config_name(pruned_best.config)} ({pruned_best.val_mean:.4f}); same: {outcome['same']}, "
               f"gap {outcome['gap']:.4f}; epochs {epochs[0]} -> {epochs[1]} "
               f"({1 - epochs[1] / epochs[0]:.0%} saved); {exhaustive_seconds:.0f} s -> {pruned_seconds:.0f} s",
               flush=True)
@@ -111,7 +87,7 @@ def compare_batch(name: str, features, metric: str, seeds: int) -> dict:
     result = {}
     for batch_size in (256, 32):
         configs = grid_configs(FitConfig(metric=metric, batch_size=batch_size), seeds=range(seeds))
-        rows, seconds = grid(features, configs)
+        rows, seconds = timed_grid(features, configs)
         summaries = summarise(rows, metric)
         best = summaries[0]
         by_lr = {}
@@ -119,9 +95,9 @@ def compare_batch(name: str, features, metric: str, seeds: int) -> dict:
             by_lr.setdefault(f"{summary.config['lr']:g}", round(summary.val_mean, 4))
         stuck = sum(1 for row in rows if row["val"]["accuracy"] <= majority + 1e-9)
         stuck_by_lr = Counter(row["config"]["lr"] for row in rows if row["val"]["accuracy"] <= majority + 1e-9)
-        result[f"batch_{batch_size}"] = {"choice": choice(best.config), "val": round(best.val_mean, 4),
+        result[f"batch_{batch_size}"] = {"choice": config_name(best.config), "val": round(best.val_mean, 4),
                                          "test": round(best.test[metric], 4), "best_val_by_lr": by_lr, "stuck": stuck}
-        print(f"batch {batch_size} on {name} ({seeds} seeds): chooses {choice(best.config)}: val {metric} "
+        print(f"batch {batch_size} on {name} ({seeds} seeds): chooses {config_name(best.config)}: val {metric} "
               f"{best.val_mean:.4f}, test {best.test[metric]:.4f}; best val by lr {by_lr}; {stuck} of {len(rows)} "
               f"runs never beat the majority class on validation (by lr: {dict(sorted(stuck_by_lr.items()))}); "
               f"{sum(r['epochs_run'] for r in rows)} epochs in {seconds:.0f} s", flush=True)
@@ -130,16 +106,16 @@ def compare_batch(name: str, features, metric: str, seeds: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = new_parser(__doc__)
     parser.add_argument("--cache", type=Path, required=True, help="a pooled cache, e.g. demo_out/demo.h5")
     parser.add_argument("--parts", default="bf16,prune,batch")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch-seeds", type=int, default=1)
     parser.add_argument("--data", choices=("cache", "synthetic", "both"), default="both",
                         help="where the bf16 and prune parts run (batch: the cache)")
-    parser.add_argument("--threads", type=int, default=2)
+    add_threads(parser, 2)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     load = OtherLoad()
     cache, meta = load_features(args.cache)
     cache_metric = dataset_metric(meta["dataset"])
@@ -158,9 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
             summary[f"prune_{name}"] = compare_prune(name, features, metric, args.seeds, FitConfig().batch_size)
     if "batch" in parts:
         summary["batch_cache"] = compare_batch("cache", cache, cache_metric, args.batch_seeds)
-    summary["other_load_cores"] = round(load.cores(), 2)
-    print(json.dumps(summary))
-    return summary
+    others = load.cores()
+    summary["other_load_cores"] = round(others, 2)
+    return finish(summary, other_cores=others)
 
 
 if __name__ == "__main__":

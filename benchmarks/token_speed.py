@@ -1,8 +1,8 @@
 """dual_attn training on token sequences at the real shapes: the feature-space attention (heads/layers.py
 token_cross_attention) against the pooled path and the direct formula (every token projected), in one run.
 
-    .venv/bin/python benchmarks/token_speed.py                  # a few minutes on 2 idle cores
-    .venv/bin/python benchmarks/token_speed.py --rows 4096  # more rows per epoch (~1.2 GB of features per 1024 rows)
+    .venv/bin/python -m fusion.benchmarks.token_speed               # a few minutes on 2 idle cores
+    .venv/bin/python -m fusion.benchmarks.token_speed --rows 4096   # more rows per epoch (~1.2 GB per 1024 rows)
 
 Shapes: text 128 x 768 (BERT-base tokens; tweet-like lengths, the rest padding), image 257 x 384 (DINOv2-small's CLS
 and 256 patches), 12 stacked dual_attn models (proj 256, hidden 256), batch 256, float32. The rows are random
@@ -21,7 +21,7 @@ forward, loss, backward, one Adam step for every model; evaluation is not includ
 - max_abs_diff_vs_direct: the largest |logit difference| between the two formulas, same weights and rows;
   max_rel_grad_diff_vs_direct: the largest |gradient difference| over the largest |gradient|, over all parameters.
 - token_of_limit, pooled_of_limit: each path's matrix-product FLOPs per training step (step_flops) over the peak
-  fp32 GEMM rate (benchmarks/fit_speed.py gemm_rate, before and after the timings), over its seconds per step.
+  fp32 GEMM rate (common.py gemm_rate, before and after the timings), over its seconds per step.
 The *_cpu figures are the same ratios in CPU seconds of this process, which time-slicing with other work on a
 shared machine disturbs less (threads that spin while waiting for a descheduled sibling still count).
 The last line printed is one JSON object.
@@ -29,17 +29,14 @@ The last line printed is one JSON object.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import resource
 import time
 
 import torch
 import torch.nn.functional as F
-from fit_speed import gemm_rate  # benchmarks/fit_speed.py, beside this script
-from machine_load import OtherLoad
 
+from fusion.benchmarks.common import (IMAGE_DIM, PATCHES, TEXT_DIM, TEXT_LENGTH, OtherLoad, add_repeats, add_threads,
+                                      finish, gemm_rate, new_parser, use_threads)
 from fusion.device import bf16_units
 from fusion.heads.features import Modality, SplitFeatures
 from fusion.heads.layers import shared_linear, stacked_linear
@@ -49,7 +46,6 @@ from fusion.heads.optim import BatchedAdam, ParamStack
 from fusion.heads.registry import HEADS
 
 DUAL = HEADS["dual_attn"]
-TEXT_LENGTH, TEXT_DIM, PATCHES, IMAGE_DIM = 128, 768, 257, 384
 
 
 def token_rows(rows: int, seed: int) -> SplitFeatures:
@@ -168,18 +164,18 @@ def agreement(batch: SplitFeatures, params: dict, direct_chunk: int) -> tuple[fl
     return float((fast - direct).abs().max()), relative
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None):
+    parser = new_parser(__doc__)
     parser.add_argument("--rows", type=int, default=1024, help="training rows per epoch")
     parser.add_argument("--models", type=int, default=12, help="stacked dual_attn models")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--proj-dim", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating timed epochs of each path")
+    add_repeats(parser, 2, help="alternating timed epochs of each path")
     parser.add_argument("--direct-batches", type=int, default=1, help="timed steps of the direct formula")
     parser.add_argument("--direct-chunk", type=int, default=4, help="models per forward of the direct formula")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    return parser.parse_args()
+    add_threads(parser, None)
+    return parser.parse_args(argv)
 
 
 def time_epochs(args, dims: tuple[int, int, int], tokens: SplitFeatures) -> tuple[dict, dict]:
@@ -198,13 +194,10 @@ def time_epochs(args, dims: tuple[int, int, int], tokens: SplitFeatures) -> tupl
     return best, cpu, steps
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    use_threads(args.threads)
     load = OtherLoad()
-    print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__} with {torch.get_num_threads()} threads, CPU bf16 "
-          f"units: {bf16_units()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     print(f"shapes: text {TEXT_LENGTH}x{TEXT_DIM}, image {PATCHES}x{IMAGE_DIM}, {args.models} stacked models, batch "
           f"{args.batch_size}, {args.rows} rows per epoch (MVSA-Multi has ~17k), float32", flush=True)
     tokens = token_rows(args.rows, seed=0)
@@ -230,22 +223,22 @@ def main() -> None:
           f"measured twice, from {min(rates) / 1e9:.1f}): token path {of_limit['token']:.1%}, pooled "
           f"{of_limit['pooled']:.1%}", flush=True)
     peak, others = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, load.cores()
-    print(f"peak RSS {peak / 2**30:.2f} GiB; other processes used {others:.2f} cores on average during the run",
-          flush=True)
-    print(json.dumps({"token_vs_pooled_epoch": round(best["token"] / best["pooled"], 3),
-                      "speedup_vs_direct": round(direct_step / token_step, 1),
-                      "max_abs_diff_vs_direct": float(f"{max_diff:.3g}"),
-                      "max_rel_grad_diff_vs_direct": float(f"{grad_diff:.3g}"),
-                      "token_vs_pooled_epoch_cpu": round(cpu["token"] / cpu["pooled"], 3),
-                      "speedup_vs_direct_cpu": round(direct_cpu / direct_steps / (cpu["token"] / steps["token"]), 1),
-                      "token_epoch_s": round(best["token"], 3), "pooled_epoch_s": round(best["pooled"], 3),
-                      "token_of_limit": round(of_limit["token"], 3), "pooled_of_limit": round(of_limit["pooled"], 3),
-                      "token_step_s": round(token_step, 4), "direct_step_s": round(direct_step, 3),
-                      "steps_per_epoch": steps["token"], "rows": args.rows, "models": args.models,
-                      "batch_size": args.batch_size, "direct_steps_timed": direct_steps,
-                      "direct_models_per_forward": args.direct_chunk, "threads": torch.get_num_threads(),
-                      "bf16_units": bf16_units(), "other_load_cores": round(others, 2),
-                      "peak_rss_gib": round(peak / 2**30, 2)}))
+    print(f"peak RSS {peak / 2**30:.2f} GiB", flush=True)
+    summary = {"token_vs_pooled_epoch": round(best["token"] / best["pooled"], 3),
+               "speedup_vs_direct": round(direct_step / token_step, 1),
+               "max_abs_diff_vs_direct": float(f"{max_diff:.3g}"),
+               "max_rel_grad_diff_vs_direct": float(f"{grad_diff:.3g}"),
+               "token_vs_pooled_epoch_cpu": round(cpu["token"] / cpu["pooled"], 3),
+               "speedup_vs_direct_cpu": round(direct_cpu / direct_steps / (cpu["token"] / steps["token"]), 1),
+               "token_epoch_s": round(best["token"], 3), "pooled_epoch_s": round(best["pooled"], 3),
+               "token_of_limit": round(of_limit["token"], 3), "pooled_of_limit": round(of_limit["pooled"], 3),
+               "token_step_s": round(token_step, 4), "direct_step_s": round(direct_step, 3),
+               "steps_per_epoch": steps["token"], "rows": args.rows, "models": args.models,
+               "batch_size": args.batch_size, "direct_steps_timed": direct_steps,
+               "direct_models_per_forward": args.direct_chunk, "threads": torch.get_num_threads(),
+               "bf16_units": bf16_units(), "other_load_cores": round(others, 2),
+               "peak_rss_gib": round(peak / 2**30, 2)}
+    return finish(summary, other_cores=others)
 
 
 if __name__ == "__main__":

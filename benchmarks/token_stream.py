@@ -1,7 +1,8 @@
 """What streaming a token cache costs and saves: one dual_attn epoch with the token sequences in memory against one
 that reads each minibatch's rows from the cache file, measured in one run.
 
-    .venv/bin/python benchmarks/token_stream.py [--workdir DIR] [--train 2000] [--threads N] [--repeats 3] [--cold]
+    .venv/bin/python -m fusion.benchmarks.token_stream [--workdir DIR] [--train 2000] [--threads N] [--repeats 3]
+    .venv/bin/python -m fusion.benchmarks.token_stream --cold       # its reads from the disk, not the page cache
 
 The cache is synthetic but has the real shapes and is written through the real PartialCache + finalize path: text
 tokens 128 x 768 (bert-base-uncased, max_length 128), image tokens 257 x 384 (dinov2-small at 224 px: CLS + 16 x 16
@@ -43,7 +44,6 @@ import ctypes.util
 import json
 import mmap
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -53,11 +53,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine_load import OtherLoad  # benchmarks/machine_load.py, beside this script
 
-TEXT_LENGTH, TEXT_DIM = 128, 768     # bert-base-uncased, max_length 128
-PATCHES, IMAGE_DIM = 257, 384        # dinov2-small at 224 px: CLS + (224 / 14)^2 patches
-WRITE_BATCH = 128                    # rows per partial batch file while writing the cache
+from fusion.benchmarks.common import (IMAGE_DIM, PATCHES, TEXT_DIM, TEXT_LENGTH, OtherLoad, add_repeats, add_threads,
+                                      add_workdir, finish, memory_kb, new_parser, use_threads)
+
+WRITE_BATCH = 128  # rows per partial batch file while writing the cache
 CONFIG = {"head": "dual_attn", "epochs": 1, "batch_size": 256}
 
 
@@ -157,10 +157,6 @@ def drop_page_cache(path: Path) -> None:
 # ------------------------------------------------------------------ the measured process
 
 
-def memory_kb(field: str) -> int:
-    return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
-
 def reset_peak() -> bool:
     """VmHWM back to the current RSS (Linux >= 4.0); False when the kernel refuses."""
     try:
@@ -241,8 +237,7 @@ def child(args) -> None:
     from fusion.heads.runs import load_features
     from fusion.heads.train import train_head
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     stream = args.child == "stream"
     probe = ReadProbe() if stream else None
     features, _ = load_features(args.warm, tokens=True, stream=stream)
@@ -279,7 +274,8 @@ def child(args) -> None:
 
 
 def run_child(args, mode: str, cache: Path, warm: Path) -> dict:
-    command = [sys.executable, __file__, "--child", mode, "--cache", str(cache), "--warm", str(warm)]
+    command = [sys.executable, "-m", "fusion.benchmarks.token_stream", "--child", mode, "--cache", str(cache),
+               "--warm", str(warm)]
     command += ["--threads", str(args.threads)] if args.threads else []
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
@@ -288,14 +284,14 @@ def run_child(args, mode: str, cache: Path, warm: Path) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = new_parser(__doc__)
     parser.add_argument("--train", type=int, default=2000, help="training rows")
     parser.add_argument("--val", type=int, default=250, help="validation rows")
     parser.add_argument("--test", type=int, default=250, help="test rows")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in both runs [torch's default]")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each mode, alternating; the fastest counts")
+    add_threads(parser, None, help="torch threads in both runs [torch's default]")
+    add_repeats(parser, 3, help="runs of each mode, alternating; the fastest counts")
     parser.add_argument("--cold", action="store_true", help="drop the cache file from the page cache before each run")
-    parser.add_argument("--workdir", default=None, help="keep the caches here (reused by later runs)")
+    add_workdir(parser, help="keep the caches here (reused by later runs) [a temporary folder]")
     parser.add_argument("--child", choices=("memory", "stream"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warm", default=None, help=argparse.SUPPRESS)
@@ -314,9 +310,9 @@ def run_benchmark(args, workdir: Path) -> dict:
     import torch
 
     load = OtherLoad()
-    threads = args.threads or torch.get_num_threads()
-    print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__} with {threads} threads"
-          f"{'' if args.threads else ' (its default)'}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    use_threads(args.threads)  # as in the measured processes, so the ending describes their threads
+    print(f"torch threads in each run: {torch.get_num_threads()}{'' if args.threads else ' (its default)'}; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     workdir.mkdir(parents=True, exist_ok=True)
     counts = (args.train, args.val, args.test)
     started = time.perf_counter()
@@ -339,7 +335,7 @@ def run_benchmark(args, workdir: Path) -> dict:
             print(f"  run {repeat + 1}, {mode}: load {trials[mode][-1]['load_s']:.2f} s, epoch "
                   f"{trials[mode][-1]['epoch_s']:.2f} s", flush=True)
     runs = {mode: fastest(runs) for mode, runs in trials.items()}
-    report(args, runs, resident, float32, load)
+    report(args, runs, resident, float32)
     memory, stream = runs["memory"], runs["stream"]
     summary = {"stream_epoch_ratio": round(stream["epoch_s"] / memory["epoch_s"], 3),
                "stream_peak_rss_mb": round(stream["growth_mb"]),
@@ -350,8 +346,7 @@ def run_benchmark(args, workdir: Path) -> dict:
                "page_cached_min": {mode: _round(min(values, key=lambda v: 2 if v is None else v))
                                    for mode, values in resident.items()},
                "threads": memory["threads"], "repeats": args.repeats}
-    print(json.dumps(summary))
-    return summary
+    return finish(summary, other_cores=load.cores())
 
 
 def fastest(runs: list[dict]) -> dict:
@@ -368,7 +363,7 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def report(args, runs: dict, resident: dict, float32: int, load: OtherLoad) -> None:
+def report(args, runs: dict, resident: dict, float32: int) -> None:
     names = {"memory": "in-memory", "stream": "streamed"}
     print(f"{'mode':<10} {'load s':>7} {'epoch s':>8} {'CPU user s':>11} {'sys s':>6} {'faults':>7} "
           f"{'train_head s':>13} {'RSS before MiB':>15} {'after load':>11} {'peak growth MiB':>16} "
@@ -407,8 +402,6 @@ def report(args, runs: dict, resident: dict, float32: int, load: OtherLoad) -> N
                 "memory, not the disk (--cold drops its pages before each run)")
     print(f"page cache: {cold}; resident before the in-memory run {_share(resident['memory'])}, before the streamed "
           f"run {_share(resident['stream'])}")
-    print(f"other processes used {load.cores():.2f} cores on average during the run; load average now "
-          f"{os.getloadavg()[0]:.2f}")
 
 
 def _share(values: list[float | None]) -> str:

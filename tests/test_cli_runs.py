@@ -113,7 +113,8 @@ def test_demo_runs_end_to_end_on_a_small_synthetic_set(tmp_path, tiny_models, ca
     assert (out / "grid" / "report.md").exists() and (out / "grid" / "grid_heatmap.png").exists()
     # It ends with next steps; each but `serve` (which would block) runs as printed, on what the demo wrote.
     steps = [line.strip() for line in printed.split("next steps")[1].splitlines() if line.strip().startswith("fusion ")]
-    assert [shlex.split(step)[1] for step in steps] == ["cache", "fit", "report", "predict", "serve", "extract"]
+    commands = [shlex.split(step)[1] for step in steps]
+    assert commands == ["cache", "fit", "report", "predict", "predict", "serve", "extract"]
     for step in steps:
         if " serve " not in step:
             assert main(shlex.split(step)[1:] + (["--device", "cpu"] if " predict " in step else [])) == 0, step

@@ -338,3 +338,10 @@ def test_gpu_check_stops_with_its_own_message_without_a_gpu_after_its_shim_ran_f
 def test_gpu_check_without_python_says_so(tmp_path):
     done = run_gpu_check(tmp_path, PY=str(tmp_path / "no-such-python"))
     assert done.returncode == 2 and "no-such-python" in done.stderr and "PY=" in done.stderr
+
+
+def test_gpu_check_takes_a_relative_python_path(tmp_path):
+    """PY=bin/python3, relative to where it is started: still the same interpreter after the script's cd."""
+    bare_python(tmp_path / "bin")
+    done = run_gpu_check(tmp_path, PY="bin/python3", CUDA_VISIBLE_DEVICES="")
+    assert done.returncode == 3 and "fusion --help: ok" in done.stdout, done.stdout + done.stderr

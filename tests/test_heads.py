@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from fusion.heads.config import ConfigError, FitConfig, config_from_dict
 from fusion.heads.features import Modality, features_from_cache
 from fusion.heads.layers import dropout
 from fusion.heads.losses import cross_entropy, focal_loss
-from fusion.heads.metrics import classification_metrics
+from fusion.heads.metrics import classification_metrics, confusion_counts
 from fusion.heads.models import build_head, head_forward, init_params, param_shapes, predict_proba
 from fusion.heads.registry import HEADS, list_heads
 from fusion.errors import CacheError
@@ -190,6 +190,7 @@ def test_metrics_equal_sklearn(seed):
     assert list(metrics["per_class_f1"].values()) == pytest.approx(list(per_class))
     assert list(metrics["per_class_f1"]) == ["negative", "neutral", "positive"]
     assert metrics["accuracy"] == pytest.approx(float(np.mean(y_true == y_pred)))
+    assert confusion_counts(y_true, y_pred) == confusion_matrix(y_true, y_pred, labels=[0, 1, 2]).tolist()
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -1,14 +1,15 @@
 """reproduction.md and its figures: `fusion reproduce`'s heads and ablations, per dataset, beside the published numbers.
 
 reproduction.md opens with how we read the paper (app/reporting/readings.py, docs/paper.md). Per dataset: the split
-(a split file with its sha256 prefix and the ids it and the data do not share); our heads (the best configuration of
-each on validation, every seed) with test accuracy, weighted F1 and macro F1 as mean ± sd over seeds and a 95%
-bootstrap interval over the test rows, and how many seeds were under-trained (stopped by the epoch cap still
-improving, or with their validation loss still falling); the same beside the seed paper's Tables 1 and 2 and later
-work, each row saying which F1 it reports and whether it was measured on this run's split; the best fusion head
-against each ablation and each other head by a paired bootstrap; one figure. dual_attn is always named by the
-features it ran on: "dual_attn (single-key, pooled)", where one key per modality makes its attention a linear map (the
-report carries heads/registry.py's note), and, with `--tokens`, "dual_attn (token attention)".
+(a split file with its sha256 prefix and the ids it and the data do not share) and the posts shared across splits;
+our heads (the best configuration of each on validation, every seed) with test accuracy, weighted F1 and macro F1 as
+mean ± sd over seeds and a 95% hierarchical bootstrap interval (seeds, then test rows), and how many seeds were
+under-trained (stopped by the epoch cap still improving, or with their validation loss still falling); the same
+beside the seed paper's Tables 1 and 2 and later work, each row saying which F1 it reports and whether it was
+measured on this run's split; the best fusion head against each ablation and each other head by a paired
+hierarchical bootstrap, Holm-corrected; one figure. dual_attn is always named by the features it ran on:
+"dual_attn (single-key, pooled)", where one key per modality makes its attention a linear map (the report carries
+heads/registry.py's note), and, with `--tokens`, "dual_attn (token attention)".
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusion.app.reporting import markdown
+from fusion.app.reporting.duplicates import duplicate_lines
 from fusion.app.reporting.published import Published, like_for_like, published_for, split_lines, split_note
 from fusion.app.reporting.readings import readings_lines
-from fusion.app.reporting.report import (comparison_lines, improving_cell, is_paper_encoder, new_figure, save_png,
-                                         test_cell, undertraining_line)
+from fusion.app.reporting.report import (comparison_lines, improving_cell, interval_note, is_paper_encoder, new_figure,
+                                         save_png, test_cell, undertraining_line)
 from fusion.atomic import write_text_atomic
 from fusion.heads.config import loss_label
 from fusion.heads.registry import pooled_dual_attn_note
@@ -69,10 +71,11 @@ def _header_lines(reproduction: Reproduction) -> list[str]:
     if config.tokens:
         lines.append("- Token sequences: every cache holds them; dual_attn trained on them as well as on the pooled "
                      "features (two rows per dataset).")
+    holm = " (with token sequences, within each of the two comparison tables)" if config.tokens else ""
     lines += ["- Each head's configuration is chosen on validation alone (weighted F1 for MVSA, macro F1 for "
-              "Memotion, mean over seeds); test numbers are mean ± sd over seeds [95% confidence interval of the "
-              f"seed mean: bootstrap over the test rows, {config.resamples:,} resamples, seed 0, BCa from "
-              "scipy.stats.bootstrap].",
+              "Memotion, mean over seeds); test numbers are mean ± sd over seeds "
+              f"[{interval_note(config.resamples)}]. Paired comparisons use the same bootstrap and Holm's correction "
+              f"across each dataset's comparisons{holm}.",
               f"- Datasets: {', '.join(r.name for r in reproduction.results) or 'none found'}.", ""]
     if reproduction.skipped:
         lines += ["Skipped:", ""] + [f"- {name}: {why}" for name, why in reproduction.skipped.items()] + [""]
@@ -84,8 +87,8 @@ def _dataset_lines(result: DatasetResult, figure: str) -> list[str]:
     lines = [f"## {_title(result.name)}", "",
              f"- Root: `{result.root}`; cache fingerprint `{str(cache.get('fingerprint'))[:12]}`; rows "
              + ", ".join(f"{split} {n}" for split, n in result.counts.items()) + "."]
-    lines += split_lines(cache, result.split_counts) + ["", f"### Our heads (test; selected on validation "
-                                                          f"{metric_title(result.metric)})", ""]
+    lines += split_lines(cache, result.split_counts) + duplicate_lines(cache)
+    lines += ["", f"### Our heads (test; selected on validation {metric_title(result.metric)})", ""]
     lines += _heads_table(result) + _notes(result) + ["### Beside the published numbers", ""]
     lines += _published_table(result) + [split_note(cache), ""]
     lines += ["### Paired comparisons", ""] + _comparisons(result)
