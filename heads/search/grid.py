@@ -37,7 +37,7 @@ def result_row(result: FitResult) -> dict:
     return {"config": dataclasses.asdict(result.config), "val": result.val, "test": result.test,
             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": result.seconds,
             "test_pred": None if predictions is None else encode_labels(predictions.y_pred),
-            "pruned_at": result.pruned_at, "device": result.device}
+            "pruned_at": result.pruned_at, "device": result.device, "calibration": result.calibration}
 
 
 def read_log(path: Path) -> list[dict]:
