@@ -234,10 +234,14 @@ def predict(
     csv: Optional[Path] = typer.Option(None, help="CSV with columns image,text."),
     device: str = typer.Option("auto", help="auto, cpu or cuda: the encoders and the head."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line per post instead of a table."),
+    explain: bool = typer.Option(False, "--explain", help="Also what the text and the image say alone, and for a "
+                                 "dual_attn --tokens run where its attention went (docs/explain.md)."),
+    raw: bool = typer.Option(False, "--raw", help="The head's own probabilities, not the calibrated ones."),
+    out: Optional[Path] = typer.Option(None, help="With --explain: write NAME.explain.png for each post here."),
 ) -> None:
     """Label new posts with a trained run: its encoders, then its head (exit 1 if any post failed)."""
     from fusion.app.api import read_posts
-    from fusion.app.console import console, predictions_table
+    from fusion.app.console import calibration_caption, console, predictions_table
 
     if csv is None and (image is None or text is None):
         raise FusionError("give --image and --text for one post, or --csv FILE with columns image,text")
@@ -245,16 +249,23 @@ def predict(
         raise FusionError("give either --csv or --image/--text, not both")
     if csv is None and not image.is_file():
         raise FusionError(f"--image {image}: no such file")
+    if out is not None and not explain:
+        raise FusionError("--out writes the explanation figures: add --explain")
     images, texts, lines = read_posts(csv) if csv else ([image], [text], [None])
     predictor = fusion.load_run(run, device=device)
     for note in predictor.notes:
         print(f"fusion: note: {note}", file=sys.stderr)
-    answers = predictor.predict(images, texts)
+    answers = predictor.predict(images, texts, explain=explain, raw=raw)
     if as_json:
         for answer in answers:
             print(json.dumps(answer))
     else:
-        console.print(predictions_table(images, lines, answers))
+        console.print(predictions_table(images, lines, answers, caption=calibration_caption(predictor.describe(), raw)))
+    if out is not None:
+        from fusion.app.reporting.explanation import write_explanation_pngs
+
+        for path in write_explanation_pngs(out, images, texts, lines, answers):
+            print(f"fusion: wrote {path}", file=sys.stderr)
     failed = [(line, answer["error"]) for line, answer in zip(lines, answers) if "error" in answer]
     for line, error in failed:
         print(f"fusion: {'' if line is None else f'{csv}: line {line}: '}{error}", file=sys.stderr)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusion.app.reporting import markdown
+from fusion.app.reporting.calibration import ECE_NOTE, ece_cell, seed_mean_ece
 from fusion.app.reporting.published import Published, published_for, split_lines, split_note
 from fusion.app.reporting.report import comparison_lines, is_paper_encoder, new_figure, save_png, test_cell
 from fusion.atomic import write_text_atomic
@@ -79,10 +80,11 @@ def _heads_table(result: DatasetResult) -> list[str]:
         rows.append([head, f"lr {config['lr']:g}, dropout {config['dropout']:g}, "
                      f"{loss_label(config['loss'], config['gamma'])}", str(len(best.seeds)),
                      f"{best.val_mean:.4f} ± {best.val_std:.4f}"]
-                    + [test_cell(best.test[m], best.test_std[m], len(best.seeds), intervals.get(m)) for m in METRICS])
+                    + [test_cell(best.test[m], best.test_std[m], len(best.seeds), intervals.get(m)) for m in METRICS]
+                    + [ece_cell(seed_mean_ece(result.rows, config))])
     header = ["head", "configuration", "seeds", f"val {metric_title(result.metric)}", "test accuracy",
-              "test weighted F1", "test macro F1"]
-    return markdown.table(header, rows)
+              "test weighted F1", "test macro F1", "test ECE raw → calibrated"]
+    return markdown.table(header, rows) + [ECE_NOTE + " ECE cells: the mean over seeds.", ""]
 
 
 def _in_order(best: dict) -> list:
