@@ -23,12 +23,14 @@ class TinyRun:
     texts: list[str]
 
 
-def make_tiny_run(folder: Path, tiny_models, *, head: str = "self_attn") -> TinyRun:
+def make_tiny_run(folder: Path, tiny_models, *, head: str = "self_attn", tokens: bool = False) -> TinyRun:
+    """tokens: extract and fit on the token sequences (a dual_attn head then reports its attention)."""
     expected = write_mvsa(folder / "data", kind="single", n_per_class=6, dirty=False)
     cache = folder / "c.h5"
-    assert main(extract_argv(expected.root, cache, tiny_models)) == 0
+    with_tokens = ["--tokens"] if tokens else []
+    assert main(extract_argv(expected.root, cache, tiny_models, *with_tokens)) == 0
     run = folder / "run"
-    assert main(["fit", "--cache", str(cache), "--head", head, "--epochs", "3", "--out", str(run)]) == 0
+    assert main(["fit", "--cache", str(cache), "--head", head, "--epochs", "3", "--out", str(run), *with_tokens]) == 0
     images = sorted((expected.root / "data").glob("*.jpg"), key=lambda path: int(path.stem))
     return TinyRun(run=run, images=images, texts=[expected.texts.get(path.stem, "a day") for path in images])
 

@@ -67,6 +67,25 @@ def test_predict_answers_what_fusion_predict_prints(server, tiny_run, capsys):
         assert answer.json()["label"] == expected["label"] and "truncated" not in answer.json()
 
 
+def test_explain_and_raw_on_predict_and_batch_give_what_the_api_gives(server, tiny_run, model):
+    url, _ = server
+    image, text = tiny_run.images[0], tiny_run.texts[0]
+    [explained] = model.predict([image], [text], explain=True)
+    answer = _post(url, image, text, params={"explain": "true"})
+    assert answer.status_code == 200 and answer.json() == explained
+    assert set(explained["explanation"]) == {"text_only", "image_only"}  # a pooled run: the modalities alone
+    [raw] = model.predict([image], [text], raw=True)
+    assert _post(url, image, text, params={"raw": "true"}).json() == raw and raw["calibration"] == "raw"
+    assert _post(url, image, text).json()["calibration"] == "calibrated"
+    batch = httpx.post(f"{url}/predict/batch?explain=true", timeout=60,
+                       files=[("image", ("a.jpg", image.read_bytes())), ("image", ("b.jpg", b"not an image"))],
+                       data={"text": [text, "b"]})
+    assert batch.status_code == 200 and batch.json()["results"][0] == explained
+    assert "error" in batch.json()["results"][1]
+    refused = _post(url, image, text, params={"explain": "perhaps"})
+    assert refused.status_code == 422 and "explain" in refused.json()["error"]
+
+
 def test_a_text_over_the_models_length_is_cut_as_extraction_cuts_it_and_the_answer_says_so(server, tiny_run, model,
                                                                                          capsys):
     url, _ = server

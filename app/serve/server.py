@@ -66,11 +66,13 @@ def _add_page_and_health(app: FastAPI, batcher: MicroBatcher, described: dict) -
 
 def _add_predict(app: FastAPI, model: Predictor, batcher: MicroBatcher) -> None:
     @app.post("/predict")
-    async def predict(image: UploadFile = File(...), text: str = Form(...)) -> dict:
-        """One post: multipart fields `image` (a file) and `text`."""
+    async def predict(image: UploadFile = File(...), text: str = Form(...), explain: bool = False,
+                      raw: bool = False) -> dict:
+        """One post: multipart fields `image` (a file) and `text`; ?explain=true adds the explanation, ?raw=true
+        gives the head's own probabilities (docs/explain.md)."""
         batcher.announce(1)
         try:
-            post = await _prepared(model, image, text)
+            post = await _prepared(model, image, text, explain=explain, raw=raw)
         except BaseException as error:
             batcher.withdraw(1)
             if isinstance(error, BadPost):
@@ -82,7 +84,8 @@ def _add_predict(app: FastAPI, model: Predictor, batcher: MicroBatcher) -> None:
 
 def _add_predict_batch(app: FastAPI, model: Predictor, batcher: MicroBatcher) -> None:
     @app.post("/predict/batch")
-    async def predict_batch(image: list[UploadFile] = File(...), text: list[str] = Form(...)) -> dict:
+    async def predict_batch(image: list[UploadFile] = File(...), text: list[str] = Form(...), explain: bool = False,
+                            raw: bool = False) -> dict:
         """Several posts in one encoder batch: repeated `image` and `text` fields, paired in order. A post whose
         image cannot be read is answered with its error, the others are still predicted (as `fusion predict --csv`)."""
         if len(image) != len(text):
@@ -95,7 +98,7 @@ def _add_predict_batch(app: FastAPI, model: Predictor, batcher: MicroBatcher) ->
         try:
             for position, (upload, words) in enumerate(zip(image, text)):
                 try:
-                    prepared.append(await _prepared(model, upload, words))
+                    prepared.append(await _prepared(model, upload, words, explain=explain, raw=raw))
                 except BadPost as error:
                     prepared.append(f"post {position}: {error}")
         except BaseException:
@@ -107,10 +110,11 @@ def _add_predict_batch(app: FastAPI, model: Predictor, batcher: MicroBatcher) ->
         return {"results": [{"error": post} if isinstance(post, str) else next(answers) for post in prepared]}
 
 
-async def _prepared(model: Predictor, upload: UploadFile, text: str) -> PreparedPost:
+async def _prepared(model: Predictor, upload: UploadFile, text: str, *, explain: bool = False,
+                    raw: bool = False) -> PreparedPost:
     """Decoding and preprocessing run on a worker thread, so the event loop keeps accepting requests."""
     await upload.seek(0)
-    return await run_in_threadpool(model.prepare, upload.file, text)
+    return await run_in_threadpool(model.prepare, upload.file, text, explain=explain, raw=raw)
 
 
 def _add_error_answers(app: FastAPI) -> None:
