@@ -10,6 +10,7 @@ matplotlib is imported inside the functions (app/reporting/report.py new_figure)
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from fusion.labels import LABELS
 COLOURS = {"negative": "#d64545", "neutral": "#8b93a3", "positive": "#2e9d5b"}
 BARS = (("probabilities", "post"), ("text_only", "text alone"), ("image_only", "image alone"))
 SHADE = (0.95, 0.55, 0.05)  # the words' highlight colour, its opacity proportional to the weight
+CHARACTERS_PER_LINE = 90  # of the shaded words across the figure's 9 inches (they wrap when a piece does not fit)
 SPECIAL = ("[CLS]", "[SEP]", "<s>", "</s>", "<|startoftext|>", "<|endoftext|>")
 
 
@@ -29,8 +31,11 @@ def write_explanation_png(image: Any, text: str, answer: dict, path: Path) -> Pa
     """The figure of `answer` (a Predictor answer made with explain=True) for the post (image: a path, bytes or a
     PIL image; text: as given) at `path`."""
     explanation = answer["explanation"]
-    figure = new_figure(9.0, 6.2)
-    grid = figure.add_gridspec(2, 2, height_ratios=(3.2, 1.6), width_ratios=(1.0, 1.15))
+    words = explanation.get("text_attention")
+    characters = sum(len(entry["token"]) + 1 for entry in words) if words else len(text)
+    text_height = 0.5 + 0.32 * math.ceil(characters / CHARACTERS_PER_LINE)  # inches: a title, then the lines
+    figure = new_figure(9.0, 4.6 + text_height)
+    grid = figure.add_gridspec(2, 2, height_ratios=(4.2, text_height), width_ratios=(1.0, 1.15))
     _draw_image(figure.add_subplot(grid[0, 0]), figure, image, explanation)
     _draw_bars(figure.add_subplot(grid[0, 1]), answer)
     figure.canvas.draw()  # the layout settles first, so the words are measured in their final axes
@@ -117,7 +122,7 @@ def _draw_words(axes, figure, text: str, attention: list[dict] | None) -> None:
                    "(the weights sum to 1)", fontsize="small", loc="left")
     renderer = figure.canvas.get_renderer()
     largest = max(entry["weight"] for entry in attention) or 1.0
-    x, y, line = 0.0, 0.9, 0.2
+    x, y = 0.0, 0.9
     for entry in attention:
         token = entry["token"]
         joined = token.startswith("##")
@@ -128,8 +133,9 @@ def _draw_words(axes, figure, text: str, attention: list[dict] | None) -> None:
                           fontstyle="italic" if token in SPECIAL else "normal", in_layout=False,
                           bbox={"boxstyle": "square,pad=0.15", "linewidth": 0,
                                 "facecolor": (*SHADE, entry["weight"] / largest)})
-        width = axes.transAxes.inverted().transform_bbox(label.get_window_extent(renderer)).width
+        extent = axes.transAxes.inverted().transform_bbox(label.get_window_extent(renderer))
+        width = extent.width
         if x + width > 1.0 and x > 0:  # wrap: the piece starts the next line
-            x, y = 0.0, y - line
+            x, y = 0.0, y - 1.6 * extent.height
             label.set_position((x, y))
         x += width
