@@ -80,6 +80,8 @@ def extract(
     columns: Optional[str] = typer.Option(None, help="--dataset hf: ROLE=COLUMN pairs, e.g. "
                                                      "image=img,text=caption,label=sentiment[,id=post_id].",
                                           show_default="image,text,label"),
+    dedupe: bool = typer.Option(False, "--dedupe", help="Drop val and test posts whose normalised text or image "
+                                                        "pixels duplicate a training post (off: the paper's way)."),
 ) -> None:
     """Run the frozen encoders once over a dataset and write the embeddings cache (resumable)."""
     from fusion.app.console import console, extract_notes, extract_summary_table, progress_bar
@@ -88,7 +90,7 @@ def extract(
                            tokens=tokens, device=device, precision=precision, split_file=split_file, columns=columns,
                            text_pooling=text_pooling, image_pooling=image_pooling, batch_size=batch_size,
                            limit=limit, max_length=max_length, workers=workers, seed=seed,
-                           trust_remote_code=trust_remote_code, progress=progress_bar)
+                           trust_remote_code=trust_remote_code, dedupe=dedupe, progress=progress_bar)
     summary = cache.extraction
     if summary.rank:
         return

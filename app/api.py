@@ -37,9 +37,10 @@ def extract(*, dataset: str, root: Path | str, out: Path | str | None = None, te
             precision: str | None = None, split_file: Path | str | None = None, columns: str | None = None,
             text_pooling: str | None = None, image_pooling: str | None = None, batch_size: int = 32,
             limit: int | None = None, max_length: int = 128, workers: int | None = None, seed: int = 0,
-            trust_remote_code: bool = False, progress: Progress | None = None) -> Cache:
+            trust_remote_code: bool = False, dedupe: bool = False, progress: Progress | None = None) -> Cache:
     """Run the frozen encoders once over a dataset as downloaded and write the embeddings cache (resumable; under
-    torchrun each rank takes its share). Returns the cache, with `.extraction` saying what this run did."""
+    torchrun each rank takes its share). Returns the cache, with `.extraction` saying what this run did. Posts shared
+    across splits are counted; `dedupe` drops the val and test posts that duplicate a training post."""
     check_dataset(dataset, Path(root), columns)
     check_device_name(device)
     check_encoder_precision(precision or "fp32")
@@ -57,7 +58,7 @@ def extract(*, dataset: str, root: Path | str, out: Path | str | None = None, te
                            limit=limit, max_length=max_length, split_seed=seed, workers=workers,
                            trust_remote_code=trust_remote_code,
                            split_file=Path(split_file) if split_file is not None else None,
-                           text_pooling=text_pooling, image_pooling=image_pooling, columns=columns)
+                           text_pooling=text_pooling, image_pooling=image_pooling, columns=columns, dedupe=dedupe)
     out.parent.mkdir(parents=True, exist_ok=True)
     with distributed_context() as (rank, world_size):
         named = f"extract {dataset}" + (f" rank {rank}" if world_size > 1 else "")
@@ -87,8 +88,7 @@ def fit(cache: Cache | Path | str, *, head: str = FitConfig.head, lr: float = Fi
     config = FitConfig(head=head, lr=lr, dropout=dropout, loss=loss, gamma=gamma, epochs=epochs, patience=patience,
                        batch_size=batch_size, metric=metric or paper.dataset_metric(dataset), seed=seed,
                        precision=precision)
-    check_device_name(device)
-    target = training_device(device, precision)
+    target = training_device(device, precision)  # checks the names before torch loads
     from fusion.app.handles import Run
     from fusion.heads.checkpoint import save_run
     from fusion.heads.registry import pooled_dual_attn_note
@@ -120,8 +120,7 @@ def grid(cache: Cache | Path | str, *, heads: Iterable[str] = paper.HEADS, lrs: 
     path = _cache_path(cache)
     configs_for = _grid_configs(heads, lrs, dropouts, losses, seeds, epochs, patience, batch_size, metric, precision)
     configs = configs_for({"dataset": _cache_dataset(path)})
-    check_device_name(device)
-    target = training_device(device, precision)
+    target = training_device(device, precision)  # checks the names before torch loads
     from fusion.app.grid import run_grid_to
 
     features, meta, notes = _features(path, tokens, stream)
@@ -143,8 +142,7 @@ def sweep(caches: Sequence[Cache | Path | str], *, heads: Iterable[str] = paper.
     configs_for = _grid_configs(heads, lrs, dropouts, losses, seeds, epochs, patience, batch_size, metric, precision)
     for path in paths:
         configs_for({"dataset": _cache_dataset(path)})
-    check_device_name(device)
-    target = training_device(device, precision)
+    target = training_device(device, precision)  # checks the names before torch loads
     from fusion.app.sweep import run_sweep_to
 
     return run_sweep_to(paths, configs_for, Path(out) if out is not None else Path("runs") / f"{paths[0].stem}-sweep",

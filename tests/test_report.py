@@ -231,6 +231,16 @@ def test_memotion_holdout_test_split_is_said_in_bold(tmp_path, kind, bold):
     assert ("- **Memotion test = a 10% holdout of the training pool" in text) is bold
 
 
+def _holm_by_hand(p_values: list[float]) -> list[float]:
+    """Holm's adjusted p-values: the k-th smallest (k from 0) times m - k, never below the one before, at most 1."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for k, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - k) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
 def test_grid_report_shows_intervals_and_paired_comparisons(tmp_path):
     from fusion.app.reporting.uncertainty import grid_uncertainty
     from fusion.heads.metrics import classification_metrics
@@ -250,8 +260,16 @@ def test_grid_report_shows_intervals_and_paired_comparisons(tmp_path):
     leader = uncertainty["best_fusion_head"]
     assert [c["b"] for c in uncertainty["comparisons"]] == ["text_only"] + sorted(
         {"basic", "self_attn", "dual_attn"} - {leader}, key=["basic", "self_attn", "dual_attn"].index)
-    for comparison in uncertainty["comparisons"]:
+    comparisons = uncertainty["comparisons"]
+    holm = _holm_by_hand([c["p_value"] for c in comparisons])
+    for comparison, p_holm in zip(comparisons, holm):
+        assert comparison["p_holm"] == pytest.approx(p_holm)
+        assert comparison["significant"] == (comparison["excludes_zero"] and p_holm <= 0.05)
         assert (f"| {leader} − {comparison['b']} | {comparison['difference']:+.4f} | "
-                f"[{comparison['low']:+.4f}, {comparison['high']:+.4f}] |") in text
+                f"[{comparison['low']:+.4f}, {comparison['high']:+.4f}] | "
+                f"{'yes' if comparison['excludes_zero'] else 'no'} | {comparison['p_value']:.3f} | {p_holm:.3f} | "
+                f"{'yes' if comparison['significant'] else 'no'} |") in text
+    assert f"corrects it across these {len(comparisons)} comparisons" in text
+    assert "draws each head's seeds with replacement, then 120 test rows" in text
     block = uncertainty["heads"]["basic"]["test"]["accuracy"]
     assert f"{block['mean']:.4f} ± {block['sd']:.4f} [{block['low']:.4f}, {block['high']:.4f}]" in text

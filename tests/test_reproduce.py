@@ -68,6 +68,11 @@ def test_reproduction_has_every_head_intervals_comparisons_and_the_papers_number
         for other in set(HEADS) - {leader}:
             assert re.search(rf"^\| {leader} − {other} \| [+-]\d\.\d{{4}} \| \[[+-]\d\.\d{{4}}, [+-]\d\.\d{{4}}\] \|",
                              section, re.M), (dataset, other)
+        pairs = results["cache"]["duplicates"]["pairs"]  # counted by the extraction, carried into results.json
+        assert set(pairs) == {"train-val", "train-test", "val-test"}
+        assert "- Duplicates across splits (" in section and "They were kept" in section
+        for pair, n in pairs.items():
+            assert f"{pair.replace('-', '–')} {n['either']} (text {n['text']}, image {n['image']})" in section
         assert (out / "figures" / f"{dataset}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"](figures/{dataset}.png)" in section
     single, memotion = _section(text, "MVSA-Single"), _section(text, "Memotion 7k (task A)")

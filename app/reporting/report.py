@@ -3,8 +3,9 @@
     report = write_report(Path("runs/fit"))   # Report(markdown=runs/fit/report.md, figures=[...png])
 
 A run directory holds config.json and metrics.json (and test_predictions.json, from which test metrics get 95%
-bootstrap intervals: app/reporting/stats.py); a grid directory holds results.json (with the bootstrap intervals and
-paired comparisons that `fusion grid` computed, app/reporting/uncertainty.py) and best/ (a run directory). Test
+bootstrap intervals over the test rows: app/reporting/stats.py); a grid directory holds results.json (with the
+hierarchical bootstrap intervals and Holm-corrected paired comparisons that `fusion grid` computed,
+app/reporting/uncertainty.py) and best/ (a run directory). Test
 metrics are shown beside the published numbers (app/reporting/published.py) for memotion, mvsa-single and mvsa-multi,
 with the split they were measured on. matplotlib is imported inside the functions only, so the rest of fusion works
 without it.
@@ -21,9 +22,10 @@ from typing import Any
 from fusion.app.handles import CACHE_FIELDS, Run, json_field
 from fusion.app.reporting import markdown
 from fusion.app.reporting.calibration import calibration_figure, calibration_lines
+from fusion.app.reporting.duplicates import duplicate_lines
 from fusion.app.reporting.figures import new_figure, save_png  # noqa: F401 - reproduction.py draws with them too
 from fusion.app.reporting.published import PUBLISHED, split_lines, split_note
-from fusion.app.reporting.stats import Interval, metric_ci
+from fusion.app.reporting.stats import RESAMPLES, Interval, metric_ci
 from fusion.atomic import write_text_atomic
 from fusion.errors import RunError
 from fusion.heads.checkpoint import PREDICTIONS_FILE, read_json
@@ -170,10 +172,11 @@ def is_paper_encoder(name: str, hub_id: str) -> bool:
 def _encoder_lines(cache: dict[str, Any]) -> list[str]:
     text, image, paper = cache["text_model"], cache["image_model"], f"({TEXT_MODEL} + {IMAGE_MODEL})"
     same = is_paper_encoder(text, TEXT_MODEL) and is_paper_encoder(image, IMAGE_MODEL)
-    return [f"- Cache: `{cache.get('path', '?')}` (dataset `{cache['dataset']}`, "
+    return ([f"- Cache: `{cache.get('path', '?')}` (dataset `{cache['dataset']}`, "
             f"fingerprint `{str(cache.get('fingerprint', '?'))[:12]}`)", f"- Encoders: text `{text}`, image `{image}`.",
             f"- These are the paper's encoders {paper}." if same else f"- **These are not the paper's encoders** "
-            f"{paper}: any comparison with published numbers is not like for like."] + split_lines(cache) + [""]
+            f"{paper}: any comparison with published numbers is not like for like."] + split_lines(cache)
+            + duplicate_lines(cache) + [""])
 
 
 def with_interval(value: float, interval: Interval | None) -> str:
@@ -207,7 +210,16 @@ def _results_lines(metrics: dict[str, Any], intervals: dict[str, Interval] | Non
 
 
 BOOTSTRAP_NOTE = ("bootstrap over the test rows (2,000 resamples, seed 0, BCa; scipy.stats.bootstrap), from "
-                  f"{PREDICTIONS_FILE}.")
+                  f"{PREDICTIONS_FILE}. A run has one seed, so only the test rows are resampled; a grid's intervals "
+                  "also resample its seeds.")
+
+
+def interval_note(resamples: int) -> str:
+    """What a grid's (or a reproduction's) test interval is."""
+    return (f"95% CI of the seed mean: hierarchical bootstrap, {resamples:,} resamples, seed 0, BCa "
+            "(scipy.stats.bootstrap). Each resample draws the seeds with replacement, then the test rows, and scores "
+            "every drawn seed on those rows, so the interval holds both the seed-to-seed spread and the test set's "
+            "noise")
 
 
 def run_intervals(run_dir: Path) -> dict[str, Interval] | None:
@@ -262,29 +274,45 @@ def _best_head_lines(summaries: list[Summary], metric: str, uncertainty: dict | 
                        for m in METRICS])
     header = ["head", "lr", "dropout", "loss", "seeds", f"val {metric_title(metric)} (mean ± sd)",
               "test accuracy", "test weighted F1", "test macro F1"]
-    note = ["Test cells: mean ± sd over seeds [95% CI of the seed mean: bootstrap over the test rows, 2,000 "
-            "resamples, seed 0, BCa (scipy.stats.bootstrap), every seed scored on the same resampled rows].", ""]
+    note = [f"Test cells: mean ± sd over seeds [{interval_note((uncertainty or {}).get('resamples', RESAMPLES))}].",
+            ""]
     return markdown.table(header, rows) + (note if uncertainty else [])
 
 
 def test_cell(mean: float, sd: float, seeds: int, interval: dict | None) -> str:
-    """'mean ± sd [low, high]': the spread over seeds and the test-row bootstrap interval of the seed mean."""
+    """'mean ± sd [low, high]': the spread over seeds and the hierarchical bootstrap interval of the seed mean."""
     text = f"{mean:.4f}" + (f" ± {sd:.4f}" if seeds > 1 else "")
     return text + (f" [{interval['low']:.4f}, {interval['high']:.4f}]" if interval else "")
 
 
 def comparison_lines(uncertainty: dict | None) -> list[str]:
-    """The best fusion head minus each other head on the same test rows, with the paired bootstrap interval."""
+    """The best fusion head minus each other head on the same test rows: the paired hierarchical bootstrap interval,
+    p before and after Holm's correction, and whether the difference is significant (both must say so)."""
     if not uncertainty or not uncertainty.get("comparisons"):
         return ["No paired comparison: the grid has no test predictions, or no other head to compare with.", ""]
     metric = metric_title(uncertainty["metric"])
     rows = [[f"{c['a']} − {c['b']}", f"{c['difference']:+.4f}", f"[{c['low']:+.4f}, {c['high']:+.4f}]",
-             "yes" if c["excludes_zero"] else "no"] for c in uncertainty["comparisons"]]
-    header = ["comparison", f"test {metric} difference", "95% CI (paired bootstrap)", "CI excludes 0"]
-    note = (f"{uncertainty['best_fusion_head']} is the fusion head with the best validation score. Each "
-            f"resample draws {uncertainty['test_rows']} test rows with replacement and scores both heads (every "
-            "seed) on them; an interval that holds 0 means the difference is within the noise of this test set.")
+             "yes" if c["excludes_zero"] else "no", _p(c.get("p_value")), _p(c.get("p_holm")),
+             _significant(c)] for c in uncertainty["comparisons"]]
+    header = ["comparison", f"test {metric} difference", "95% CI (hierarchical)", "CI excludes 0", "p", "p (Holm)",
+              "significant"]
+    note = (f"{uncertainty['best_fusion_head']} is the fusion head with the best validation score. Each of the "
+            f"{uncertainty['resamples']:,} resamples draws each head's seeds with replacement, then "
+            f"{uncertainty['test_rows']} test rows with replacement, and scores every drawn seed of both heads on "
+            "those rows; an interval that holds 0 means the difference is within the noise of the seeds and the test "
+            f"set. p is the bootstrap's two-sided p-value; p (Holm) corrects it across these "
+            f"{len(uncertainty['comparisons'])} comparisons. A difference is significant only when its interval "
+            "excludes 0 and p (Holm) <= 0.05.")
     return markdown.table(header, rows) + [note, ""]
+
+
+def _p(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _significant(comparison: dict) -> str:
+    """'yes'/'no'; '-' for a comparison stored before Holm's correction was kept (no p-values to judge by)."""
+    return "-" if "significant" not in comparison else ("yes" if comparison["significant"] else "no")
 
 
 def _pooled_note_lines(heads: list[str], run_config: dict[str, Any]) -> list[str]:

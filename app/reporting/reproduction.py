@@ -1,9 +1,9 @@
 """reproduction.md and its figures: `fusion reproduce`'s heads and ablations, per dataset, beside the published numbers.
 
 Per dataset: our five heads (the best configuration of each on validation, every seed) with test accuracy, weighted F1
-and macro F1 as mean ± sd over seeds and a 95% bootstrap interval over the test rows; the same beside the seed paper's
-Table 1 (MVSA) or Memotion figure and later work; the best fusion head against each ablation and each other head by a
-paired bootstrap; one figure.
+and macro F1 as mean ± sd over seeds and a 95% hierarchical bootstrap interval (seeds, then test rows); the same beside
+the seed paper's Table 1 (MVSA) or Memotion figure and later work; the best fusion head against each ablation and each
+other head by a paired hierarchical bootstrap, Holm-corrected; one figure.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 
 from fusion.app.reporting import markdown
 from fusion.app.reporting.calibration import ECE_NOTE, ece_cell, seed_mean_ece
+from fusion.app.reporting.duplicates import duplicate_lines
 from fusion.app.reporting.published import Published, published_for, split_lines, split_note
-from fusion.app.reporting.report import comparison_lines, is_paper_encoder, new_figure, save_png, test_cell
+from fusion.app.reporting.report import (comparison_lines, interval_note, is_paper_encoder, new_figure, save_png,
+                                         test_cell)
 from fusion.atomic import write_text_atomic
 from fusion.heads.config import loss_label
 from fusion.heads.search.summary import best_per_head, summarise
@@ -50,8 +52,8 @@ def _header_lines(reproduction: Reproduction) -> list[str]:
              f"({TEXT_MODEL} + {IMAGE_MODEL})**: no comparison with published numbers is like for like.",
              f"- Grid: {grid}.",
              "- Each head's configuration is chosen on validation alone (weighted F1 for MVSA, macro F1 for Memotion, "
-             "mean over seeds); test numbers are mean ± sd over seeds [95% confidence interval of the seed mean: "
-             f"bootstrap over the test rows, {config.resamples:,} resamples, seed 0, BCa from scipy.stats.bootstrap].",
+             f"mean over seeds); test numbers are mean ± sd over seeds [{interval_note(config.resamples)}]. Paired "
+             "comparisons use the same bootstrap and Holm's correction across each dataset's comparisons.",
              f"- Datasets: {', '.join(r.name for r in reproduction.results) or 'none found'}.", ""]
     if reproduction.skipped:
         lines += ["Skipped:", ""] + [f"- {name}: {why}" for name, why in reproduction.skipped.items()] + [""]
@@ -63,8 +65,8 @@ def _dataset_lines(result: DatasetResult, figure: str) -> list[str]:
     lines = [f"## {_title(result.name)}", "",
              f"- Root: `{result.root}`; cache fingerprint `{str(cache.get('fingerprint'))[:12]}`; rows "
              + ", ".join(f"{split} {n}" for split, n in result.counts.items()) + "."]
-    lines += split_lines(cache) + ["", f"### Our heads (test; selected on validation {metric_title(result.metric)})",
-                                   ""]
+    lines += split_lines(cache) + duplicate_lines(cache)
+    lines += ["", f"### Our heads (test; selected on validation {metric_title(result.metric)})", ""]
     lines += _heads_table(result) + ["### Beside the published numbers", ""] + _published_table(result)
     lines += [split_note(cache), ""]
     lines += ["### Paired comparisons", ""] + comparison_lines(result.uncertainty)
