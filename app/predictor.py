@@ -96,17 +96,14 @@ class Predictor:
             answers.extend(post if isinstance(post, dict) else next(readable) for post in prepared)
         return answers
 
-    def prepare(self, image: Any, text: str) -> PreparedPost:
+    def prepare(self, image: Any, text: str, *, max_pixels: int | None = None) -> PreparedPost:
         """Decode and tokenize one post (safe on any thread); BadPost when the image is not one extraction would
-        accept (missing, empty, not an image, a bomb, ...). `image`: a path, bytes, a file object or a PIL image."""
-        if hasattr(image, "read"):  # an upload, spooled by the server
-            image = image.read()
-            if not image:
-                raise BadPost("image: empty file")
+        accept (missing, empty, not an image, a refused format, over `max_pixels`, ...). `image`: a path, bytes, a
+        binary file object (an upload, decoded from its spooled file without another copy) or a PIL image."""
         if isinstance(image, str):
             image = Path(image)
         try:
-            pixels = image_pixels(image, self.encoders.pixels)
+            pixels = image_pixels(image, self.encoders.pixels, max_pixels=max_pixels)
         except ImageUnreadable as error:
             raise BadPost(f"image: {error}") from None
         # Every chunk past the first is text the model does not read: one tokenization tells both.
@@ -130,8 +127,7 @@ class Predictor:
             features = token_features(arrays["text_tokens"], arrays["text_mask"], arrays["image_tokens"],
                                       arrays["text"], arrays["image"], np.zeros(len(token_ids)))
             text, image = features.text, features.image
-        with torch.inference_mode():
-            return predict_proba(self.head, self._on_device(text), self._on_device(image)).cpu()
+        return predict_proba(self.head, self._on_device(text), self._on_device(image)).cpu()
 
     def _on_device(self, modality: Modality) -> Modality:
         return Modality(modality.tokens.to(self.encoders.device), modality.mask.to(self.encoders.device))
