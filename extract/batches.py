@@ -119,6 +119,15 @@ def fit_to_shared_memory(workers: int, batch_bytes: int, free: int | None) -> tu
                      f"--ipc=host) or lower --batch-size")
 
 
+def fitted_workers(requested: int | None, device_type: str, batch_bytes: int,
+                   free: int | None) -> tuple[int, str | None]:
+    """The decode workers an extraction uses: `requested` (--workers), or this rank's share of the node's cores;
+    fewer when `free` bytes of /dev/shm (shared_memory_free()) cannot hold their batches, with a note saying what
+    to do."""
+    workers = default_decode_workers(device_type) if requested is None else requested
+    return fit_to_shared_memory(workers, batch_bytes, free)
+
+
 def pad_token_ids(token_ids: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded to the batch's longest text, rounded up to `multiple` (see Encoders.pad_multiple)."""
     longest = -(-max(len(ids) for ids in token_ids) // multiple) * multiple
