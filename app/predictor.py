@@ -110,18 +110,16 @@ class Predictor:
             answers.extend(post if isinstance(post, dict) else next(readable) for post in prepared)
         return answers
 
-    def prepare(self, image: Any, text: str, *, explain: bool = False, raw: bool = False) -> PreparedPost:
+    def prepare(self, image: Any, text: str, *, explain: bool = False, raw: bool = False,
+                max_pixels: int | None = None) -> PreparedPost:
         """Decode and tokenize one post (safe on any thread); BadPost when the image is not one extraction would
-        accept (missing, empty, not an image, a bomb, ...). `image`: a path, bytes, a file object or a PIL image.
+        accept (missing, empty, not an image, a refused format, over `max_pixels`, ...). `image`: a path, bytes, a
+        binary file object (an upload, decoded from its spooled file without another copy) or a PIL image.
         explain, raw: how this post is to be answered (see predict)."""
-        if hasattr(image, "read"):  # an upload, spooled by the server
-            image = image.read()
-            if not image:
-                raise BadPost("image: empty file")
         if isinstance(image, str):
             image = Path(image)
         try:
-            picture = load_rgb(image)
+            picture = load_rgb(image, max_pixels=max_pixels)
         except ImageUnreadable as error:
             raise BadPost(f"image: {error}") from None
         pixels = as_pipeline(self.encoders.pixels).crop(picture)

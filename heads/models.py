@@ -169,9 +169,10 @@ def as_modality(features: Modality | Tensor) -> Modality:
     return Modality(features.float(), torch.ones(features.shape[:2], dtype=torch.bool))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_proba(head: Head, text: Modality | Tensor, image: Modality | Tensor, chunk: int = 4096) -> Tensor:
-    """Class probabilities (N, 3) (negative, neutral, positive) of a head in eval mode, `chunk` rows at a time."""
+    """Class probabilities (N, 3) (negative, neutral, positive) of a head in eval mode, `chunk` rows at a time.
+    Under inference_mode: no autograd records, no version counters (the probabilities are an end, never trained)."""
     was_training = head.training
     head.eval()
     text, image = as_modality(text), as_modality(image)

@@ -1,5 +1,6 @@
 """The page of `fusion serve` in a real headless browser: Debian's chromium driven by Selenium through Debian's
-chromedriver (no driver or browser is downloaded). `.ci/run` installs both when they are missing."""
+chromedriver (no driver or browser is downloaded). `.ci/run` installs both when they are missing; under CI=true a
+missing browser fails these tests instead of skipping them, so CI never passes without having run them."""
 
 from __future__ import annotations
 
@@ -12,28 +13,56 @@ from pathlib import Path
 import pytest
 from serve_fixtures import make_tiny_run, running_server
 
+from fusion.app.serve.limits import ServeLimits
 from fusion.app.serve.server import create_app
 from fusion.app.predictor import Predictor
 from fusion.labels import LABELS
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-                       reason="Debian's chromium and chromium-driver are not installed "
-                              "(.ci/run installs them: apt-get install chromium chromium-driver)"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1000,900")
+
+
+def missing_browser(chromium: str = CHROMIUM, chromedriver: str = CHROMEDRIVER) -> str | None:
+    """Why the browser cannot run here, or None."""
+    absent = [name for name, path in (("chromium", chromium), ("chromium-driver", chromedriver))
+              if not Path(path).exists()]
+    return f"Debian's {' and '.join(absent)} not installed (.ci/run installs them: apt-get install chromium " \
+           f"chromium-driver)" if absent else None
+
+
+def require_browser(reason: str | None, ci: str | None) -> None:
+    """Nothing when the browser is there; else a failure under CI (CI=true or 1), a skip on a developer's machine."""
+    if reason is None:
+        return
+    if (ci or "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"CI={ci}: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser_present():
+    require_browser(missing_browser(), os.environ.get("CI"))
+
+
+def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(tmp_path):
+    reason = missing_browser(str(tmp_path / "chromium"), CHROMEDRIVER)
+    assert reason and "chromium not installed" in reason
+    with pytest.raises(pytest.fail.Exception, match="CI=true: Debian's chromium"):
+        require_browser(reason, "true")
+    with pytest.raises(pytest.skip.Exception):
+        require_browser(reason, None)
+    require_browser(None, "true")  # present: runs
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_models):
     tiny = make_tiny_run(tmp_path_factory.mktemp("browser"), tiny_models)
     model = Predictor.load(tiny.run, device="cpu")
-    with running_server(create_app(model, max_upload_bytes=2**20)) as url:
+    with running_server(create_app(model, ServeLimits(max_upload_bytes=2**20))) as url:
         yield url, model, tiny
 
 
@@ -42,12 +71,12 @@ def served_tokens(tmp_path_factory, tiny_models):
     """A dual_attn run trained on token sequences: its answers carry the attention over words and patches."""
     tiny = make_tiny_run(tmp_path_factory.mktemp("browser-tokens"), tiny_models, head="dual_attn", tokens=True)
     model = Predictor.load(tiny.run, device="cpu")
-    with running_server(create_app(model, max_upload_bytes=2**20)) as url:
+    with running_server(create_app(model, ServeLimits(max_upload_bytes=2**20))) as url:
         yield url, model, tiny
 
 
 @pytest.fixture(scope="module")
-def driver(tmp_path_factory):
+def driver(tmp_path_factory, browser_present):
     """One browser for the module (starting chromium is most of a test's time), with a fresh profile."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
