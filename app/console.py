@@ -131,20 +131,53 @@ def cache_info_tables(info: dict) -> list[Table]:
     return tables
 
 
-def predictions_table(images: list, lines: list, answers: list[dict]) -> Table:
-    """One row per post: where it came from (the CSV line, or the image), the label and its probabilities."""
-    table = Table(title="predictions")
+def predictions_table(images: list, lines: list, answers: list[dict], caption: str | None = None) -> Table:
+    """One row per post: where it came from (the CSV line, or the image), the label and its probabilities; with
+    explanations, what the text and the image say alone and the most attended word pieces."""
+    explained = any("explanation" in answer for answer in answers)
+    words = any("text_attention" in answer.get("explanation", {}) for answer in answers)
+    table = Table(title="predictions", caption=caption)
     table.add_column("post")
     table.add_column("label", style="bold")
     for name in LABELS:
         table.add_column(f"p({name})", justify="right")
+    if explained:
+        table.add_column("text alone")
+        table.add_column("image alone")
+    if words:
+        table.add_column("most attended words")
     for image, line, answer in zip(images, lines, answers):
         where = f"line {line}: {Path(image).name}" if line else str(image)
         if "error" in answer:
-            table.add_row(where, f"[red]unreadable: {answer['error']}", "", "", "")
-        else:
-            table.add_row(where, answer["label"], *(f"{answer['probabilities'][name]:.3f}" for name in LABELS))
+            table.add_row(where, f"[red]unreadable: {answer['error']}", *[""] * (len(table.columns) - 2))
+            continue
+        cells = [where, answer["label"], *(f"{answer['probabilities'][name]:.3f}" for name in LABELS)]
+        explanation = answer.get("explanation", {})
+        if explained:
+            cells += [_alone(explanation.get(key)) for key in ("text_only", "image_only")]
+        if words:
+            ranked = sorted(explanation.get("text_attention", []), key=lambda entry: -entry["weight"])[:3]
+            cells.append(", ".join(f"{entry['token']} {entry['weight']:.2f}" for entry in ranked))
+        table.add_row(*cells)
     return table
+
+
+def _alone(probabilities: dict | None) -> str:
+    """'positive 0.612' for a modality alone: its label and that label's probability."""
+    if not probabilities:
+        return "-"
+    label = max(probabilities, key=probabilities.get)
+    return f"{label} {probabilities[label]:.3f}"
+
+
+def calibration_caption(about: dict, raw: bool) -> str:
+    """What the table's probabilities are, from Predictor.describe()."""
+    if raw:
+        return "probabilities: the head's own softmax (--raw)"
+    if about.get("temperature") is None:
+        return "probabilities: uncalibrated (this run was written before fusion fitted temperatures)"
+    return (f"probabilities: calibrated (temperature {about['temperature']:.3f}, fitted on validation); "
+            "--raw for the head's own")
 
 
 def grid_tables(summaries, metric: str, top: int = 10) -> list[Table]:

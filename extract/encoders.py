@@ -27,6 +27,7 @@ from fusion.device import autocast, encoder_dtypes, resolve_device, use_device
 from fusion.errors import ModelLoadError, install_extra
 from fusion.extract.dual import (full_text_length, is_dual, projected_image, projected_text, projected_widths,
                                  text_config)
+from fusion.extract.images import DECODING
 from fusion.extract.pooling import PROJECTED, pool_image, pool_text, prefix_tokens, recorded_pooling, resolve_pooling
 from fusion.extract.pixels import PixelPipeline
 from fusion.paper import IMAGE_MODEL, TEXT_MODEL
@@ -120,7 +121,7 @@ class Encoders:
     def preprocessing(self) -> dict:
         """Everything about preprocessing that changes the embeddings (goes into the cache fingerprint)."""
         return {"image_processor": _jsonable(self.image_processor.to_dict()),
-                "pixels": self.pixels.describe(),
+                "pixels": self.pixels.describe(), "decoding": DECODING,
                 "tokenizer": type(self.tokenizer).__name__,
                 "do_lower_case": bool(getattr(self.tokenizer, "do_lower_case", False))}
 

@@ -35,7 +35,7 @@ from fusion.cache.reader import check_header, is_complete_cache, open_cache
 from fusion.cache.writer import finalize, remove_leftover_partial
 from fusion.errors import CacheError
 from fusion.extract.batch_writer import BatchWriter
-from fusion.extract.batches import (default_decode_workers, fit_to_shared_memory, image_loader, length_sorted_batches,
+from fusion.extract.batches import (default_decode_workers, fitted_workers, image_loader, length_sorted_batches,
                                     shared_memory_free)
 from fusion.extract.datasets.registry import load_dataset
 from fusion.extract.embedding import embed_posts
@@ -278,9 +278,9 @@ def decode_loader(config: ExtractConfig, encoders: Encoders, image_paths: list, 
                   notes: list[str]):
     """The workers decoding this rank's images: --workers, or this rank's share of the node's cores; fewer when
     /dev/shm cannot hold their batches (a note then says what to do)."""
-    workers = default_decode_workers(encoders.device.type) if config.workers is None else config.workers
     batch_bytes = config.batch_size * encoders.pixels.bytes_per_image(encoders.image_size)
-    workers, note = fit_to_shared_memory(workers if batches else 0, batch_bytes, shared_memory_free())
+    workers, note = fitted_workers(config.workers if batches else 0, encoders.device.type, batch_bytes,
+                                   shared_memory_free())
     if note:
         notes.append(note)
     return image_loader(image_paths, encoders.pixels, batches, workers=workers,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 from dataset_writers import write_memotion, write_mvsa
 
@@ -60,6 +61,10 @@ def test_reproduction_has_every_head_intervals_comparisons_and_the_papers_number
             assert (f"{summary.test['accuracy']:.4f} ± {summary.test_std['accuracy']:.4f} "
                     f"[{block['low']:.4f}, {block['high']:.4f}]") in line
             assert block["low"] <= summary.test["accuracy"] <= block["high"]
+            seeds = [row["calibration"] for row in results["rows"]
+                     if {k: v for k, v in row["config"].items() if k != "seed"} == summary.config]
+            assert len(seeds) == 2 and line.endswith(f"| {np.mean([s['test_ece_raw'] for s in seeds]):.4f} → "
+                                                     f"{np.mean([s['test_ece'] for s in seeds]):.4f} |")
             assert f"| **ours: {label}** |" in section
         assert f"Note on dual_attn (single-key, pooled): {POOLED_DUAL_ATTN_NOTE}." in section
         assert "| dual_attn |" not in section and "**ours: dual_attn**" not in section

@@ -199,7 +199,8 @@ def test_under_trained_runs_are_marked(token_run):
             parts = ([f"still improving at 3 epochs ({at_cap} of 2 seeds)"] if at_cap else []) + (
                 [f"val loss still falling ({loss} of 2 seeds)"] if loss else [])
             line = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
-            assert line.rstrip().endswith(f"| {'; '.join(parts) or '–'} |"), (dataset, label, line)
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            assert cells[-2] == ("; ".join(parts) or "–"), (dataset, label, line)  # the last is the ECE
     assert flagged_anywhere > 0  # the fixture exercises the mark, not only its absence
 
 

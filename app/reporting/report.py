@@ -22,12 +22,14 @@ from typing import Any
 
 from fusion.app.handles import CACHE_FIELDS, Run, json_field
 from fusion.app.reporting import markdown
+from fusion.app.reporting.calibration import calibration_figure, calibration_lines
 from fusion.app.reporting.duplicates import duplicate_lines
+from fusion.app.reporting.figures import new_figure, save_png  # noqa: F401 - reproduction.py draws with them too
 from fusion.app.reporting.published import PUBLISHED, like_for_like, split_lines, split_note
 from fusion.app.reporting.readings import readings_lines
 from fusion.app.reporting.stats import RESAMPLES, Interval, metric_ci
-from fusion.atomic import write_atomic, write_text_atomic
-from fusion.errors import FusionError, RunError, install_extra
+from fusion.atomic import write_text_atomic
+from fusion.errors import RunError
 from fusion.heads.checkpoint import PREDICTIONS_FILE, read_json
 from fusion.heads.config import loss_label
 from fusion.heads.search.summary import Summary, best_per_head, still_improving, summarise, val_loss_falling
@@ -57,22 +59,6 @@ def _load_grid(grid_dir: Path) -> dict[str, Any]:
         for dotted, kind in fields:
             json_field(row, dotted, path, kind, f"rows[{index}].")
     return results
-
-
-def new_figure(width: float, height: float):
-    """A figure on its own Agg canvas: no pyplot, so no global backend or figure registry is touched."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise FusionError(f"fusion report needs matplotlib: {install_extra('report')}") from None
-    return FigureCanvasAgg(Figure(figsize=(width, height), dpi=110, layout="constrained")).figure
-
-
-def save_png(figure, path: Path) -> Path:
-    # No 'Software' stamp: the same data gives the same bytes.
-    write_atomic(path, lambda handle: figure.savefig(handle, format="png", metadata={"Software": None}))
-    return path
 
 
 def plot_per_class_f1(history: list[dict], best_epoch: float, path: Path) -> Path:
@@ -160,7 +146,8 @@ def _run_figures(run: Run) -> list[Path]:
     figures = [plot_per_class_f1(history, best, run.path / "f1_per_class.png"),
                plot_losses(history, best, run.path / "losses.png"),
                plot_confusion(test, run.path / "confusion_test.png",
-                              f"Confusion matrix, test (n={sum(map(sum, test)):g})")]
+                              f"Confusion matrix, test (n={sum(map(sum, test)):g})"),
+               calibration_figure(run)]
     return [figure for figure in figures if figure is not None]
 
 
@@ -258,7 +245,8 @@ BATCH_NOTE = ("`batch_size` is our choice where the paper is silent (it gives no
               "\"The batch size\", says how it was chosen.")
 FIGURE_TITLES = {"f1_per_class.png": "Per-class F1 on validation by epoch (best epoch marked)",
                  "losses.png": "Training and validation loss", "confusion_test.png": "Confusion matrix on test",
-                 "grid_heatmap.png": "Validation metric over learning rate x dropout, per head"}
+                 "grid_heatmap.png": "Validation metric over learning rate x dropout, per head",
+                 "reliability_test.png": "Reliability diagram on test, before and after the temperature"}
 
 
 def _figure_lines(figures: list[Path], base: Path) -> list[str]:
@@ -282,6 +270,7 @@ def _run_lines(run: Run, figures: list[Path], base: Path, label: str, level: str
     lines += _encoder_lines(run.config["cache"]) + [f"{level} Results", ""] + _results_lines(run.metrics, intervals)
     lines += [f"{level} Beside the published numbers (test)", ""]
     lines += _published_lines(run.config["cache"], label, run.metrics["test"], intervals)
+    lines += [f"{level} Calibration (test)", ""] + calibration_lines(run)
     return lines + [f"{level} Figures", ""] + _figure_lines(figures, base)
 
 

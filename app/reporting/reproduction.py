@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusion.app.reporting import markdown
+from fusion.app.reporting.calibration import ECE_NOTE, ece_cell, seed_mean_ece
 from fusion.app.reporting.duplicates import duplicate_lines
 from fusion.app.reporting.published import Published, like_for_like, published_for, split_lines, split_note
 from fusion.app.reporting.readings import readings_lines
@@ -95,8 +96,9 @@ def _dataset_lines(result: DatasetResult, figure: str) -> list[str]:
     return lines + [f"![{_title(result.name)}: ours beside the published numbers]({figure})", ""]
 
 
-def variants(result: DatasetResult) -> list[tuple[str, object, dict]]:
-    """(label, Summary, uncertainty block) per head in ORDER: dual_attn once per features it ran on."""
+def variants(result: DatasetResult) -> list[tuple[str, object, dict, list[dict]]]:
+    """(label, Summary, uncertainty block, the grid rows it summarises) per head in ORDER: dual_attn once per features
+    it ran on."""
     found = []
     for rows, uncertainty, token in ((result.rows, result.uncertainty, False),
                                      (result.token_rows, result.token_uncertainty, True)):
@@ -107,22 +109,22 @@ def variants(result: DatasetResult) -> list[tuple[str, object, dict]]:
             if token and head != "dual_attn":
                 continue  # the token grid holds dual_attn alone
             label = (TOKEN_LABEL if token else POOLED_LABEL) if head == "dual_attn" else head
-            found.append((label, summary, blocks.get(head, {})))
+            found.append((label, summary, blocks.get(head, {}), rows))
     return sorted(found, key=lambda item: ORDER.index(item[0]) if item[0] in ORDER else len(ORDER))
 
 
 def _heads_table(result: DatasetResult) -> list[str]:
-    rows = []
-    for label, best, block in variants(result):
+    rows_out = []
+    for label, best, block, rows in variants(result):
         config, intervals = best.config, block.get("test", {})
-        rows.append([label, f"lr {config['lr']:g}, dropout {config['dropout']:g}, "
+        rows_out.append([label, f"lr {config['lr']:g}, dropout {config['dropout']:g}, "
                      f"{loss_label(config['loss'], config['gamma'])}", str(len(best.seeds)),
                      f"{best.val_mean:.4f} ± {best.val_std:.4f}"]
                     + [test_cell(best.test[m], best.test_std[m], len(best.seeds), intervals.get(m)) for m in METRICS]
-                    + [improving_cell(best)])
+                    + [improving_cell(best), ece_cell(seed_mean_ece(rows, config))])
     header = ["head", "configuration", "seeds", f"val {metric_title(result.metric)}", "test accuracy",
-              "test weighted F1", "test macro F1", "under-training"]
-    return markdown.table(header, rows)
+              "test weighted F1", "test macro F1", "under-training", "test ECE raw → calibrated"]
+    return markdown.table(header, rows_out) + [ECE_NOTE + " ECE cells: the mean over seeds.", ""]
 
 
 def _notes(result: DatasetResult) -> list[str]:
@@ -136,7 +138,7 @@ def _published_table(result: DatasetResult) -> list[str]:
     reported = _reported(result.name)
     mvsa = "weighted_f1" in reported
     rows = []
-    for label, _, block in variants(result):
+    for label, _, block, _ in variants(result):
         if not block:
             continue
         cells = [f"{block['test'][m]['mean']:.4f} [{block['test'][m]['low']:.4f}, {block['test'][m]['high']:.4f}]"
@@ -170,7 +172,7 @@ def plot_dataset(result: DatasetResult, path: Path) -> Path:
     """One panel per reported metric: our heads (seed mean, 95% CI as error bars) beside the seed paper's own heads;
     later work as dashed lines."""
     reported = _reported(result.name)
-    blocks = {label: block for label, _, block in variants(result) if block}
+    blocks = {label: block for label, _, block, _ in variants(result) if block}
     labels = list(blocks)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure = new_figure(1.5 + 3.9 * len(reported), 4.4)

@@ -43,7 +43,7 @@ def result_row(result: FitResult) -> dict:
     row = {"config": dataclasses.asdict(result.config), "val": result.val, "test": result.test,
            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": result.seconds,
            "test_pred": None if predictions is None else encode_labels(predictions.y_pred),
-           "pruned_at": result.pruned_at, "device": result.device}
+           "pruned_at": result.pruned_at, "device": result.device, "calibration": result.calibration}
     return {**row, "still_improving": still_improving(row),
             "val_loss_falling": val_loss_falling(result.history, result.pruned_at)}
 
