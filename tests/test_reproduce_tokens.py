@@ -12,6 +12,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 from dataset_writers import write_memotion, write_mvsa
 from test_reproduce import TINY_GRID, reproduce_argv
@@ -91,6 +92,10 @@ def test_reproduction_md_names_both_dual_attn_rows_with_their_intervals(token_ru
             line = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
             assert (f"{summary.test['accuracy']:.4f} ± {summary.test_std['accuracy']:.4f} "
                     f"[{block['low']:.4f}, {block['high']:.4f}]") in line
+            seeds = [row["calibration"] for row in results["rows"] if row["config"]["head"] == "dual_attn"
+                     and {k: v for k, v in row["config"].items() if k != "seed"} == summary.config]
+            assert len(seeds) == 2 and line.endswith(f"| {np.mean([s['test_ece_raw'] for s in seeds]):.4f} → "
+                                                     f"{np.mean([s['test_ece'] for s in seeds]):.4f} |")
             assert f"| **ours: {label}** |" in section
         assert f"Note on {POOLED}: {POOLED_DUAL_ATTN_NOTE}." in section
         assert section.index(f"With {TOKEN} as dual_attn:") < section.index(f"With {POOLED} as dual_attn:")
