@@ -393,12 +393,12 @@ def test_gpu_check_killed_at_its_limit_still_ends_with_a_json_line_of_the_steps_
                        f'  *) exec "{sys.executable}" -S "$@";;\nesac\n')
     hanging.chmod(0o755)
     environment = {"PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),
-                   "PYTHONPATH": packages_path(), "TMPDIR": str(tmp_path), "LIMIT": "25"}
+                   "PYTHONPATH": packages_path(), "TMPDIR": str(tmp_path), "LIMIT": "10"}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                           cwd=tmp_path, env=environment, timeout=120)
     assert done.returncode == 124, done.stdout + done.stderr
     last = json.loads(done.stdout.strip().splitlines()[-1])
-    assert last["gpu_check"] == "stopped" and "LIMIT=25" in last["reason"]
+    assert last["gpu_check"] == "stopped" and "LIMIT=10" in last["reason"]
     assert last["steps"] == {"setup": {"ok": True}}
 
 
