@@ -21,6 +21,7 @@ import typer
 
 import fusion
 from fusion import paper
+from fusion.app.serve.limits import ServeLimits, allowed_hosts
 from fusion.errors import FusionError, install_extra
 from fusion.heads.config import FitConfig
 
@@ -49,6 +50,7 @@ STREAM_DEFAULT = "stream when loading would take over half the available memory"
 PRECISION_HELP = ("fp32, or bf16: products and activations in bf16, weights and Adam state in fp32 (a GPU, or a CPU "
                   "with AMX or avx512_bf16). Recorded with the results.")
 DEVICE_HELP = "auto (cuda when torch sees one), cpu or cuda."
+SERVE = ServeLimits()  # fusion serve's defaults (app/serve/limits.py)
 
 
 @app.command()
@@ -80,6 +82,8 @@ def extract(
     columns: Optional[str] = typer.Option(None, help="--dataset hf: ROLE=COLUMN pairs, e.g. "
                                                      "image=img,text=caption,label=sentiment[,id=post_id].",
                                           show_default="image,text,label"),
+    dedupe: bool = typer.Option(False, "--dedupe", help="Drop val and test posts whose normalised text or image "
+                                                        "pixels duplicate a training post (off: the paper's way)."),
 ) -> None:
     """Run the frozen encoders once over a dataset and write the embeddings cache (resumable)."""
     from fusion.app.console import console, extract_notes, extract_summary_table, progress_bar
@@ -88,7 +92,7 @@ def extract(
                            tokens=tokens, device=device, precision=precision, split_file=split_file, columns=columns,
                            text_pooling=text_pooling, image_pooling=image_pooling, batch_size=batch_size,
                            limit=limit, max_length=max_length, workers=workers, seed=seed,
-                           trust_remote_code=trust_remote_code, progress=progress_bar)
+                           trust_remote_code=trust_remote_code, dedupe=dedupe, progress=progress_bar)
     summary = cache.extraction
     if summary.rank:
         return
@@ -133,6 +137,22 @@ def _split_list(value: str, cast=str) -> list:
         return [cast(item.strip()) for item in value.split(",") if item.strip()]
     except ValueError:
         raise FusionError(f"cannot read the list {value!r}: expected comma-separated values") from None
+
+
+def _split_file_pairs(values: list[str]) -> list[tuple[str, Path]]:
+    """`--split-file NAME=PATH` values as (NAME, PATH); a malformed, unknown or repeated NAME is a usage error."""
+    pairs: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not path.strip():
+            raise typer.BadParameter(f"{value!r}: expected NAME=PATH, e.g. mvsa-single=splits/clmlf.tsv")
+        if name not in paper.DATASETS:
+            raise typer.BadParameter(f"{name!r} is not one of {', '.join(paper.DATASETS)}")
+        if name in pairs:
+            raise typer.BadParameter(f"{name} is given twice")
+        pairs[name] = Path(path.strip())
+    return list(pairs.items())
 
 
 @app.command()
@@ -234,10 +254,14 @@ def predict(
     csv: Optional[Path] = typer.Option(None, help="CSV with columns image,text."),
     device: str = typer.Option("auto", help="auto, cpu or cuda: the encoders and the head."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line per post instead of a table."),
+    explain: bool = typer.Option(False, "--explain", help="Also what the text and the image say alone, and for a "
+                                 "dual_attn --tokens run where its attention went (docs/explain.md)."),
+    raw: bool = typer.Option(False, "--raw", help="The head's own probabilities, not the calibrated ones."),
+    out: Optional[Path] = typer.Option(None, help="With --explain: write NAME.explain.png for each post here."),
 ) -> None:
     """Label new posts with a trained run: its encoders, then its head (exit 1 if any post failed)."""
     from fusion.app.api import read_posts
-    from fusion.app.console import console, predictions_table
+    from fusion.app.console import calibration_caption, console, predictions_table
 
     if csv is None and (image is None or text is None):
         raise FusionError("give --image and --text for one post, or --csv FILE with columns image,text")
@@ -245,16 +269,23 @@ def predict(
         raise FusionError("give either --csv or --image/--text, not both")
     if csv is None and not image.is_file():
         raise FusionError(f"--image {image}: no such file")
+    if out is not None and not explain:
+        raise FusionError("--out writes the explanation figures: add --explain")
     images, texts, lines = read_posts(csv) if csv else ([image], [text], [None])
     predictor = fusion.load_run(run, device=device)
     for note in predictor.notes:
         print(f"fusion: note: {note}", file=sys.stderr)
-    answers = predictor.predict(images, texts)
+    answers = predictor.predict(images, texts, explain=explain, raw=raw)
     if as_json:
         for answer in answers:
             print(json.dumps(answer))
     else:
-        console.print(predictions_table(images, lines, answers))
+        console.print(predictions_table(images, lines, answers, caption=calibration_caption(predictor.describe(), raw)))
+    if out is not None:
+        from fusion.app.reporting.explanation import write_explanation_pngs
+
+        for path in write_explanation_pngs(out, images, texts, lines, answers):
+            print(f"fusion: wrote {path}", file=sys.stderr)
     failed = [(line, answer["error"]) for line, answer in zip(lines, answers) if "error" in answer]
     for line, error in failed:
         print(f"fusion: {'' if line is None else f'{csv}: line {line}: '}{error}", file=sys.stderr)
@@ -273,8 +304,18 @@ def serve(
     precision: Optional[str] = typer.Option(None, help="fp32 or bf16 (fp16 on a GPU) for the encoders.",
                                             show_default="the run's cache precision"),
     max_upload_mb: float = typer.Option(20.0, min=0.001, help="Largest request body accepted, in MB."),
+    max_pixels: int = typer.Option(SERVE.max_pixels, min=1, help="Largest image accepted, in pixels (refused from "
+                                                                 "its header, before decoding)."),
+    max_text_chars: int = typer.Option(SERVE.max_text_chars, min=1, help="Longest text accepted, in characters."),
+    max_queue: int = typer.Option(SERVE.max_queue, min=1, help="Prediction requests inside the server at once; more "
+                                                               "are answered 503 with Retry-After."),
+    timeout: float = typer.Option(SERVE.timeout_s, min=0.1, help="Seconds for a prediction request, upload "
+                                                                 "included; later: 504. Also the shutdown's bound."),
+    allow_host: list[str] = typer.Option([], help="Another name clients reach the server by (its Host header); "
+                                                  "repeatable; '*' answers any. Default: the bound address and "
+                                                  "localhost."),
 ) -> None:
-    """Serve a trained run over HTTP: POST /predict, POST /predict/batch, GET /health, and a page at /."""
+    """Serve a trained run over HTTP: POST /predict, POST /predict/batch, GET /health, GET /ready, a page at /."""
     from importlib.util import find_spec
 
     from fusion.app.console import console
@@ -287,10 +328,16 @@ def serve(
 
     for note in predictor.notes:
         print(f"fusion: note: {note}", file=sys.stderr)
+    limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels,
+                         max_text_chars=max_text_chars, max_queue=max_queue, timeout_s=timeout,
+                         allowed_hosts=allowed_hosts(host, allow_host))
     about = predictor.describe()
     console.print(f"serving run {about['run']} ({about['head']}; {about['text_model']} + {about['image_model']}, "
                   f"{about['device']} {about['precision']}) on http://{host}:{port}/ - Ctrl+C stops")
-    serve_forever(predictor, host=host, port=port, max_upload_mb=max_upload_mb)
+    if host in ("0.0.0.0", "::") and not allow_host:
+        print(f"fusion: note: listening on {host}, but answering only requests addressed to localhost: add "
+              "--allow-host NAME for the name or address other machines use (or --allow-host '*')", file=sys.stderr)
+    serve_forever(predictor, host=host, port=port, limits=limits)
 
 
 @app.command()
@@ -347,6 +394,11 @@ def reproduce(
     epochs: int = typer.Option(FitConfig.epochs, min=1, help="Maximum epochs per configuration."),
     patience: int = typer.Option(FitConfig.patience, min=1, help="Early-stopping patience."),
     resamples: int = typer.Option(2000, min=100, help="Bootstrap resamples for the intervals."),
+    tokens: bool = typer.Option(False, "--tokens", help="Also extract token sequences and train dual_attn on them "
+                                "(real attention) beside the pooled heads."),
+    split_file: list[str] = typer.Option([], help="NAME=PATH, repeatable: an id,split file fixing the split of "
+                                         f"NAME ({', '.join(paper.DATASETS)}), e.g. a published split.",
+                                         callback=_split_file_pairs),
 ) -> None:
     """The paper's study in one command: extract each dataset found, train the grid and ablations with several seeds,
     write reproduction.md with intervals beside the published numbers (resumable)."""
@@ -356,7 +408,7 @@ def reproduce(
                               device=device, precision=precision, workers=workers, heads=_split_list(heads),
                               lrs=_split_list(lrs, float), dropouts=_split_list(dropouts, float),
                               losses=_split_list(losses), epochs=epochs, patience=patience, resamples=resamples,
-                              progress=progress_bar)
+                              tokens=tokens, split_files=dict(split_file), progress=progress_bar)
     for name, why in result.skipped.items():
         console.print(f"skipped {name}: {why}")
     console.print(f"reproduction: {result.markdown} ({len(result.figures)} figures)")

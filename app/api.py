@@ -14,7 +14,7 @@ command would tell its user comes back as `notes` on the result.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,9 +37,10 @@ def extract(*, dataset: str, root: Path | str, out: Path | str | None = None, te
             precision: str | None = None, split_file: Path | str | None = None, columns: str | None = None,
             text_pooling: str | None = None, image_pooling: str | None = None, batch_size: int = 32,
             limit: int | None = None, max_length: int = 128, workers: int | None = None, seed: int = 0,
-            trust_remote_code: bool = False, progress: Progress | None = None) -> Cache:
+            trust_remote_code: bool = False, dedupe: bool = False, progress: Progress | None = None) -> Cache:
     """Run the frozen encoders once over a dataset as downloaded and write the embeddings cache (resumable; under
-    torchrun each rank takes its share). Returns the cache, with `.extraction` saying what this run did."""
+    torchrun each rank takes its share). Returns the cache, with `.extraction` saying what this run did. Posts shared
+    across splits are counted; `dedupe` drops the val and test posts that duplicate a training post."""
     check_dataset(dataset, Path(root), columns)
     check_device_name(device)
     check_encoder_precision(precision or "fp32")
@@ -57,7 +58,7 @@ def extract(*, dataset: str, root: Path | str, out: Path | str | None = None, te
                            limit=limit, max_length=max_length, split_seed=seed, workers=workers,
                            trust_remote_code=trust_remote_code,
                            split_file=Path(split_file) if split_file is not None else None,
-                           text_pooling=text_pooling, image_pooling=image_pooling, columns=columns)
+                           text_pooling=text_pooling, image_pooling=image_pooling, columns=columns, dedupe=dedupe)
     out.parent.mkdir(parents=True, exist_ok=True)
     with distributed_context() as (rank, world_size):
         named = f"extract {dataset}" + (f" rank {rank}" if world_size > 1 else "")
@@ -87,8 +88,7 @@ def fit(cache: Cache | Path | str, *, head: str = FitConfig.head, lr: float = Fi
     config = FitConfig(head=head, lr=lr, dropout=dropout, loss=loss, gamma=gamma, epochs=epochs, patience=patience,
                        batch_size=batch_size, metric=metric or paper.dataset_metric(dataset), seed=seed,
                        precision=precision)
-    check_device_name(device)
-    target = training_device(device, precision)
+    target = training_device(device, precision)  # checks the names before torch loads
     from fusion.app.handles import Run
     from fusion.heads.checkpoint import save_run
     from fusion.heads.registry import pooled_dual_attn_note
@@ -120,8 +120,7 @@ def grid(cache: Cache | Path | str, *, heads: Iterable[str] = paper.HEADS, lrs: 
     path = _cache_path(cache)
     configs_for = _grid_configs(heads, lrs, dropouts, losses, seeds, epochs, patience, batch_size, metric, precision)
     configs = configs_for({"dataset": _cache_dataset(path)})
-    check_device_name(device)
-    target = training_device(device, precision)
+    target = training_device(device, precision)  # checks the names before torch loads
     from fusion.app.grid import run_grid_to
 
     features, meta, notes = _features(path, tokens, stream)
@@ -143,8 +142,7 @@ def sweep(caches: Sequence[Cache | Path | str], *, heads: Iterable[str] = paper.
     configs_for = _grid_configs(heads, lrs, dropouts, losses, seeds, epochs, patience, batch_size, metric, precision)
     for path in paths:
         configs_for({"dataset": _cache_dataset(path)})
-    check_device_name(device)
-    target = training_device(device, precision)
+    target = training_device(device, precision)  # checks the names before torch loads
     from fusion.app.sweep import run_sweep_to
 
     return run_sweep_to(paths, configs_for, Path(out) if out is not None else Path("runs") / f"{paths[0].stem}-sweep",
@@ -201,13 +199,18 @@ def reproduce(*, data: Path | str, out: Path | str = "reproduction", seeds: int 
               precision: str = "fp32", workers: int = 1, heads: Iterable[str] = paper.HEADS + paper.ABLATIONS,
               lrs: Iterable[float] = paper.LRS, dropouts: Iterable[float] = paper.DROPOUTS,
               losses: Iterable[str] = paper.LOSSES, epochs: int = FitConfig.epochs,
-              patience: int = FitConfig.patience, resamples: int | None = None,
+              patience: int = FitConfig.patience, resamples: int | None = None, tokens: bool = False,
+              split_files: Mapping[str, Path | str] | None = None,
               progress: Progress | None = None) -> ReproductionResult:
     """The paper's study: every dataset found under `data` extracted, its grid and ablations trained with several
-    seeds, and reproduction.md written with intervals beside the published numbers (resumable)."""
+    seeds, and reproduction.md written with intervals beside the published numbers (resumable).
+
+    tokens: also extract token sequences and train dual_attn on them beside the pooled heads; split_files:
+    {dataset: id,split file} fixing a dataset's split (a published one, e.g. {"mvsa-single": "clmlf.tsv"})."""
     _require(Path(data), "data folder", folder=True)
     check_device_name(device)
     check_encoder_precision(precision)
+    split_files = _split_files(split_files or {})
     from fusion.app.reporting.reproduction import write_reproduction
     from fusion.app.reproduce import ReproduceConfig, reproduce as run_reproduce
     from fusion.extract.encoders import quiet_transformers
@@ -217,10 +220,20 @@ def reproduce(*, data: Path | str, out: Path | str = "reproduction", seeds: int 
                              image_model=image_model, device=device, precision=precision, workers=workers,
                              heads=tuple(heads), lrs=tuple(float(lr) for lr in lrs),
                              dropouts=tuple(float(d) for d in dropouts), losses=tuple(losses), epochs=epochs,
-                             patience=patience, **({} if resamples is None else {"resamples": resamples}))
+                             patience=patience, tokens=tokens, split_files=split_files,
+                             **({} if resamples is None else {"resamples": resamples}))
     reproduction = run_reproduce(config, progress)
     markdown, figures = write_reproduction(reproduction)
     return ReproductionResult(markdown, figures, reproduction)
+
+
+def _split_files(split_files: Mapping[str, Path | str]) -> tuple[tuple[str, Path], ...]:
+    """(dataset, file) pairs, checked before anything heavy loads: a dataset of the paper, a file that exists."""
+    for name, path in split_files.items():
+        if name not in paper.DATASETS:
+            raise FusionError(f"--split-file {name}=...: {name!r} is not one of {', '.join(paper.DATASETS)}")
+        _require(Path(path), f"split file for {name}")
+    return tuple((name, Path(path)) for name, path in split_files.items())
 
 
 def _cache_path(cache: Cache | Path | str) -> Path:

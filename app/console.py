@@ -12,6 +12,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
+from fusion.app.reporting.duplicates import split_pairs
 from fusion.heads.config import loss_label
 from fusion.heads.search.summary import best_per_head
 from fusion.labels import LABELS, SPLITS
@@ -112,6 +113,17 @@ def cache_info_tables(info: dict) -> list[Table]:
         per_class = summary.get("per_class", {})
         counts.add_row(split, *(str(per_class.get(name, 0)) for name in LABELS), str(summary.get("count", 0)))
     tables = [key_value_table(str(info.get("path", "cache")), scalars), counts]
+    duplicates = info.get("duplicates") or {}
+    if duplicates.get("pairs"):
+        shared = Table(title="posts that also occur in an earlier split (normalised text, or equal pixels)")
+        for column in ("splits", "same text", "same image", "either"):
+            shared.add_column(column, justify="left" if column == "splits" else "right")
+        for pair, n in split_pairs(duplicates):
+            shared.add_row(pair, str(n["text"]), str(n["image"]), str(n["either"]))
+        if duplicates.get("dedupe"):
+            dropped = duplicates.get("dropped", {})
+            shared.caption = f"--dedupe dropped val {dropped.get('val', 0)}, test {dropped.get('test', 0)}"
+        tables.append(shared)
     skipped = info.get("skipped") or {}
     if skipped.get("count"):
         tables.append(key_value_table(f"skipped samples: {skipped['count']}",
@@ -119,20 +131,53 @@ def cache_info_tables(info: dict) -> list[Table]:
     return tables
 
 
-def predictions_table(images: list, lines: list, answers: list[dict]) -> Table:
-    """One row per post: where it came from (the CSV line, or the image), the label and its probabilities."""
-    table = Table(title="predictions")
+def predictions_table(images: list, lines: list, answers: list[dict], caption: str | None = None) -> Table:
+    """One row per post: where it came from (the CSV line, or the image), the label and its probabilities; with
+    explanations, what the text and the image say alone and the most attended word pieces."""
+    explained = any("explanation" in answer for answer in answers)
+    words = any("text_attention" in answer.get("explanation", {}) for answer in answers)
+    table = Table(title="predictions", caption=caption)
     table.add_column("post")
     table.add_column("label", style="bold")
     for name in LABELS:
         table.add_column(f"p({name})", justify="right")
+    if explained:
+        table.add_column("text alone")
+        table.add_column("image alone")
+    if words:
+        table.add_column("most attended words")
     for image, line, answer in zip(images, lines, answers):
         where = f"line {line}: {Path(image).name}" if line else str(image)
         if "error" in answer:
-            table.add_row(where, f"[red]unreadable: {answer['error']}", "", "", "")
-        else:
-            table.add_row(where, answer["label"], *(f"{answer['probabilities'][name]:.3f}" for name in LABELS))
+            table.add_row(where, f"[red]unreadable: {answer['error']}", *[""] * (len(table.columns) - 2))
+            continue
+        cells = [where, answer["label"], *(f"{answer['probabilities'][name]:.3f}" for name in LABELS)]
+        explanation = answer.get("explanation", {})
+        if explained:
+            cells += [_alone(explanation.get(key)) for key in ("text_only", "image_only")]
+        if words:
+            ranked = sorted(explanation.get("text_attention", []), key=lambda entry: -entry["weight"])[:3]
+            cells.append(", ".join(f"{entry['token']} {entry['weight']:.2f}" for entry in ranked))
+        table.add_row(*cells)
     return table
+
+
+def _alone(probabilities: dict | None) -> str:
+    """'positive 0.612' for a modality alone: its label and that label's probability."""
+    if not probabilities:
+        return "-"
+    label = max(probabilities, key=probabilities.get)
+    return f"{label} {probabilities[label]:.3f}"
+
+
+def calibration_caption(about: dict, raw: bool) -> str:
+    """What the table's probabilities are, from Predictor.describe()."""
+    if raw:
+        return "probabilities: the head's own softmax (--raw)"
+    if about.get("temperature") is None:
+        return "probabilities: uncalibrated (this run was written before fusion fitted temperatures)"
+    return (f"probabilities: calibrated (temperature {about['temperature']:.3f}, fitted on validation); "
+            "--raw for the head's own")
 
 
 def grid_tables(summaries, metric: str, top: int = 10) -> list[Table]:
@@ -171,16 +216,28 @@ def extract_notes(summary) -> list[str]:
     if summary.text_fallbacks:
         lines.append("texts not in UTF-8, decoded as: " +
                      ", ".join(f"{k} {v}" for k, v in summary.text_fallbacks.items()))
+    if summary.duplicates:
+        lines.append(duplicates_line(summary.duplicates))
     lines.append(f"computed {summary.rows_computed} of {summary.rows_total} rows in {summary.seconds:.1f} s "
                  f"({summary.samples_per_second:.1f} samples/s)")
     return lines
+
+
+def duplicates_line(record: dict) -> str:
+    """'duplicates across splits: train-val 1 (text 1, image 1), ...; dropped (--dedupe): val 1, test 2'."""
+    pairs = "; ".join(f"{pair} {n['either']} (text {n['text']}, image {n['image']})"
+                      for pair, n in split_pairs(record))
+    dropped = record.get("dropped", {})
+    tail = (f"; dropped (--dedupe): val {dropped.get('val', 0)}, test {dropped.get('test', 0)}" if record.get("dedupe")
+            else "; kept (--dedupe drops val/test posts that duplicate a training post)")
+    return f"duplicates across splits: {pairs}{tail}"
 
 
 def sweep_table(document: dict) -> Table:
     """Each cache's chosen configuration with its test interval and its difference from the leader."""
     differences = {d["b"]: d for d in document["differences"] if d["what"] == "best"}
     table = Table(title=f"encoder sweep on {document['dataset']}: chosen on val {document['metric']}, test "
-                        f"{document['metric']} with {document['level']:.0%} bootstrap CI")
+                        f"{document['metric']} with {document['level']:.0%} bootstrap CI (* significant after Holm)")
     for column in ("cache", "encoders (pooling)", "head", "val", "test [CI]", f"Δ vs {document['leader']} [CI]"):
         table.add_column(column, no_wrap=column != "encoders (pooling)")
     for entry in document["caches"]:
@@ -189,5 +246,6 @@ def sweep_table(document: dict) -> Table:
         table.add_row(entry["name"], entry["encoders"], best["config"]["head"], f"{best['val_mean']:.4f}",
                       f"{test['value']:.4f} [{test['low']:.4f}, {test['high']:.4f}]",
                       "leader" if difference is None else
-                      f"{difference['difference']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]")
+                      f"{difference['difference']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]"
+                      + (" *" if difference.get("significant") else ""))
     return table

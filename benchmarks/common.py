@@ -210,10 +210,20 @@ def timed_mm(a, b) -> float:
     return time.perf_counter() - start
 
 
-def memory_kb(field: str) -> int:
-    """A field of /proc/self/status in kB: VmRSS (resident now) or VmHWM (the peak). Not ru_maxrss, which Linux
-    carries over fork and exec, so a child process would report its parent's peak."""
-    return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+def memory_kb(field: str, pid: int | str = "self") -> int:
+    """A field of /proc/PID/status (this process by default) in kB: VmRSS (resident now) or VmHWM (the peak). Not
+    ru_maxrss, which Linux carries over fork and exec, so a child process would report its parent's peak."""
+    return int(re.search(field + r":\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+def reset_peak_memory(pid: int | str = "self") -> bool:
+    """Sets a process's VmHWM back to its VmRSS (Linux: 5 written to /proc/PID/clear_refs), so the next reading
+    of VmHWM is the peak since now. False where that is not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ synthetic encoders and posts

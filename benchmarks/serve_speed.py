@@ -73,19 +73,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(run: Path, port: int, log: Path, threads: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "fusion.cli", "serve", "--run", str(run), "--port", str(port), "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads, as in this process
+def start_server(run: Path, port: int, log: Path, threads: int | None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`fusion serve` in a child process (the real command on the CPU; `extra`: further options, a later --device
+    wins), once it answers; the child is killed if it does not, or if waiting is interrupted."""
+    command = [sys.executable, "-m", "fusion.cli", "serve", "--run", str(run), "--port", str(port), "--device", "cpu",
+               *extra]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads, as in this process
     child = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 600
-    while True:
-        if child.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"fusion serve did not start:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return child
-        except httpx.TransportError:
-            time.sleep(0.2)
+    try:
+        while True:
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"fusion serve did not start:\n{log.read_text()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    return child
+            except httpx.TransportError:
+                time.sleep(0.2)
+    except BaseException:
+        child.kill()
+        child.wait()
+        raise
 
 
 async def clients_posts_per_s(url: str, uploads: list[tuple[bytes, str]], clients: int, per_client: int) -> float:

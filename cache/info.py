@@ -10,7 +10,7 @@ import numpy as np
 
 from fusion.cache.partial import PartialState, partial_dir, scan_partial
 from fusion.cache.partial import FORMAT_VERSION
-from fusion.cache.reader import (SKIPPED, check_layout, decode_strings, hdf5_reason, open_cache,
+from fusion.cache.reader import (SKIPPED, check_layout, decode_strings, hdf5_reason, json_attribute, open_cache,
                                  python_value, read_dataset, require_datasets)
 from fusion.errors import CacheError
 from fusion.labels import LABELS, SPLITS
@@ -105,6 +105,7 @@ def _split_summary(labels: np.ndarray) -> dict:
 def _summary(path: Path, attrs: dict, dims: dict, splits: dict, reasons: list[str], *, complete: bool,
              rows_done: int, rows_total: int | None) -> dict:
     info = {"path": str(path), **{key: attrs.get(key) for key in SUMMARY_ATTRS}}
+    info["duplicates"] = json_attribute(attrs, "duplicates", path)  # posts shared across splits, extract/duplicates.py
     info.update(dims=dims, splits=splits, complete=complete, rows_done=rows_done, rows_total=rows_total,
                 skipped={"count": len(reasons), "reasons": dict(Counter(reasons).most_common())})
     return info

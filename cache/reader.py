@@ -7,6 +7,7 @@ HDF5's checksum failure into words a user can act on.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,24 @@ def is_complete_cache(path: Path, fingerprint: str) -> bool:
     except CacheError:
         return False
     return attrs.get("fingerprint") == fingerprint
+
+
+def json_attribute(attrs: dict, key: str, path: Path | str = "cache"):
+    """An attribute written as JSON text (cache/writer.py h5_attr writes containers so), parsed; None when absent or
+    empty (a cache written before it was recorded), or already parsed (a partial cache's plan.json)."""
+    value = attrs.get(key)
+    if value is None or value == "" or isinstance(value, (dict, list)):
+        return value or None
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        raise CacheError(f"{path}: attribute {key!r} is not the JSON fusion writes; the cache is damaged") from None
+
+
+def read_json_attribute(path: Path, key: str):
+    """json_attribute of a complete cache file."""
+    with open_cache(Path(path)) as h5:
+        return json_attribute(check_header(h5, Path(path)), key, path)
 
 
 def read_skipped(path: Path) -> list[tuple[str, str, str]]:

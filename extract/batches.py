@@ -37,6 +37,8 @@ class DecodedImages(Dataset):
             return index, image_pixels(self.image_paths[index], self.pixels), None
         except ImageUnreadable as error:
             return index, None, str(error)
+        except Exception as error:  # noqa: BLE001 - one file must never stop an extraction: its row is skipped
+            return index, None, f"image could not be decoded ({type(error).__name__})"
 
 
 def as_pipeline(pixels) -> PixelPipeline:
@@ -44,13 +46,14 @@ def as_pipeline(pixels) -> PixelPipeline:
     return pixels if isinstance(pixels, PixelPipeline) else PixelPipeline(processor=pixels, split=False)
 
 
-def image_pixels(path, pixels) -> torch.Tensor:
-    """One image file decoded (with the bomb and format checks of images.load_rgb) and preprocessed for the encoder
-    (`pixels`: Encoders.pixels, or a bare image processor); ImageUnreadable says why not. An image stored in a
-    dataset table (extract/datasets/hfdata.py StoredImage) is read here, in the worker, as bytes or a path."""
+def image_pixels(path, pixels, *, max_pixels: int | None = None) -> torch.Tensor:
+    """One image decoded (with the format, bomb and memory bounds of images.load_rgb) and preprocessed for the
+    encoder (`pixels`: Encoders.pixels, or a bare image processor); ImageUnreadable says why not. `path`: a path,
+    bytes, a binary file object, a PIL image, or an image stored in a dataset table (extract/datasets/hfdata.py
+    StoredImage), read here, in the worker, as bytes or a path."""
     if hasattr(path, "read_image"):
         path = path.read_image()
-    return as_pipeline(pixels).crop(load_rgb(path))
+    return as_pipeline(pixels).crop(load_rgb(path, max_pixels=max_pixels))
 
 
 def length_sorted_batches(pending: np.ndarray, lengths: np.ndarray, batch_size: int) -> list[list[int]]:
@@ -114,6 +117,15 @@ def fit_to_shared_memory(workers: int, batch_bytes: int, free: int | None) -> tu
                      f"decoded with {fitting or 'no'} workers{' (in this process)' if not fitting else ''}, which may "
                      f"hold the encoders back; give the container more shared memory (docker run --shm-size=4g or "
                      f"--ipc=host) or lower --batch-size")
+
+
+def fitted_workers(requested: int | None, device_type: str, batch_bytes: int,
+                   free: int | None) -> tuple[int, str | None]:
+    """The decode workers an extraction uses: `requested` (--workers), or this rank's share of the node's cores;
+    fewer when `free` bytes of /dev/shm (shared_memory_free()) cannot hold their batches, with a note saying what
+    to do."""
+    workers = default_decode_workers(device_type) if requested is None else requested
+    return fit_to_shared_memory(workers, batch_bytes, free)
 
 
 def pad_token_ids(token_ids: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from fusion.device import autocast, encoder_dtypes, resolve_device, use_device
 from fusion.errors import ModelLoadError, install_extra
 from fusion.extract.dual import (full_text_length, is_dual, projected_image, projected_text, projected_widths,
                                  text_config)
+from fusion.extract.images import DECODING
 from fusion.extract.pooling import PROJECTED, pool_image, pool_text, prefix_tokens, recorded_pooling, resolve_pooling
 from fusion.extract.pixels import PixelPipeline
 from fusion.paper import IMAGE_MODEL, TEXT_MODEL
@@ -83,6 +84,14 @@ class Encoders:
                 self._widths[id(model)] = projected_widths(model, self.device, self.dtype)
         return self._widths[id(model)]
 
+    def token_shapes(self, max_length: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((text tokens, width), (image tokens, width)) of one row's --tokens sequences at most: texts padded to
+        `max_length`, and the ViT's prefix tokens (CLS, registers) plus one token per patch."""
+        config = self.image_model.config
+        patch = getattr(config, "patch_size", None) or getattr(getattr(config, "vision_config", None), "patch_size", 14)
+        side = self.image_size // int(patch)
+        return (max_length, self.text_dim), (prefix_tokens(config) + side * side, self.image_dim)
+
     @property
     def recorded_pooling(self) -> dict[str, str]:
         """The cache attributes `text_pooling` and `image_pooling` (the paper's: cls and cls_layernorm)."""
@@ -112,7 +121,7 @@ class Encoders:
     def preprocessing(self) -> dict:
         """Everything about preprocessing that changes the embeddings (goes into the cache fingerprint)."""
         return {"image_processor": _jsonable(self.image_processor.to_dict()),
-                "pixels": self.pixels.describe(),
+                "pixels": self.pixels.describe(), "decoding": DECODING,
                 "tokenizer": type(self.tokenizer).__name__,
                 "do_lower_case": bool(getattr(self.tokenizer, "do_lower_case", False))}
 

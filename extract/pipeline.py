@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -34,11 +35,12 @@ from fusion.cache.reader import check_header, is_complete_cache, open_cache
 from fusion.cache.writer import finalize, remove_leftover_partial
 from fusion.errors import CacheError
 from fusion.extract.batch_writer import BatchWriter
-from fusion.extract.batches import (default_decode_workers, fit_to_shared_memory, image_loader, length_sorted_batches,
+from fusion.extract.batches import (default_decode_workers, fitted_workers, image_loader, length_sorted_batches,
                                     shared_memory_free)
 from fusion.extract.datasets.registry import load_dataset
 from fusion.extract.embedding import embed_posts
 from fusion.extract.distributed import barrier, rank_device, sum_over_ranks
+from fusion.extract.duplicates import drop_duplicates, find_duplicates, image_digests
 from fusion.extract.encoders import Encoders, fit_max_length, load_encoders
 from fusion.extract.pooling import check_token_widths
 from fusion.extract.datasets.samples import DatasetSamples, Sample
@@ -69,6 +71,7 @@ class ExtractConfig:
     text_pooling: str | None = None  # None: cls, or projected for a dual encoder (extract/pooling.py)
     image_pooling: str | None = None
     columns: str | None = None  # --dataset hf: image=COL,text=COL,label=COL[,id=COL] (extract/datasets/hfdata.py)
+    dedupe: bool = False  # drop val/test posts that duplicate a training post (extract/duplicates.py)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class ExtractSummary:
     split_source: dict[str, str] = dataclasses.field(default_factory=dict)
     split_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)  # what slowed the run down and how to avoid it
+    duplicates: dict = dataclasses.field(default_factory=dict)  # posts shared across splits (extract/duplicates.py)
     rank: int = 0  # of the process that returned it (torchrun); rank 0 speaks for the whole job
 
     @property
@@ -116,10 +120,13 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
                              f"or is damaged; delete it or choose another --out")
         remove_leftover_partial(config.out)  # a kill between the final rename and the cleanup leaves it
         return summarise_extraction(config, data, plan, rows_computed=0, started=started, already_complete=True)
+    data, plan = with_duplicates(config, data, encoders)
     refuse_resume_on_other_device(config.out, plan)
     notes: list[str] = []
     partial = PartialCache.open(config.out, plan=plan, rank=rank)
     try:
+        if config.tokens:
+            check_disk_for_tokens(config.out, encoders, config.max_length, len(partial.pending()), len(plan.ids))
         computed = run_batches(config, data, encoders, partial, rank, world_size, on_progress, notes)
     finally:
         partial.close()
@@ -161,6 +168,40 @@ def refuse_resume_on_other_device(out: Path, plan: Plan) -> None:
                          f"with --device {started_on}, or delete the folder to start again on {wanted}")
 
 
+def check_disk_for_tokens(out: Path, encoders: Encoders, max_length: int, pending: int, rows: int) -> None:
+    """--tokens stores every row's whole sequences in float16 (2 bytes a value): rows x (text tokens x text width +
+    image tokens x image width). They are on disk twice at the peak, as batches in OUT.partial/ and merged into OUT
+    (cache/writer.py finalize removes the batches after the merge), so the pending rows' batches and the whole cache
+    must fit in the disk's free space; otherwise the run is refused before any row is computed."""
+    (text_tokens, text_width), (image_tokens, image_width) = encoders.token_shapes(max_length)
+    per_row = 2 * (text_tokens * text_width + image_tokens * image_width)
+    needed = per_row * (pending + rows)
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if needed > free:
+        raise CacheError(f"{out}: --tokens needs about {_size(needed)} free on its disk, which has {_size(free)} free "
+                         f"({rows:,} rows x ({text_tokens} text tokens x {text_width} + {image_tokens} image tokens x "
+                         f"{image_width}) x 2 bytes = {_size(per_row * rows)}, on disk twice while the batches are "
+                         "merged); free space, or extract without --tokens")
+
+
+def _size(size: int) -> str:
+    for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if size >= 1024 ** power:
+            return f"{size / 1024 ** power:.1f} {unit}"
+    return f"{size} B"
+
+
+def with_duplicates(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -> tuple[DatasetSamples, Plan]:
+    """Posts shared across splits counted (every image decoded once for its pixel hash), dropped from val and test
+    with --dedupe, and the rows planned with the counts recorded. Runs only when there is something to extract, after
+    the fingerprint has ruled out a complete cache; every rank computes the same result."""
+    workers = default_decode_workers(encoders.device.type) if config.workers is None else config.workers
+    duplicates = find_duplicates(data.samples, image_digests([s.image for s in data.samples], workers=workers))
+    if config.dedupe:
+        data = drop_duplicates(data, duplicates)
+    return data, make_plan(config, data, encoders, duplicates=duplicates.record(dedupe=config.dedupe))
+
+
 def limit_samples(data: DatasetSamples, limit: int | None) -> DatasetSamples:
     """Keep about `limit` samples, in the same proportions per split (a quick look at a big dataset)."""
     if not limit or limit >= len(data.samples):
@@ -172,8 +213,11 @@ def limit_samples(data: DatasetSamples, limit: int | None) -> DatasetSamples:
     return dataclasses.replace(data, samples=kept)
 
 
-def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -> Plan:
-    """Rows = the dataset's samples in split order, then the samples already skipped while reading the dataset."""
+def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders, *,
+              duplicates: dict | None = None) -> Plan:
+    """Rows = the dataset's samples in split order, then the samples already skipped while reading the dataset (and
+    those --dedupe dropped). `duplicates` (Duplicates.record) goes into the attributes, not the fingerprint: it follows
+    from the dataset's files and the flag, which the fingerprint holds."""
     settings = {
         "format_version": FORMAT_VERSION, "dataset": config.dataset,
         "text_model": encoders.text_name, "text_model_revision": encoders.text_revision,
@@ -183,12 +227,15 @@ def make_plan(config: ExtractConfig, data: DatasetSamples, encoders: Encoders) -
         "device_type": encoders.device.type,
         "tokens": config.tokens, "limit": config.limit or 0, "preprocessing": encoders.preprocessing(),
         **data.settings,
+        # Only when on, so that caches made before --dedupe existed keep their fingerprint.
+        **({"dedupe": True} if config.dedupe else {}),
     }
     attrs = {key: value for key, value in settings.items() if key != "preprocessing"}
     attrs.update(fingerprint=fingerprint(settings, data.source_files), text_dim=encoders.text_dim,
                  image_dim=encoders.image_dim, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  torch_version=torch.__version__, transformers_version=transformers.__version__,
-                 fusion_version=__version__, **data.split_source)
+                 fusion_version=__version__, **data.split_source,
+                 **({"duplicates": duplicates} if duplicates is not None else {}))
     return Plan(fingerprint=attrs["fingerprint"], attrs=attrs,
                 ids=[s.id for s in data.samples] + [sid for sid, _, _ in data.skipped],
                 splits=[s.split for s in data.samples] + [split for _, split, _ in data.skipped],
@@ -231,9 +278,9 @@ def decode_loader(config: ExtractConfig, encoders: Encoders, image_paths: list, 
                   notes: list[str]):
     """The workers decoding this rank's images: --workers, or this rank's share of the node's cores; fewer when
     /dev/shm cannot hold their batches (a note then says what to do)."""
-    workers = default_decode_workers(encoders.device.type) if config.workers is None else config.workers
     batch_bytes = config.batch_size * encoders.pixels.bytes_per_image(encoders.image_size)
-    workers, note = fit_to_shared_memory(workers if batches else 0, batch_bytes, shared_memory_free())
+    workers, note = fitted_workers(config.workers if batches else 0, encoders.device.type, batch_bytes,
+                                   shared_memory_free())
     if note:
         notes.append(note)
     return image_loader(image_paths, encoders.pixels, batches, workers=workers,
@@ -288,9 +335,11 @@ def summarise_extraction(config: ExtractConfig, data: DatasetSamples, plan: Plan
                          started: float, already_complete: bool = False) -> ExtractSummary:
     counts = {split: {name: 0 for name in LABELS} for split in SPLITS}
     skipped = list(data.skipped)
+    duplicates = plan.attrs.get("duplicates")
     if config.out.exists():
-        from fusion.cache.reader import read_skipped
+        from fusion.cache.reader import read_json_attribute, read_skipped
         skipped = read_skipped(config.out)
+        duplicates = read_json_attribute(config.out, "duplicates")
     skipped_ids = {(sid, split) for sid, split, _ in skipped}
     tally = Counter((s.split, s.label) for s in data.samples if (s.id, s.split) not in skipped_ids)
     for (split, label), count in tally.items():
@@ -299,4 +348,4 @@ def summarise_extraction(config: ExtractConfig, data: DatasetSamples, plan: Plan
                           text_fallbacks=dict(data.text_fallbacks), rows_total=len(plan.ids),
                           rows_computed=rows_computed, seconds=time.perf_counter() - started,
                           already_complete=already_complete, split_source=dict(data.split_source),
-                          split_counts=dict(data.split_counts))
+                          split_counts=dict(data.split_counts), duplicates=duplicates or {})

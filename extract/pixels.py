@@ -103,3 +103,28 @@ def _reproduces(split: PixelPipeline) -> bool:
         if (split.model_input(crop, torch.float32) - whole.float()).abs().max() > PROBE_TOLERANCE:
             return False
     return True
+
+
+def visible_box(processor, width: int, height: int) -> dict[str, float]:
+    """The part of a `width` x `height` image that the image encoder sees, as fractions of the image ("left", "top",
+    "width", "height"): where an explanation's patch grid lies on the picture. It follows the processor's own
+    settings: a resize of the shortest edge (DINOv2, CLIP) or to a fixed height and width (which stretches the whole
+    image), then a centre crop; a processor with neither shows the whole image."""
+    size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+    resized_w, resized_h = float(width), float(height)
+    if getattr(processor, "do_resize", False):
+        if _setting(size, "shortest_edge"):
+            scale = _setting(size, "shortest_edge") / max(min(width, height), 1)
+            resized_w, resized_h = width * scale, height * scale
+        elif _setting(size, "height") and _setting(size, "width"):
+            resized_w, resized_h = float(_setting(size, "width")), float(_setting(size, "height"))
+    seen_w = seen_h = 1.0
+    if getattr(processor, "do_center_crop", False) and _setting(crop, "height") and _setting(crop, "width"):
+        seen_w, seen_h = min(1.0, _setting(crop, "width") / resized_w), min(1.0, _setting(crop, "height") / resized_h)
+    return {"left": (1 - seen_w) / 2, "top": (1 - seen_h) / 2, "width": seen_w, "height": seen_h}
+
+
+def _setting(sizes, key: str) -> int | None:
+    """One entry of a processor's size settings: a dict in older transformers, a SizeDict (attributes) in newer."""
+    value = sizes.get(key) if isinstance(sizes, dict) else getattr(sizes, key, None)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None

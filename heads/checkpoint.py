@@ -9,6 +9,12 @@ weights file is refused. Weights are safetensors only: loading never unpickles a
 The optional key "tokens" says whether the head was trained on the cache's token sequences (`fusion fit --tokens`),
 so prediction feeds it the same inputs; the cache's own "tokens" attribute only says the cache has them. Runs
 written before the key existed have none and were trained on pooled vectors.
+
+"temperature" is the head's temperature fitted on validation (heads/posthoc/calibration.py); metrics.json's
+"calibration" block says how it was fitted and what it did to the validation NLL and the test ECE. A run without
+one (written before temperatures were fitted) is "uncalibrated": its probabilities are the head's own.
+train_means.safetensors holds the training split's mean pooled embeddings ("text", "image"), which explanations put
+in place of a modality; config.json records its sha256 ("train_means_sha256", null for runs written before it).
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ from fusion.heads.registry import HEADS
 from fusion.heads.result import FitResult
 
 CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE = "config.json", "metrics.json", "head.safetensors"
-PREDICTIONS_FILE = "test_predictions.json"  # ids, y_true, y_pred of the test rows: what report.md bootstraps
+MEANS_FILE = "train_means.safetensors"
+PREDICTIONS_FILE = "test_predictions.json"  # ids, y_true, y_pred (and raw logits) of the test rows: for report.md
 META_KEYS = ("cache_path", "cache_fingerprint", "cache", "text_dim", "image_dim", "fusion_version", "head_sha256")
-OPTIONAL_KEYS = {"tokens": False}  # key -> the value of a run written before the key existed
+# key -> the value of a run written before the key existed (a null temperature: uncalibrated)
+OPTIONAL_KEYS = {"tokens": False, "temperature": None, "train_means_sha256": None}
 
 
 @dataclass
@@ -45,6 +53,12 @@ class LoadedRun:
     config: FitConfig
     metrics: dict
     meta: dict  # the META_KEYS and OPTIONAL_KEYS values
+    train_means: dict[str, torch.Tensor] | None = None  # "text", "image"; None for a run written before them
+
+    @property
+    def temperature(self) -> float | None:
+        """The temperature fitted on validation; None: the run is uncalibrated (written before temperatures)."""
+        return self.meta["temperature"]
 
     @property
     def cache(self) -> dict:
@@ -74,8 +88,15 @@ def save_run(out_dir: Path | str, result: FitResult, *, cache_path: Path | str |
     out.mkdir(parents=True, exist_ok=True)
     weights = save_safetensors({name: tensor.detach().cpu().contiguous() for name, tensor in result.state_dict.items()})
     write_bytes_atomic(out / WEIGHTS_FILE, weights)
+    means_sha256 = None
+    if result.train_means is not None:
+        means = save_safetensors({name: tensor.detach().cpu().float().contiguous()
+                                  for name, tensor in result.train_means.items()})
+        write_bytes_atomic(out / MEANS_FILE, means)
+        means_sha256 = hashlib.sha256(means).hexdigest()
     metrics = {"val": result.val, "test": result.test, "best_epoch": result.best_epoch,
-               "epochs_run": result.epochs_run, "seconds": result.seconds, "history": result.history}
+               "epochs_run": result.epochs_run, "seconds": result.seconds, "history": result.history,
+               "calibration": result.calibration}
     write_bytes_atomic(out / METRICS_FILE, _json_bytes(metrics))
     if result.test_predictions is not None:
         predictions = json.dumps(result.test_predictions.as_dict(), separators=(",", ":")) + "\n"
@@ -85,7 +106,9 @@ def save_run(out_dir: Path | str, result: FitResult, *, cache_path: Path | str |
     config = {**asdict(result.config), "cache_path": None if cache_path is None else str(cache_path),
               "cache_fingerprint": fingerprint if fingerprint is not None else cache.get("fingerprint"),
               "cache": cache, "text_dim": int(text_dim), "image_dim": int(image_dim), "tokens": bool(tokens),
-              "fusion_version": __version__, "head_sha256": hashlib.sha256(weights).hexdigest()}
+              "temperature": None if result.calibration is None else result.calibration["temperature"],
+              "fusion_version": __version__, "head_sha256": hashlib.sha256(weights).hexdigest(),
+              "train_means_sha256": means_sha256}
     write_bytes_atomic(out / CONFIG_FILE, _json_bytes(config))
     return out
 
@@ -111,7 +134,11 @@ def load_run(run_dir: Path | str) -> LoadedRun:
     state = _read_weights(run / WEIGHTS_FILE, meta["head_sha256"])
     _check_tensors(run / WEIGHTS_FILE, state, config, meta)
     head = build_head(config, meta["text_dim"], meta["image_dim"], params=state)
-    return LoadedRun(head.eval(), config, metrics, meta)
+    means = None
+    if meta["train_means_sha256"] is not None:
+        means = _read_weights(run / MEANS_FILE, meta["train_means_sha256"])
+        _check_means(run / MEANS_FILE, means, meta)
+    return LoadedRun(head.eval(), config, metrics, meta, means)
 
 
 def _json_bytes(values: dict) -> bytes:
@@ -157,6 +184,13 @@ def _parse_config(path: Path, values: dict) -> tuple[FitConfig, dict]:
     meta = {key: values[key] for key in META_KEYS} | {key: values.get(key, old) for key, old in OPTIONAL_KEYS.items()}
     if not isinstance(meta["tokens"], bool):
         raise RunError(f"{path}: tokens must be true or false, got {meta['tokens']!r}")
+    temperature = meta["temperature"]
+    if temperature is not None and (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                                    or not math.isfinite(temperature) or temperature <= 0):
+        raise RunError(f"{path}: temperature must be a positive number or null, got {temperature!r}")
+    sha = meta["train_means_sha256"]
+    if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise RunError(f"{path}: train_means_sha256 must be 64 lowercase hex digits or null, got {sha!r}")
     for key in ("text_dim", "image_dim"):  # 0: a modality the head does not use, of unknown size
         if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
             raise RunError(f"{path}: {key} must be a non-negative integer, got {meta[key]!r}")
@@ -193,3 +227,15 @@ def _check_tensors(path: Path, state: dict[str, torch.Tensor], config: FitConfig
         if tuple(state[name].shape) != shape or state[name].dtype != torch.float32:
             raise RunError(f"{path}: tensor {name} is {tuple(state[name].shape)} {state[name].dtype}, "
                            f"expected {shape} torch.float32")
+
+
+def _check_means(path: Path, means: dict[str, torch.Tensor], meta: dict) -> None:
+    """A "text" and an "image" float32 vector, each as wide as the head's input when the run records it."""
+    if set(means) != {"text", "image"}:
+        raise RunError(f"{path}: expected the tensors text and image, found {', '.join(sorted(means)) or 'none'}")
+    for name, tensor in means.items():
+        width = meta[f"{name}_dim"]
+        if tensor.dim() != 1 or tensor.dtype != torch.float32 or (width and tensor.shape[0] != width) \
+                or not bool(torch.isfinite(tensor).all()):
+            raise RunError(f"{path}: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, expected "
+                           f"({width or 'D'},) finite torch.float32")

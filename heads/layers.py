@@ -191,7 +191,8 @@ class _WithoutTinyGradients(torch.autograd.Function):
 
 
 def token_cross_attention(query: Tensor, tokens: Tensor, mask: Tensor, proj_weight: Tensor, proj_bias: Tensor,
-                          key_weight: Tensor, value_weight: Tensor) -> Tensor:
+                          key_weight: Tensor, value_weight: Tensor,
+                          weights_out: list[Tensor] | None = None) -> Tensor:
     """Queries (M, B, d) attend to the other modality's tokens, kept in the encoder's feature space -> (M, B, d).
 
     tokens (B, L, D) are the other modality's unprojected features, mask (B, L) True = a real token; proj_weight
@@ -201,11 +202,14 @@ def token_cross_attention(query: Tensor, tokens: Tensor, mask: Tensor, proj_weig
     W_V (P (sum_j a_j x_j) + b). Exactly the attention over projected tokens, at O(L D) per row and model instead of
     O(L D d): no token is ever projected. A masked token gets exactly zero weight, whatever its values. The softmax
     is taken in fp32 at least, whatever the compute dtype.
+    weights_out: when given, the attention weights a_j (M, B, L) this call used are appended to it (explanations).
     """
     scale = 1.0 / math.sqrt(query.shape[-1])
     feature_query = torch.bmm(torch.bmm(query, key_weight), proj_weight)  # (M, B, D): u of each row and model
     scores = torch.bmm(feature_query.transpose(0, 1), tokens.transpose(1, 2)) * scale  # (B, M, L)
     scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))  # token 0 is always real: no row is all -inf
     weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(tokens.dtype)
+    if weights_out is not None:
+        weights_out.append(weights.transpose(0, 1))
     mean_token = torch.bmm(weights, tokens).transpose(0, 1)  # (M, B, D): sum_j a_j x_j
     return stacked_linear(stacked_linear(mean_token, proj_weight, proj_bias), value_weight)

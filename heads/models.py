@@ -65,10 +65,13 @@ def init_params(shapes: dict[str, tuple], head: str, seed: int) -> dict[str, Ten
 
 
 def head_forward(spec: HeadSpec, params: dict[str, Tensor], text: Modality, image: Modality,
-                 rates: DropoutRates | Tensor | None = None, noise: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                 rates: DropoutRates | Tensor | None = None, noise: tuple[Tensor, Tensor] | None = None,
+                 attention: dict[str, Tensor] | None = None) -> Tensor:
     """Logits (M, B, 3) of M stacked models, dense, in the output bias's dtype (FULL_PRECISION); rates (M,) (or made
-    once, DropoutRates) and noise ((B, F), (B, hidden)) turn dropout on."""
-    fused = _FUSIONS[spec.fusion](spec, params, text, image)
+    once, DropoutRates) and noise ((B, F), (B, hidden)) turn dropout on.
+    attention: a dict that dual_attn on token sequences fills with the weights its cross-attention used, by the
+    modality attended: "text" (M, B, L_text) from the image's query, "image" (M, B, L_image) from the text's."""
+    fused = _FUSIONS[spec.fusion](spec, params, text, image, attention)
     fused = dropout(fused, rates, None if noise is None else noise[0])
     hidden = torch.relu(stacked_linear(fused, params["classifier.hidden.weight"], params["classifier.hidden.bias"]))
     hidden = dropout(hidden, rates, None if noise is None else noise[1])
@@ -82,27 +85,28 @@ def _latent(params: dict[str, Tensor], modality: str, features: Modality) -> Ten
     return shared_linear(features.tokens[:, 0], params[f"{modality}_proj.weight"], params[f"{modality}_proj.bias"])
 
 
-def _concat(spec, params, text, image) -> Tensor:
+def _concat(spec, params, text, image, attention=None) -> Tensor:
     latents = (_latent(params, "text", text), _latent(params, "image", image))
     return columns(torch.cat([columns(latent) for latent in latents], dim=1))  # stays feature-major (layers.py)
 
 
-def _self_attn(spec, params, text, image) -> Tensor:
+def _self_attn(spec, params, text, image, attention=None) -> Tensor:
     return pair_self_attention(_latent(params, "text", text), _latent(params, "image", image),
                                params["fusion.qkv.weight"])
 
 
-def _dual_attn(spec, params, text, image) -> Tensor:
+def _dual_attn(spec, params, text, image, attention=None) -> Tensor:
     # T' = softmax(Q_t K_v^T / sqrt(d)) V_v and V' = softmax(Q_v K_t^T / sqrt(d)) V_t (Eqs. 8-10), then Eq. 7.
     text_latent, image_latent = _latent(params, "text", text), _latent(params, "image", image)
-    text_adjusted = _cross(params, text_latent, "text", image_latent, "image", image)
-    image_adjusted = _cross(params, image_latent, "image", text_latent, "text", text)
+    text_adjusted = _cross(params, text_latent, "text", image_latent, "image", image, attention)
+    image_adjusted = _cross(params, image_latent, "image", text_latent, "text", text, attention)
     return pair_self_attention(text_adjusted, image_adjusted, params["fusion.qkv.weight"])
 
 
 def _cross(params: dict[str, Tensor], latent: Tensor, modality: str, other_latent: Tensor, other: str,
-           other_features: Modality) -> Tensor:
-    """One modality's latent (M, B, d) attends to the other modality's tokens -> (M, B, d)."""
+           other_features: Modality, attention: dict[str, Tensor] | None = None) -> Tensor:
+    """One modality's latent (M, B, d) attends to the other modality's tokens -> (M, B, d); the weights it used go
+    to attention[other] when a dict is given (pooled: none, a single key's weight is 1)."""
     query_weight = qkv_pieces(params[f"cross.{modality}_qkv.weight"])[0]
     _, other_key_weight, other_value_weight = qkv_pieces(params[f"cross.{other}_qkv.weight"])
     if other_features.pooled:
@@ -110,11 +114,15 @@ def _cross(params: dict[str, Tensor], latent: Tensor, modality: str, other_laten
         # (registry.pooled_dual_attn_note says so to the user).
         return stacked_linear(other_latent, other_value_weight)
     query = stacked_linear(latent, query_weight)
-    return token_cross_attention(query, other_features.tokens, other_features.mask, params[f"{other}_proj.weight"],
-                                 params[f"{other}_proj.bias"], other_key_weight, other_value_weight)
+    weights: list[Tensor] | None = None if attention is None else []
+    attended = token_cross_attention(query, other_features.tokens, other_features.mask, params[f"{other}_proj.weight"],
+                                     params[f"{other}_proj.bias"], other_key_weight, other_value_weight, weights)
+    if weights:
+        attention[other] = weights[0]
+    return attended
 
 
-def _single(spec, params, text, image) -> Tensor:
+def _single(spec, params, text, image, attention=None) -> Tensor:
     modality = spec.modalities[0]
     return _latent(params, modality, text if modality == "text" else image)
 
@@ -132,8 +140,10 @@ class Head(nn.Module):
         for name, shape in shapes.items():
             _register(self, name, nn.Parameter(params[name].detach().clone().reshape(shape)))
 
-    def forward(self, text: Modality | Tensor, image: Modality | Tensor) -> Tensor:
-        """Logits (B, 3); in training mode dropout draws its noise from torch's global generator."""
+    def forward(self, text: Modality | Tensor, image: Modality | Tensor,
+                attention: dict[str, Tensor] | None = None) -> Tensor:
+        """Logits (B, 3); in training mode dropout draws its noise from torch's global generator. attention: filled
+        as head_forward fills it, each (1, B, L) weight tensor given as (B, L)."""
         text, image = as_modality(text), as_modality(image)
         params = {name: p.unsqueeze(0) for name, p in self.named_parameters()}
         rates, noise = None, None
@@ -141,7 +151,11 @@ class Head(nn.Module):
             batch, hidden = text.tokens.shape[0], self.classifier.hidden.weight.shape[0]
             rates = torch.tensor([self.dropout_rate])
             noise = (torch.rand(batch, self.classifier.hidden.weight.shape[1]), torch.rand(batch, hidden))
-        return head_forward(self.spec, params, text, image, rates, noise)[0]
+        recorded: dict[str, Tensor] | None = None if attention is None else {}
+        logits = head_forward(self.spec, params, text, image, rates, noise, recorded)[0]
+        if recorded:
+            attention.update({name: weights[0] for name, weights in recorded.items()})
+        return logits
 
 
 def _register(module: nn.Module, dotted: str, parameter: nn.Parameter) -> None:
@@ -170,9 +184,10 @@ def as_modality(features: Modality | Tensor) -> Modality:
     return Modality(features.float(), torch.ones(features.shape[:2], dtype=torch.bool))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_proba(head: Head, text: Modality | Tensor, image: Modality | Tensor, chunk: int = 4096) -> Tensor:
-    """Class probabilities (N, 3) (negative, neutral, positive) of a head in eval mode, `chunk` rows at a time."""
+    """Class probabilities (N, 3) (negative, neutral, positive) of a head in eval mode, `chunk` rows at a time.
+    Under inference_mode: no autograd records, no version counters (the probabilities are an end, never trained)."""
     was_training = head.training
     head.eval()
     text, image = as_modality(text), as_modality(image)

@@ -18,9 +18,11 @@ class TestPredictions:
     y_true: list[int]
     y_pred: list[int]
     ids: list[str] | None = None  # the cache's test ids, when the features carried them
+    logits: list[list[float]] | None = None  # the raw (uncalibrated) logits per row: the report's reliability diagram
 
     def as_dict(self) -> dict:
-        return {"ids": self.ids, "y_true": self.y_true, "y_pred": self.y_pred}
+        kept = {"ids": self.ids, "y_true": self.y_true, "y_pred": self.y_pred}
+        return kept if self.logits is None else {**kept, "logits": self.logits}
 
 
 def encode_labels(labels) -> str:
@@ -45,3 +47,6 @@ class FitResult:
     test_predictions: TestPredictions | None = None  # None without a test split
     pruned_at: int | None = None  # the rung epoch at which `grid --prune` stopped it; None: it ran to its own end
     device: str = "cpu"  # where it trained (not part of the config: it changes no result beyond float rounding)
+    # heads/posthoc/record.py: the temperature fitted on validation, with validation NLL and test ECE before and after
+    calibration: dict | None = None
+    train_means: dict[str, Tensor] | None = None  # "text", "image": the training split's mean pooled embeddings

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fusion.cache.reader import CacheData, TokenRows, read_cache
+from fusion.cache.reader import CacheData, TokenRows, json_attribute, read_cache
 from fusion.memory import available_memory
 from fusion.heads.features import features_from_cache
 from fusion.heads.streamed import StreamedSplit
@@ -22,6 +22,8 @@ LOAD_SHARE = 0.5
 def cache_meta(data: CacheData) -> dict:
     """What a result needs to say about its cache: the file, its fingerprint, and how it was made."""
     meta = {key: data.attrs.get(key) for key in CACHE_KEYS if key in data.attrs}
+    if "duplicates" in data.attrs:  # posts shared across splits, as the reports show them (extract/duplicates.py)
+        meta["duplicates"] = json_attribute(data.attrs, "duplicates", data.path)
     meta.update(path=str(Path(data.path).resolve()), fingerprint=data.attrs["fingerprint"])
     return meta
 

@@ -45,6 +45,7 @@ from fusion.heads.losses import focal_loss, focal_loss_per_sample
 from fusion.heads.metrics import classification_metrics, confusion_counts
 from fusion.heads.layers import DropoutRates, without_tiny_gradients
 from fusion.heads.models import FULL_PRECISION, head_forward, init_params, param_shapes, stacked_pieces
+from fusion.heads.posthoc.record import record_posthoc
 from fusion.heads.registry import HEADS, HeadSpec, fused_dim
 from fusion.errors import FusionError
 from fusion.memory import available_memory
@@ -74,6 +75,7 @@ def train_many(features: dict[str, SplitFeatures], configs: list[FitConfig], on_
     device: where to train (default: where the training features are); the features are moved there (a streamed
     split, each minibatch as it is read).
     prune: successive halving inside each pass (heads/search/prune.py); None trains every model to its own end.
+    Each result also carries its temperature fitted on validation and the training means (heads/posthoc/record.py).
     """
     _check_features(features)
     device = torch.device(device) if device is not None else features["train"].label.device
@@ -89,6 +91,7 @@ def train_many(features: dict[str, SplitFeatures], configs: list[FitConfig], on_
                 trained = _Pass(features, passed, indices, on_epoch, device, prune).run()
                 for index, result in zip(indices, trained):
                     results[index] = result
+        record_posthoc(features, results, device)  # temperatures, test logits, training means
     return results
 
 

@@ -309,3 +309,50 @@ def write_generic_csv(root: Path, *, n_per_class: int = 4, seed: int = 0, dirty:
         exp.texts.pop(id_, None)
     _write_csv_rows(path, header, rows)
     return exp
+
+
+# ---------------------------------------------------------------- planted duplicates across splits
+
+
+@dataclass
+class PlantedDuplicates:
+    expected: Expected  # the MVSA-Single dataset, texts as planted
+    split_file: Path  # id,split for every post
+    splits: dict[str, list[str]]  # split -> ids
+    counts: dict[str, dict[str, int]]  # "train-test" -> {"text": n, "image": n, "either": n}, worked out by hand
+    of_training: dict[str, str]  # val/test id -> what it shares with a training post ("text", "image", ...)
+
+
+def write_planted_duplicates(root: Path) -> PlantedDuplicates:
+    """MVSA-Single with 12 posts fixed by a split file (6 train, 3 val, 3 test) and duplicates planted across splits,
+    with near misses that must not count:
+    - test[0] retweets train[0]: "RT @newsdesk: " + its text in capitals + a link (text);
+    - test[1] is train[1]'s picture saved again as a PNG under its .jpg name: other bytes, same pixels (image);
+    - val[0] has train[2]'s text with other spacing and case, and its picture copied byte for byte (text and image);
+    - test[2] mentions someone in val[1]'s text (val-test text);
+    - near misses: val[2] holds train[3]'s picture re-encoded as a low-quality JPEG (other pixels), and a bare link
+      as its text, as does train[5] (texts empty once normalised match nothing)."""
+    exp = write_mvsa(root, kind="single", n_per_class=4, seed=3, dirty=False, n_conflict=0)
+    ids = sorted(exp.labels, key=int)
+    splits = {"train": ids[:6], "val": ids[6:9], "test": ids[9:12]}
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    data = exp.root / "data"
+
+    def set_text(id_: str, text: str) -> None:
+        (data / f"{id_}.txt").write_text(text, encoding="utf-8")
+        exp.texts[id_] = text.strip()
+
+    set_text(test[0], f"RT @newsdesk: {exp.texts[train[0]].upper()}  https://t.co/AbC123")
+    Image.open(data / f"{train[1]}.jpg").convert("RGB").save(data / f"{test[1]}.jpg", "PNG")
+    set_text(val[0], "  " + exp.texts[train[2]].title().replace(" ", "   ") + "\n")
+    (data / f"{val[0]}.jpg").write_bytes((data / f"{train[2]}.jpg").read_bytes())
+    set_text(test[2], f"@someone {exp.texts[val[1]]}")
+    Image.open(data / f"{train[3]}.jpg").convert("RGB").save(data / f"{val[2]}.jpg", "JPEG", quality=20)
+    set_text(val[2], "https://t.co/first")
+    set_text(train[5], "http://t.co/second")
+    split_file = root / "split.csv"
+    split_file.write_text("id,split\n" + "".join(f"{i},{s}\n" for s, members in splits.items() for i in members))
+    counts = {"train-val": {"text": 1, "image": 1, "either": 1}, "train-test": {"text": 1, "image": 1, "either": 2},
+              "val-test": {"text": 1, "image": 0, "either": 1}}
+    return PlantedDuplicates(exp, split_file, splits, counts,
+                             {val[0]: "text and image", test[0]: "text", test[1]: "image"})

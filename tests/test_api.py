@@ -114,8 +114,13 @@ def test_predict_gives_what_fusion_predict_prints_for_paths_bytes_and_images(mad
     as_bytes = [path.read_bytes() for path in images]
     as_pil = [Image.open(io.BytesIO(data)) for data in as_bytes]
     assert predictor.predict(as_bytes, texts) == printed and predictor.predict(as_pil, texts) == printed
-    assert all(set(answer) == {"label", "probabilities"} and list(answer["probabilities"]) == list(LABELS)
-               for answer in printed)
+    assert all(set(answer) == {"label", "probabilities", "calibration"} and answer["calibration"] == "calibrated"
+               and list(answer["probabilities"]) == list(LABELS) for answer in printed)
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run.path), "--csv", str(posts), "--json", "--explain", "--raw",
+                 "--device", "cpu"]) == 0
+    explained = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert predictor.predict(images, texts, explain=True, raw=True) == explained
 
 
 def test_predict_marks_an_unreadable_image_in_place_of_its_label(made, tmp_path):

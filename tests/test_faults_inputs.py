@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 from dataset_writers import write_generic_csv, write_image, write_memotion, write_mvsa, write_truncated
 from fault_helpers import FIGURES, damage, header_claiming, image_bytes, png_claiming, print_figures
+from hostile_images import matrix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tiny_models import extract_argv
 
 from fusion.cache.reader import read_cache
 from fusion.cli import main
@@ -360,3 +362,62 @@ def test_extract_over_every_bad_image_and_text_records_each_and_keeps_the_rest(t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "line 21: unknown label 'ecstatic'" in err[0] and str(csv_file) in err[0]
     assert out.read_bytes() == before and not (tmp_path / "dirty.h5.partial").exists()
+
+
+def write_matrix_csv(root: Path) -> tuple[Path, dict[str, str | None]]:
+    """A generic CSV over the hostile matrix (tests/hostile_images.py) and a few good images: per id, None (must be
+    embedded) or the start of its skip reason."""
+    images = root / "imgs"
+    good = [write_image(images / f"good{i}.jpg", i) for i in range(3)]
+    outcomes = {f"imgs/{path.name}": None for path in good}
+    for case in matrix():
+        (images / case.filename).write_bytes(case.data)
+        outcomes[f"imgs/{case.filename}"] = case.reason
+    labels = ("negative", "neutral", "positive")
+    lines = ["image,text,label,split"] + [f"{name},post {i},{labels[i % 3]},{('train', 'val', 'test')[i % 3]}"
+                                          for i, name in enumerate(outcomes)]
+    (root / "data.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root / "data.csv", outcomes
+
+
+def test_extract_decodes_or_skips_with_its_reason_every_file_of_the_matrix(tmp_path, tiny_models, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self))
+    csv_file, outcomes = write_matrix_csv(tmp_path)
+    out = tmp_path / "matrix.h5"
+    assert main(extract_argv(csv_file, out, tiny_models, "--batch-size", "4", dataset="csv")) == 0
+    cache = read_cache(out)
+    skipped = {sid: reason for sid, _, reason in cache.skipped}
+    embedded = {str(sid) for split in cache.splits.values() for sid in split.id}
+    assert embedded | set(skipped) == set(outcomes) and not embedded & set(skipped)
+    for sid, reason in outcomes.items():
+        if reason is None:
+            assert sid in embedded, (sid, skipped.get(sid))
+        else:
+            assert skipped.get(sid, "").startswith(reason), (sid, skipped.get(sid))
+    assert opened == []  # PostScript, whatever its name, never reached its parser (nor Ghostscript)
+    FIGURES["hostile matrix files through fusion extract"] += len(outcomes)
+
+
+def test_a_decode_worker_meeting_an_unexpected_error_skips_the_row_with_the_errors_type(tmp_path, tiny_models,
+                                                                                      monkeypatch):
+    from fusion.extract import batches
+
+    csv_file, outcomes = write_matrix_csv(tmp_path)
+    real = batches.load_rgb
+
+    def breaks_on_one(path, **kwargs):
+        if Path(path).name == "good1.jpg":
+            raise ZeroDivisionError("float division by zero")  # a bug meeting one file
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(batches, "load_rgb", breaks_on_one)
+    out = tmp_path / "c.h5"
+    assert main(extract_argv(csv_file, out, tiny_models, dataset="csv")) == 0
+    cache = read_cache(out)
+    skipped = {sid: reason for sid, _, reason in cache.skipped}
+    assert skipped["imgs/good1.jpg"] == "image could not be decoded (ZeroDivisionError)"
+    embedded = {str(sid) for split in cache.splits.values() for sid in split.id}
+    assert {"imgs/good0.jpg", "imgs/good2.jpg"} <= embedded

@@ -1,15 +1,19 @@
 """What the GPU path rests on, checked on the CPU: uint8 crops normalised on the device (and the processors that
 cannot be split), the device type in the fingerprint, the writer thread, decode workers per rank and /dev/shm,
-predict of an fp16 run on a CPU, and benchmarks/gpu_check.sh's preflight and import shim."""
+predict of an fp16 run on a CPU, and benchmarks/gpu_check.sh's preflight and import shim, its deadline (counted from
+the start, a stuck step stopped, the JSON line always printed) and its serve step."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -338,3 +342,99 @@ def test_gpu_check_stops_with_its_own_message_without_a_gpu_after_its_shim_ran_f
 def test_gpu_check_without_python_says_so(tmp_path):
     done = run_gpu_check(tmp_path, PY=str(tmp_path / "no-such-python"))
     assert done.returncode == 2 and "no-such-python" in done.stderr and "PY=" in done.stderr
+
+
+def test_gpu_check_takes_a_relative_python_path(tmp_path):
+    """PY=bin/python3, relative to where it is started: still the same interpreter after the script's cd."""
+    bare_python(tmp_path / "bin")
+    done = run_gpu_check(tmp_path, PY="bin/python3", CUDA_VISIBLE_DEVICES="")
+    assert done.returncode == 3 and "fusion --help: ok" in done.stdout, done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------- gpu_check: the deadline, the partial results, serve
+
+
+def test_a_step_still_running_at_the_deadline_is_stopped_reported_and_the_json_still_comes(tmp_path):
+    from fusion.benchmarks.gpu_check import Steps
+
+    partial = tmp_path / "partial.json"
+    steps = Steps(time.time() + 2, partial)
+    assert steps.run("quick", lambda: {"ok": 1}, needs_s=0) == {"ok": 1}
+    assert json.loads(partial.read_text()) == {"quick": {"ok": 1}}
+    assert steps.run("stuck", lambda: time.sleep(600), needs_s=0) is None  # stopped, not waited for
+    assert steps.run("after", lambda: {"ran": True}) is None
+    assert steps.results["stuck"]["error"].startswith("out of time: stopped at the check's deadline")
+    assert steps.results["after"] == {"skipped": "under 20 s of the budget left"}
+    assert json.loads(partial.read_text()) == steps.results
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no alarm left behind
+
+
+def test_the_budget_counts_the_interpreters_start_up_and_the_scripts_deadline_wins(monkeypatch):
+    from fusion.benchmarks import gpu_check
+
+    probe = ("import time; time.sleep(0.3); from fusion.benchmarks.gpu_check import process_started; "
+             "print(time.time() - process_started())")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert float(done.stdout) >= 0.3  # the start is before the sleep, not when the budget is asked for
+    monkeypatch.delenv("GPU_CHECK_DEADLINE", raising=False)
+    assert gpu_check.check_deadline(100) == pytest.approx(gpu_check.process_started() + 100)
+    monkeypatch.setenv("GPU_CHECK_DEADLINE", str(gpu_check.process_started() + 5))
+    assert gpu_check.check_deadline(100) == pytest.approx(gpu_check.process_started() + 5)
+
+
+def test_gpu_check_killed_at_its_limit_still_ends_with_a_json_line_of_the_steps_done(tmp_path):
+    """A python that writes one finished step and then hangs: the shell kills it at LIMIT and prints the JSON line
+    with that step."""
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    hanging = bin_folder / "python3"
+    hanging.write_text('#!/bin/sh\ncase "$*" in\n  *fusion.benchmarks.gpu_check*)\n'
+                       '    printf \'{"setup": {"ok": true}}\' > "$GPU_CHECK_PARTIAL"; exec sleep 300;;\n'
+                       f'  *) exec "{sys.executable}" -S "$@";;\nesac\n')
+    hanging.chmod(0o755)
+    environment = {"PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),
+                   "PYTHONPATH": packages_path(), "TMPDIR": str(tmp_path), "LIMIT": "10"}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          cwd=tmp_path, env=environment, timeout=120)
+    assert done.returncode == 124, done.stdout + done.stderr
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["gpu_check"] == "stopped" and "LIMIT=10" in last["reason"]
+    assert last["steps"] == {"setup": {"ok": True}}
+
+
+def test_the_serve_step_compares_sixteen_concurrent_answers_with_predict_on_the_cpu(tiny_models, tmp_path):
+    from serve_fixtures import make_tiny_run
+
+    from fusion.benchmarks.gpu_check import SERVE_CLIENTS, check_serve
+
+    tiny = make_tiny_run(tmp_path, tiny_models)
+    posts = [(tiny.images[i % len(tiny.images)], f"post {i}: {tiny.texts[i % len(tiny.texts)]}")
+             for i in range(SERVE_CLIENTS)]
+    result = check_serve(tiny.run, posts, tmp_path, "cpu")  # on a GPU machine: "cuda"
+    assert result["device"] == "cpu" and result["statuses"] == [200] and result["answered_200"] == 16
+    assert result["equal_within_tolerance"] is True and result["labels_agree"] == 16
+    assert result["max_abs_diff_to_cpu_predict"] <= 1e-3  # the same device here: batching's padding at most
+
+
+def test_the_serve_step_says_what_is_missing_for_it(monkeypatch, tmp_path):
+    import importlib.util
+
+    from fusion.benchmarks import gpu_check
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None if name == "uvicorn" else real(name))
+    result = gpu_check.check_serve(tmp_path / "no-run", [], tmp_path, "cuda")
+    assert "lacks uvicorn" in result["skipped"]
+
+
+def test_the_precision_steps_fit_their_decode_workers_to_shared_memory(tiny_models, tmp_path, monkeypatch):
+    from fusion.benchmarks.gpu_check import measure_precision
+    from fusion.extract.pipeline import ExtractConfig
+
+    dataset = write_mvsa(tmp_path / "data", n_per_class=2, dirty=False)
+    monkeypatch.setattr(batches, "shared_memory_free", lambda: 1000)  # not one batch of crops: no workers
+    config = ExtractConfig(dataset="mvsa-single", root=dataset.root, out=tmp_path / "cache.h5",
+                           text_model=str(tiny_models[0]), image_model=str(tiny_models[1]), device="cpu",
+                           batch_size=4, workers=None)
+    result = measure_precision(config, "fp32")
+    assert result["decode_workers"] == 0 and result["rows"] > 0

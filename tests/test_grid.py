@@ -125,3 +125,28 @@ def test_grid_through_a_shared_optuna_journal_covers_the_grid_once(cache_file, t
     rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
     keys = [(r["config"]["lr"], r["config"]["dropout"]) for r in rows]
     assert sorted(keys) == sorted({(lr, d) for lr in (1e-2, 1e-3) for d in (0.0, 0.5)})
+
+
+def test_rows_stopped_by_the_cap_while_improving_are_marked_also_when_read_back(tmp_path):
+    features = xor_features(seed=3)
+    # lr 1e-4 over 3 epochs keeps improving to the end; patience 1 at lr 1e-2 stops some early.
+    configs = grid_configs(FitConfig(epochs=3, patience=1, batch_size=32), heads=["basic"], lrs=[1e-2, 1e-4],
+                           dropouts=[0.0], losses=["ce", "focal2"])
+    rows = run_grid(features, configs, tmp_path)
+    # The definitions, written here: the run used every epoch the cap allowed and its best was the last one; its
+    # validation loss was lowest in its last epoch (from the history of the same configuration trained alone).
+    expected = [row["epochs_run"] == 3 and row["best_epoch"] == 3 for row in rows]
+    assert [row["still_improving"] for row in rows] == expected and any(expected)
+    histories = [train_head(features, config).history for config in configs]
+    falling = [min(e["val_loss"] for e in h) == h[-1]["val_loss"] for h in histories]
+    assert [row["val_loss_falling"] for row in rows] == falling and any(falling)
+    logged = read_log(tmp_path / grid_module.RESULTS_LOG)
+    assert [row["still_improving"] for row in logged] == expected
+    # A log written before the flag existed gets it when read back.
+    (tmp_path / grid_module.RESULTS_LOG).write_text("".join(
+        json.dumps({k: v for k, v in row.items() if k != "still_improving"}) + "\n" for row in logged))
+    assert [row["still_improving"] for row in run_grid(features, configs, tmp_path)] == expected
+    for summary in summarise(rows, "macro_f1"):
+        flags = [flag for row, flag in zip(rows, expected)
+                 if {k: v for k, v in row["config"].items() if k != "seed"} == summary.config]
+        assert summary.still_improving == sum(flags)

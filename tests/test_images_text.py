@@ -1,6 +1,10 @@
-"""Text decoding (never fails, counts fallbacks) and the image loader (any mode, truncated, bombs refused)."""
+"""Text decoding (never fails, counts fallbacks) and the image loader (any mode, truncated, bombs refused, formats
+outside the allow-list refused, memory bounded)."""
 
+import io
 import pickle
+import re
+import tracemalloc
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -10,9 +14,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageFile
+from PIL import EpsImagePlugin, Image, ImageFile, JpegImagePlugin
 
 from dataset_writers import write_image, write_truncated
+from hostile_images import EPS, matrix
 from fusion.errors import LabelFileError
 from fusion.extract import images
 from fusion.extract.images import ImageFolder, ImageUnreadable, load_rgb
@@ -254,3 +259,113 @@ def test_image_folder_resolves_case_and_extension_variants(tmp_path):
     assert folder.resolve("notes.jpg") is None  # only image extensions stand in
     assert folder.resolve("zzz.jpg") is None
     assert ImageFolder(tmp_path / "nope").resolve("a.jpg") is None
+
+
+# ---------------------------------------------------------------- the hostile matrix, formats, memory
+
+
+@pytest.mark.parametrize("case", matrix(), ids=lambda case: case.name)
+def test_every_file_of_the_matrix_decodes_to_rgb_or_is_refused_with_its_reason(tmp_path, case):
+    path = tmp_path / case.filename
+    path.write_bytes(case.data)
+    if case.reason:
+        with pytest.raises(ImageUnreadable, match="^" + re.escape(case.reason)):
+            load_rgb(path)
+        return
+    decoded = np.asarray(load_rgb(path))
+    assert decoded.dtype == np.uint8 and decoded.shape[2] == 3
+    tolerance = 3 if case.filename.endswith(".jpg") else 0  # JPEG's own rounding
+    if case.first_pixel:
+        assert np.abs(decoded[0, 0].astype(int) - case.first_pixel).max() <= tolerance, decoded[0, 0]
+    if case.last_pixel:
+        assert np.abs(decoded[-1, -1].astype(int) - case.last_pixel).max() <= tolerance, decoded[-1, -1]
+
+
+def test_postscript_is_never_parsed_whatever_the_file_is_called(tmp_path, monkeypatch):
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self))
+    for name in ("figure.eps", "photo.jpg", "scan.tif", "noname"):
+        (tmp_path / name).write_bytes(EPS)
+        with pytest.raises(ImageUnreadable, match=r"^image format not accepted \(looks like EPS; accepted: JPEG, PNG, "
+                                                  r"GIF, WebP, BMP, TIFF\)$"):
+            load_rgb(tmp_path / name)
+    with pytest.raises(ImageUnreadable, match="looks like EPS"):
+        load_rgb(EPS)
+    assert opened == []
+    monkeypatch.undo()
+    assert Image.open(tmp_path / "photo.jpg").format == "EPS"  # Pillow alone would have parsed it
+
+
+def test_other_formats_pillow_reads_are_refused_by_name(tmp_path):
+    for fmt in ("PCX", "PPM", "ICO"):
+        data = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(data, fmt)
+        with pytest.raises(ImageUnreadable, match=rf"^image format not accepted \(looks like {fmt};"):
+            load_rgb(data.getvalue())
+    assert images.refused_format(b"%!PS-Adobe-3.0") == "EPS" and images.refused_format(b"just text") is None
+
+
+def test_an_upload_is_decoded_from_its_file_object_which_stays_open(tmp_path):
+    upload = io.BytesIO()
+    Image.new("RGB", (6, 5), (7, 8, 9)).save(upload, "PNG")
+    upload.seek(3)  # wherever the form parser left it
+    assert load_rgb(upload).getpixel((0, 0)) == (7, 8, 9) and not upload.closed
+    with pytest.raises(ImageUnreadable, match="^empty file$"):
+        load_rgb(io.BytesIO())
+    upload = io.BytesIO(EPS)
+    with pytest.raises(ImageUnreadable, match="looks like EPS"):
+        load_rgb(upload)
+
+
+def test_a_lower_pixel_limit_refuses_from_the_header(tmp_path, monkeypatch):
+    path = write_image(tmp_path / "ok.png", 1)  # 20 x 24
+
+    def must_not_decode(self):
+        raise AssertionError("decoded past the limit")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", must_not_decode)
+    with pytest.raises(ImageUnreadable, match=r"^too many pixels \(20 x 24, over the limit of 479\)$"):
+        load_rgb(path, max_pixels=479)
+
+
+def test_large_images_are_reduced_by_a_whole_factor_right_after_decoding(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "REDUCED_SHORT_SIDE", 16)
+    png = tmp_path / "big.png"
+    Image.new("RGB", (130, 100), (10, 200, 30)).save(png)
+    out = load_rgb(png)
+    assert out.size == (-(-130 // 6), -(-100 // 6)) and out.getpixel((3, 3)) == (10, 200, 30)  # 100 // 16 = 6
+    assert load_rgb(write_image(tmp_path / "small.png", 1, size=(31, 40))).size == (31, 40)  # short side < 32
+    jpeg = tmp_path / "big.jpg"
+    Image.new("RGB", (160, 128), (200, 20, 20)).save(jpeg, quality=95)
+    drafted = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        drafted.append(size)
+        return real_draft(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    assert load_rgb(jpeg).size == (20, 16) and drafted == [(20, 16)]  # decoded at 1/8 scale by the JPEG decoder
+
+
+def test_wide_greys_are_reduced_before_they_are_scaled_to_8_bits(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "REDUCED_SHORT_SIDE", 16)
+    seen = []
+    real = images.grey_to_uint8
+    monkeypatch.setattr(images, "grey_to_uint8", lambda values, mode: seen.append(values.shape) or real(values, mode))
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.full((64, 96), 40_000, dtype=np.uint16)).save(path)
+    out = load_rgb(path)
+    assert seen == [(16, 24)] and out.size == (24, 16) and out.getpixel((0, 0)) == (156, 156, 156)
+
+
+def test_converting_a_float_image_to_8_bits_makes_no_whole_copy_in_floating_point():
+    values = np.linspace(-5.0, 300.0, 3000 * 3000, dtype=np.float32).reshape(3000, 3000)  # 36 MB
+    tracemalloc.start()
+    try:
+        out = images.grey_to_uint8(values, "F")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out[0, 0] == 0 and out[-1, -1] == 255
+    assert peak < values.nbytes, peak  # with the 9 MB answer: a float64 copy would make it 81 MB, a float32 one 45

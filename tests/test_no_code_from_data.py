@@ -24,7 +24,18 @@ from fusion.errors import CacheError, ModelLoadError
 from fusion.extract import encoders
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the repository root is the package `fusion`
-SOURCE_DIRS = [PACKAGE, PACKAGE / "extract", PACKAGE / "cache", PACKAGE / "heads"]
+
+
+def package_folders(root: Path = PACKAGE) -> list[Path]:
+    """Every folder of the package: the root and each folder below it that holds an __init__.py and whose parents
+    do too (tests/ and the virtual environment are not part of the package)."""
+    folders, pending = [], [root]
+    while pending:
+        folder = pending.pop()
+        folders.append(folder)
+        pending += [child for child in sorted(folder.iterdir())
+                    if child.is_dir() and (child / "__init__.py").is_file() and child.name != "tests"]
+    return sorted(folders)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,8 +102,14 @@ def test_the_checker_finds_each_kind_of_problem():
 
 
 def test_no_module_of_the_package_loads_pickles_or_runs_code():
-    modules = sorted(path for folder in SOURCE_DIRS for path in folder.glob("*.py"))
-    assert len(modules) > 20 and PACKAGE / "cache" / "partial.py" in modules
+    folders = package_folders()
+    modules = sorted(path for folder in folders for path in folder.glob("*.py"))
+    every_init = {path.parent for path in PACKAGE.rglob("__init__.py")
+                  if not ({".venv", "tests", "build"} & set(path.relative_to(PACKAGE).parts))}
+    assert every_init <= set(folders)  # no package folder is left out, however deep
+    for module in ("cache/partial.py", "app/serve/server.py", "app/reporting/stats.py", "benchmarks/gpu_check.py",
+                   "heads/search/grid.py", "extract/datasets/hfdata.py"):
+        assert PACKAGE / module in modules, module
     problems = [problem for path in modules
                 for problem in code_from_data_problems(path.read_text(encoding="utf-8"),
                                                        str(path.relative_to(PACKAGE)))]

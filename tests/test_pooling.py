@@ -122,7 +122,8 @@ def test_predict_pools_as_the_cache_did(mean_cache, tmp_path, capsys):
     posts.write_text("image,text\n" + "".join(f"{expected.root.parent / str(sid)},{expected.texts[str(sid)]}\n"
                                               for sid in test.id), encoding="utf-8")
     capsys.readouterr()
-    assert main(["predict", "--run", str(run), "--csv", str(posts), "--device", "cpu", "--json"]) == 0
+    assert main(["predict", "--run", str(run), "--csv", str(posts), "--device", "cpu", "--json",
+                 "--raw"]) == 0  # the head's own softmax, as predict_proba gives it
     predicted = [json.loads(line)["probabilities"] for line in capsys.readouterr().out.splitlines()]
     head = load_run(run).head
     from_cache = predict_proba(head, pooled_modality(test.text), pooled_modality(test.image))

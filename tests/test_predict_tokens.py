@@ -54,13 +54,13 @@ def test_predict_feeds_a_token_trained_dual_attn_head_the_sequences_it_was_train
     assert predictor.loaded.tokens is True and predictor.sequences is True
     images, texts = _cached_posts(expected, cache, "train")
     # Batches of 5 group the posts otherwise than extraction did (4, sorted by length): padding must not matter.
-    predicted = _probabilities(predictor.predict(images, texts, batch_size=5))
+    predicted = _probabilities(predictor.predict(images, texts, batch_size=5, raw=True))
     train = features["train"]
     assert train.text.tokens.shape[1] > 1 and len(images) == len(train)
     trained_on = predict_proba(load_run(run).head, train.text, train.image)
     torch.testing.assert_close(predicted, trained_on.float(), atol=1e-3, rtol=0)
     predictor.sequences = False  # what predict did before runs recorded `tokens`
-    pooled_only = _probabilities(predictor.predict(images, texts, batch_size=5))
+    pooled_only = _probabilities(predictor.predict(images, texts, batch_size=5, raw=True))
     assert (pooled_only - trained_on).abs().max() > 1e-2  # not what the head learnt on
 
 
@@ -72,7 +72,7 @@ def test_a_head_that_reads_token_0_only_is_given_pooled_vectors(token_run, tiny_
     head = load_run(run).head
     predictor = fusion.load_run(run, device="cpu")
     assert predictor.sequences is False
-    predicted = _probabilities(predictor.predict(*_cached_posts(expected, cache, "val")))
+    predicted = _probabilities(predictor.predict(*_cached_posts(expected, cache, "val"), raw=True))
     torch.testing.assert_close(predicted, predict_proba(head, features["val"].text, features["val"].image),
                                atol=1e-3, rtol=0)
 

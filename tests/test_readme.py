@@ -1,5 +1,5 @@
 """README.md runs as written: every fenced shell and Python block, in order, in one folder, with the environment's
-bin/ first on PATH, on what a small `fusion demo` leaves there (the newcomer's offline route). A block whose first
+bin/ first on PATH, on what `make demo` leaves there (the newcomer's offline route), made small. A block whose first
 line says `# needs: ...` (the hub, a real dataset) is skipped by name; so is the block of `make` commands, which
 is what runs this suite."""
 
@@ -34,13 +34,16 @@ def _environment() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, tiny_models):
-    """What `make demo` leaves, small: the demo's data, cache, grid, new posts, and its random DINOv2 (a tiny one
-    put where the demo writes it, which the demo then reuses)."""
+    """What `make demo` leaves that README's commands use: the demo's MVSA-format data, the posts it writes for
+    predict and serve, and its random DINOv2 (a tiny one, where the demo writes it). The demo's own extraction and
+    grid are tests/test_cli_runs.py's to run."""
+    from fusion.app.demo import write_new_posts
+    from fusion.extract.datasets.demo_data import write_demo_dataset
+
     folder = tmp_path_factory.mktemp("readme")
+    write_demo_dataset(folder / "demo_out" / "data", n=60)
+    write_new_posts(folder / "demo_out")
     shutil.copytree(tiny_models[1], folder / "demo_out" / "models" / "dinov2-random")
-    done = subprocess.run(["fusion", "demo", "--size", "60", "--epochs", "1"], cwd=folder, env=_environment(),
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
     return folder
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from fusion.errors import RunError
 from fusion.app.reporting.report import PUBLISHED, Report, is_paper_encoder, write_report
+from fusion.heads.search.summary import best_per_head, summarise
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -95,9 +96,10 @@ def test_run_report_has_figures_and_published_numbers(tmp_path):
     assert sorted(linked_images(text)) == sorted(f.name for f in report.figures)
     for published in PUBLISHED["mvsa-single"]:
         assert f"| {published.model} |" in text
-    assert "| Basic | 0.73 | 0.71 | - | Seed paper, Table 1 |" in text
+    assert ("| Basic | 0.73 | 0.71 | F1 (kind not stated) | - | no | Seed paper (Zhao et al., arXiv:2503.07943, "
+            "2025), Table 1 |") in text
     assert "not the paper's encoders" not in text
-    assert "their authors' own splits, so they are not like for like" in text
+    assert "Not like for like: the published numbers used their authors' own splits" in text
     assert "shared/DATASETS.md" not in text and "Tables 1-2" not in text
     assert not list(run_dir.glob(".*.tmp"))
 
@@ -108,7 +110,7 @@ def test_run_report_reports_the_run_metrics(tmp_path):
     text = write_report(run_dir).markdown.read_text()
     test = metrics["test"]
     assert f"| **this run (self_attn)** | {test['accuracy']:.4f} | {test['weighted_f1']:.4f} |" in text
-    assert "| CLMLF | 0.7200 | 0.6983 | - | CLMLF (NAACL Findings 2022) |" in text   # Multi's, not Single's
+    assert "| CLMLF | 0.7200 | 0.6983 | F1 (weighted) | - | no | CLMLF: Li et al., Findings of NAACL 2022" in text
 
 
 def test_csv_dataset_with_other_encoders_gets_no_published_rows(tmp_path):
@@ -122,8 +124,9 @@ def test_csv_dataset_with_other_encoders_gets_no_published_rows(tmp_path):
 
 def test_memotion_shows_macro_f1_only(tmp_path):
     text = write_report(make_run(tmp_path / "run", cache_block("memotion"))).markdown.read_text()
-    assert "| Dual-Attention | - | - | 0.3552 | Seed paper, Memotion figure |" in text
-    assert "| SemEval-2020 Task 8 winner | - | - | 0.3547 |" in text
+    assert ("| Dual-Attention | - | - | - | 0.3552 | no | Seed paper (Zhao et al., arXiv:2503.07943, 2025), Table 2 "
+            "(§4.1.2) |") in text
+    assert "| SemEval-2020 Task 8 winner | - | - | - | 0.3547 | no | IITK (Keswani et al.)" in text
 
 
 def test_grid_report(tmp_path):
@@ -231,6 +234,16 @@ def test_memotion_holdout_test_split_is_said_in_bold(tmp_path, kind, bold):
     assert ("- **Memotion test = a 10% holdout of the training pool" in text) is bold
 
 
+def _holm_by_hand(p_values: list[float]) -> list[float]:
+    """Holm's adjusted p-values: the k-th smallest (k from 0) times m - k, never below the one before, at most 1."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for k, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - k) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
 def test_grid_report_shows_intervals_and_paired_comparisons(tmp_path):
     from fusion.app.reporting.uncertainty import grid_uncertainty
     from fusion.heads.metrics import classification_metrics
@@ -250,8 +263,103 @@ def test_grid_report_shows_intervals_and_paired_comparisons(tmp_path):
     leader = uncertainty["best_fusion_head"]
     assert [c["b"] for c in uncertainty["comparisons"]] == ["text_only"] + sorted(
         {"basic", "self_attn", "dual_attn"} - {leader}, key=["basic", "self_attn", "dual_attn"].index)
-    for comparison in uncertainty["comparisons"]:
+    comparisons = uncertainty["comparisons"]
+    holm = _holm_by_hand([c["p_value"] for c in comparisons])
+    for comparison, p_holm in zip(comparisons, holm):
+        assert comparison["p_holm"] == pytest.approx(p_holm)
+        assert comparison["significant"] == (comparison["excludes_zero"] and p_holm <= 0.05)
         assert (f"| {leader} − {comparison['b']} | {comparison['difference']:+.4f} | "
-                f"[{comparison['low']:+.4f}, {comparison['high']:+.4f}] |") in text
+                f"[{comparison['low']:+.4f}, {comparison['high']:+.4f}] | "
+                f"{'yes' if comparison['excludes_zero'] else 'no'} | {comparison['p_value']:.3f} | {p_holm:.3f} | "
+                f"{'yes' if comparison['significant'] else 'no'} |") in text
+    assert f"corrects it across these {len(comparisons)} comparisons" in text
+    assert "draws each head's seeds with replacement, then 120 test rows" in text
     block = uncertainty["heads"]["basic"]["test"]["accuracy"]
     assert f"{block['mean']:.4f} ± {block['sd']:.4f} [{block['low']:.4f}, {block['high']:.4f}]" in text
+
+
+def test_reports_open_with_how_we_read_the_paper(tmp_path):
+    from fusion.app.reporting.readings import PAPER_DOC
+
+    run_dir = make_run(tmp_path / "run", cache_block("mvsa-single") | {"max_length": 96}, head="dual_attn")
+    grid_dir = make_grid(tmp_path / "grid", cache_block("mvsa-single") | {"max_length": 96})
+    for report_dir, title in ((run_dir, "# Run report: dual_attn on mvsa-single"),
+                              (grid_dir, "# Grid report: mvsa-single")):
+        text = write_report(report_dir).markdown.read_text()
+        assert text.startswith(f"{title}\n\n## How we read the paper\n")
+        block = text.split("## How we read the paper", 1)[1].split("\n## ", 1)[0]
+        link = re.search(r"\[docs/paper\.md\]\(([^)]+)\)", block).group(1)
+        assert (report_dir / link).resolve() == PAPER_DOC.resolve() and PAPER_DOC.is_file()
+        # make_run's config: batch 64, at most 30 epochs, patience 5; its cache cut texts at 96 tokens.
+        for words in ("Batch size 64", "texts cut at 96 tokens", "at most 30 epochs", "patience 5",
+                      "two-token sequence [T, V]", "one hidden layer of 256 units", "focal loss without α",
+                      "Dropout on the fused vector and on the hidden layer only",
+                      "dual attention (Eqs. 8-10) ran on pooled features"):
+            assert words in block, (title, words)
+
+
+@pytest.mark.parametrize("best_epoch, epochs_run, falling, marked", [
+    (30, 30, False, (True, False)), (29, 30, False, (False, False)), (12, 12, False, (False, False)),
+    (7, 12, True, (False, True)), (30, 30, True, (True, True))])
+def test_an_under_trained_run_says_so(tmp_path, best_epoch, epochs_run, falling, marked):
+    run_dir = make_run(tmp_path / "run", cache_block("mvsa-single"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    entries = history(np.random.default_rng(0), epochs_run)
+    if falling:  # the validation loss keeps falling to the last epoch
+        for entry in entries:
+            entry["val_loss"] = 1.0 / entry["epoch"]
+    metrics.update(best_epoch=best_epoch, epochs_run=epochs_run, history=entries)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    text = write_report(run_dir).markdown.read_text()
+    assert ("**Still improving at 30 epochs**" in text, "**Validation loss still falling**" in text) == marked
+
+
+def test_grid_report_marks_and_counts_the_under_trained_rows(tmp_path):
+    grid_dir = make_grid(tmp_path / "grid", cache_block("csv"))
+    results = json.loads((grid_dir / "results.json").read_text())
+    rows = results["rows"]
+    for index, row in enumerate(rows):
+        row["config"]["epochs"] = 30
+        row["epochs_run"], row["best_epoch"] = (30, 30) if index % 3 == 0 else (10, 5)
+        row["val_loss_falling"] = index % 4 == 0
+    (grid_dir / "results.json").write_text(json.dumps(results))
+    text = write_report(grid_dir).markdown.read_text()
+
+    def counted(marked: list[bool]) -> str:
+        by_lr = ", ".join(f"lr {lr:g}: {sum(m for r, m in zip(rows, marked) if r['config']['lr'] == lr)} of "
+                          f"{sum(r['config']['lr'] == lr for r in rows)}" for lr in (1e-2, 1e-3, 1e-4))
+        return f"{sum(marked)} of {len(rows)}", by_lr
+
+    capped = [index % 3 == 0 for index in range(len(rows))]
+    falling = [index % 4 == 0 for index in range(len(rows))]
+    (n_capped, capped_by_lr), (n_falling, falling_by_lr) = counted(capped), counted(falling)
+    assert (f"Under-training: {n_capped} runs reached the epoch cap (30 epochs) with their best validation score in "
+            f"their last epoch ({capped_by_lr}); {n_falling} stopped, by patience on the validation metric or by the "
+            f"cap, with their lowest validation loss in their last epoch ({falling_by_lr}).") in text
+
+    def without_seed(row: dict) -> str:
+        return json.dumps({k: v for k, v in row["config"].items() if k != "seed"}, sort_keys=True)
+
+    cells = []
+    for head, best in best_per_head(summarise(rows, "macro_f1")).items():
+        line = next(line for line in text.splitlines() if line.startswith(f"| {head} | "))
+        key = json.dumps(best.config, sort_keys=True)
+        at_cap = sum(m for r, m in zip(rows, capped) if without_seed(r) == key)
+        loss = sum(m for r, m in zip(rows, falling) if without_seed(r) == key)
+        parts = ([f"still improving at 30 epochs ({at_cap} of 2 seeds)"] if at_cap else []) + (
+            [f"val loss still falling ({loss} of 2 seeds)"] if loss else [])
+        cells.append("; ".join(parts) or "–")
+        assert line.rstrip().endswith(f"| {cells[-1]} |"), line
+    assert len(set(cells)) > 1  # both a marked and an unmarked head are checked
+
+
+def test_report_marks_published_rows_on_the_same_split(tmp_path):
+    official = cache_block("memotion") | {"split_kind": "memotion-official-test", "split_source": "official test"}
+    text = write_report(make_run(tmp_path / "official", official)).markdown.read_text()
+    assert "| SemEval-2020 Task 8 winner | - | - | - | 0.3547 | yes | IITK" in text
+    assert "| Dual-Attention | - | - | - | 0.3552 | no |" in text
+    clmlf = cache_block("mvsa-multi") | {"split_kind": "file", "split_file": "clmlf_mvsa_multi.csv",
+                                         "split_file_sha256": "ef" * 32}
+    text = write_report(make_run(tmp_path / "clmlf", clmlf)).markdown.read_text()
+    yes = re.findall(r"^\| ([^|*]+?) \|.*\| yes \|", text, re.M)
+    assert yes == ["CLMLF", "MDSE"]

@@ -9,6 +9,7 @@ import socket
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -16,10 +17,12 @@ import pytest
 import torch
 import uvicorn
 from fault_helpers import png_claiming
+from hostile_images import matrix
 from serve_fixtures import make_tiny_run, running_server
 
 from fusion.app.serve.batcher import MicroBatcher
-from fusion.app.serve.server import create_app
+from fusion.app.serve.limits import ServeLimits, allowed_hosts, host_name
+from fusion.app.serve.server import create_app, uvicorn_config
 from fusion.app.predictor import Predictor
 from fusion.cli import main
 from fusion.labels import LABELS
@@ -40,7 +43,7 @@ def model(tiny_run):
 
 @pytest.fixture(scope="module")
 def server(model):
-    app = create_app(model, max_upload_bytes=LIMIT_BYTES)
+    app = create_app(model, ServeLimits(max_upload_bytes=LIMIT_BYTES))
     with running_server(app) as url:
         yield url, app
 
@@ -65,6 +68,25 @@ def test_predict_answers_what_fusion_predict_prints(server, tiny_run, capsys):
         expected = _predicted_by_cli(tiny_run.run, image, text, capsys)
         assert answer.json()["probabilities"] == expected["probabilities"]  # the same floats, not just close
         assert answer.json()["label"] == expected["label"] and "truncated" not in answer.json()
+
+
+def test_explain_and_raw_on_predict_and_batch_give_what_the_api_gives(server, tiny_run, model):
+    url, _ = server
+    image, text = tiny_run.images[0], tiny_run.texts[0]
+    [explained] = model.predict([image], [text], explain=True)
+    answer = _post(url, image, text, params={"explain": "true"})
+    assert answer.status_code == 200 and answer.json() == explained
+    assert set(explained["explanation"]) == {"text_only", "image_only"}  # a pooled run: the modalities alone
+    [raw] = model.predict([image], [text], raw=True)
+    assert _post(url, image, text, params={"raw": "true"}).json() == raw and raw["calibration"] == "raw"
+    assert _post(url, image, text).json()["calibration"] == "calibrated"
+    batch = httpx.post(f"{url}/predict/batch?explain=true", timeout=60,
+                       files=[("image", ("a.jpg", image.read_bytes())), ("image", ("b.jpg", b"not an image"))],
+                       data={"text": [text, "b"]})
+    assert batch.status_code == 200 and batch.json()["results"][0] == explained
+    assert "error" in batch.json()["results"][1]
+    refused = _post(url, image, text, params={"explain": "perhaps"})
+    assert refused.status_code == 422 and "explain" in refused.json()["error"]
 
 
 def test_a_text_over_the_models_length_is_cut_as_extraction_cuts_it_and_the_answer_says_so(server, tiny_run, model,
@@ -93,9 +115,8 @@ def _answered(answers: list[dict]) -> torch.Tensor:
 
 
 def test_sixteen_concurrent_clients_are_all_answered_correctly(server, model, tiny_run):
-    url, app = server
+    url, _ = server
     indices = [i % len(tiny_run.images) for i in range(16)]
-    batches_before = app.state.batcher.batches_run
 
     async def one(client: httpx.AsyncClient, i: int) -> dict:
         response = await client.post(f"{url}/predict", data={"text": tiny_run.texts[i]},
@@ -110,7 +131,6 @@ def test_sixteen_concurrent_clients_are_all_answered_correctly(server, model, ti
     answers = asyncio.run(all_at_once())
     # Posts batched with others are padded to a longer text: the float16 embeddings may then differ in the last bit.
     torch.testing.assert_close(_answered(answers), _reference(model, tiny_run, indices), atol=1e-3, rtol=0)
-    assert app.state.batcher.batches_run - batches_before <= 16
 
 
 def test_a_batch_request_is_one_encoder_batch_and_reports_an_unreadable_image_on_its_post(server, model, tiny_run):
@@ -235,25 +255,36 @@ def test_the_window_waits_for_announced_posts_and_never_for_posts_not_announced(
     assert seen == [["alone"], ["first", "late"]]
 
 
-def test_a_failing_batch_fails_its_requests_only():
-    calls = []
+def test_a_failing_batch_is_retried_post_by_post_so_only_the_bad_post_fails():
+    release, calls = threading.Event(), []
 
     def run_batch(items):
-        calls.append(items)
+        calls.append(list(items))
         if len(calls) == 1:
+            release.wait(timeout=30)  # holds the first batch while the next three requests queue up
+        if "bad" in items:
             raise RuntimeError("out of memory")
-        return items
+        return [item.upper() for item in items]
 
-    batcher = MicroBatcher(run_batch, max_batch=4, wait_s=0.0)
+    batcher = MicroBatcher(run_batch, max_batch=8, wait_s=0.0)
     batcher.start()
 
-    async def two_requests():
-        with pytest.raises(RuntimeError, match="out of memory"):
-            await batcher.submit(["a"])
-        return await batcher.submit(["b"])
+    async def requests():
+        first = asyncio.ensure_future(batcher.submit(["first"]))
+        while not calls:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(batcher.submit(items)) for items in (["a"], ["bad"], ["b", "c"])]
+        while batcher.waiting < 4:
+            await asyncio.sleep(0.001)
+        release.set()
+        return await first, await asyncio.gather(*rest)
 
-    assert asyncio.run(two_requests()) == ["b"]
-    batcher.stop()
+    first, (a, bad, bc) = asyncio.run(requests())
+    assert batcher.stop(timeout=30)
+    assert first == ["FIRST"] and a == ["A"] and bc == ["B", "C"]
+    [error] = bad
+    assert isinstance(error, RuntimeError) and str(error) == "out of memory"
+    assert calls == [["first"], ["a", "bad", "b", "c"], ["a"], ["bad"], ["b"], ["c"]]
 
 
 def _free_port() -> int:
@@ -291,3 +322,258 @@ def test_fusion_serve_command_serves_the_run_on_loopback(tiny_run, capsys, monke
     assert f"http://127.0.0.1:{port}/" in capsys.readouterr().out
     expected = _predicted_by_cli(tiny_run.run, tiny_run.images[4], tiny_run.texts[4], capsys)
     assert answer["probabilities"] == expected["probabilities"]
+
+
+# ---------------------------------------------------------------- under load: batches, queue, deadline, clients gone
+
+
+class Gate:
+    """Stands in for Predictor.predict_prepared: records each batch's size and holds the first `hold` batches
+    until `release` is set, so requests pile up behind them as under load."""
+
+    def __init__(self, predict_prepared, hold: int = 1):
+        self.predict_prepared, self.hold = predict_prepared, hold
+        self.sizes: list[int] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, posts):
+        self.sizes.append(len(posts))
+        if len(self.sizes) <= self.hold:
+            self.entered.set()
+            self.release.wait(timeout=120)
+        return self.predict_prepared(posts)
+
+
+@contextmanager
+def gated_server(model: Predictor, monkeypatch, limits: ServeLimits = ServeLimits(), hold: int = 1):
+    gate = Gate(model.predict_prepared, hold)
+    monkeypatch.setattr(model, "predict_prepared", gate)
+    app = create_app(model, limits)
+    monkeypatch.undo()  # the app holds the gate; the module's model is left as it was
+    with running_server(app) as url:
+        try:
+            yield url, app, gate
+        finally:
+            gate.release.set()  # before the server stops, so nothing waits on a held batch
+
+
+def _until(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.005)
+
+
+def _in_background(call) -> tuple[threading.Thread, list]:
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_concurrent_http_requests_share_encoder_batches(model, tiny_run, monkeypatch):
+    n = 6
+    with gated_server(model, monkeypatch) as (url, app, gate):
+        first, answered = _in_background(lambda: _post(url, tiny_run.images[0], tiny_run.texts[0]))
+        assert gate.entered.wait(60)  # the worker is busy with the first post
+        others = [_in_background(lambda i=i: _post(url, tiny_run.images[i], tiny_run.texts[i])) for i in range(1, n)]
+        _until(lambda: app.state.batcher.waiting == n - 1, "the other requests waiting for the worker")
+        gate.release.set()
+        for thread, _ in [(first, answered), *others]:
+            thread.join(timeout=120)
+    responses = answered + [result[0] for _, result in others]
+    assert [response.status_code for response in responses] == [200] * n
+    assert len(gate.sizes) < n and gate.sizes == [1, n - 1]  # one post alone, then the five that waited, together
+
+
+def test_a_request_over_the_queue_bound_is_answered_503_with_retry_after(model, tiny_run, monkeypatch):
+    with gated_server(model, monkeypatch, ServeLimits(max_queue=1)) as (url, app, gate):
+        first, answered = _in_background(lambda: _post(url, tiny_run.images[0], tiny_run.texts[0]))
+        assert gate.entered.wait(60)
+        busy = _post(url, tiny_run.images[1], tiny_run.texts[1])
+        ready = httpx.get(f"{url}/ready", timeout=60).json()  # not a prediction: answered even when full
+        gate.release.set()
+        first.join(timeout=120)
+        after = _post(url, tiny_run.images[1], tiny_run.texts[1])
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert "--max-queue 1" in busy.json()["error"] and len(busy.json()["error"].splitlines()) == 1
+    assert ready["queue"]["requests"] == 1 and ready["refused_busy"] == 1
+    assert answered[0].status_code == 200 and after.status_code == 200
+
+
+def test_a_request_past_its_deadline_is_answered_504_and_its_post_is_not_computed(model, tiny_run, monkeypatch):
+    with gated_server(model, monkeypatch, ServeLimits(timeout_s=0.5)) as (url, app, gate):
+        first, held = _in_background(lambda: _post(url, tiny_run.images[0], tiny_run.texts[0]))
+        assert gate.entered.wait(60)  # held until long past its deadline
+        late = _post(url, tiny_run.images[1], tiny_run.texts[1])  # waits behind it, and passes its deadline too
+        first.join(timeout=120)
+        gate.release.set()
+        _until(lambda: app.state.batcher.waiting == 0, "the queue emptied")
+        fresh = _post(url, tiny_run.images[2], tiny_run.texts[2])
+    assert held[0].status_code == 504 and late.status_code == 504 and fresh.status_code == 200
+    assert "--timeout" in late.json()["error"] and app.state.load.timed_out == 2
+    assert gate.sizes == [1, 1]  # the held post, then the fresh one: the late post was dropped, never computed
+
+
+def _raw_post(port: int, image: bytes, text: str) -> socket.socket:
+    """A complete /predict request written on a socket of our own, which the test then closes unanswered."""
+    body, content_type = _multipart(image, text)
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    connection = socket.create_connection(("127.0.0.1", port), timeout=60)
+    connection.sendall(head + body)
+    return connection
+
+
+def test_the_post_of_a_client_that_left_is_dropped_before_it_is_computed(model, tiny_run, monkeypatch):
+    with gated_server(model, monkeypatch) as (url, app, gate):
+        first, answered = _in_background(lambda: _post(url, tiny_run.images[0], tiny_run.texts[0]))
+        assert gate.entered.wait(60)
+        leaving = _raw_post(int(url.rsplit(":", 1)[1]), tiny_run.images[1].read_bytes(), tiny_run.texts[1])
+        _until(lambda: app.state.batcher.waiting == 1, "the leaving client's post queued")
+        leaving.close()
+        _until(lambda: app.state.load.dropped == 1, "the server noticing the client left")
+        gate.release.set()
+        first.join(timeout=120)
+        fresh = _post(url, tiny_run.images[2], tiny_run.texts[2])
+    assert answered[0].status_code == 200 and fresh.status_code == 200
+    assert gate.sizes == [1, 1]  # the first post and the fresh one; the leaving client's post never ran
+
+
+def test_a_text_over_the_limit_is_refused_before_it_is_tokenized(model, tiny_run, monkeypatch):
+    tokenized = []
+    with gated_server(model, monkeypatch, ServeLimits(max_text_chars=40), hold=0) as (url, _, _):
+        monkeypatch.setattr(model, "_tokenizer", lambda: tokenized.append(1))
+        one = _post(url, tiny_run.images[0], "x" * 41)
+        batch = httpx.post(f"{url}/predict/batch", data={"text": ["fine", "y" * 1000]}, timeout=60,
+                           files=[("image", ("a.jpg", tiny_run.images[0].read_bytes())),
+                                  ("image", ("b.jpg", tiny_run.images[1].read_bytes()))])
+    assert one.status_code == 413 and batch.status_code == 413 and tokenized == []
+    assert one.json()["error"] == ("text: 41 characters, over the server's limit of 40 (fusion serve "
+                                   "--max-text-chars)")
+    assert batch.json()["error"].startswith("post 1: text: 1000 characters")
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(model, tiny_run, monkeypatch):
+    with gated_server(model, monkeypatch, ServeLimits(max_pixels=400), hold=0) as (url, _, gate):
+        refused = _post(url, tiny_run.images[0], "hi")
+    assert refused.status_code == 400 and "too many pixels" in refused.json()["error"] and gate.sizes == []
+
+
+@pytest.mark.parametrize("case", matrix(), ids=lambda case: case.name)
+def test_every_file_of_the_matrix_is_answered_200_or_a_4xx_with_its_reason(server, case):
+    url, _ = server
+    response = httpx.post(f"{url}/predict", files={"image": (case.filename, case.data)}, data={"text": "a post"},
+                          timeout=60)
+    if case.reason is None:
+        assert response.status_code == 200 and response.json()["label"] in LABELS, response.text
+    else:
+        assert response.status_code == 400 and response.json()["error"].startswith(f"image: {case.reason}"), \
+            response.text
+
+
+def test_a_request_for_another_host_is_refused_so_dns_rebinding_reads_nothing(server, tiny_run):
+    url, _ = server
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
+        health = httpx.get(f"{url}/health", headers={"Host": host}, timeout=60)
+        assert health.status_code == 400 and "--allow-host" in health.json()["error"], host
+        assert "cache_fingerprint" not in health.text
+    posted = httpx.post(f"{url}/predict", headers={"Host": "evil.example"}, data={"text": "hi"}, timeout=60,
+                        files={"image": ("a.jpg", tiny_run.images[0].read_bytes())})
+    assert posted.status_code == 400 and "label" not in posted.text
+    for host in ("localhost:1234", "127.0.0.1", "[::1]:80", "LOCALHOST"):
+        assert httpx.get(f"{url}/health", headers={"Host": host}, timeout=60).status_code == 200, host
+
+
+def test_allowed_hosts_are_the_bound_address_localhost_and_the_names_added():
+    assert allowed_hosts("127.0.0.1") == ("127.0.0.1", "localhost", "::1")
+    assert allowed_hosts("192.168.1.5", ["box.lan"]) == ("192.168.1.5", "127.0.0.1", "localhost", "::1", "box.lan")
+    assert allowed_hosts("0.0.0.0") == ("127.0.0.1", "localhost", "::1")  # nobody names a wildcard
+    assert [host_name(h) for h in ("a.b:80", "[::1]:8000", "::1", "Example.ORG")] == ["a.b", "::1", "::1",
+                                                                                     "example.org"]
+
+
+def test_any_host_is_answered_when_asked_for(model, tiny_run, monkeypatch):
+    with gated_server(model, monkeypatch, ServeLimits(allowed_hosts=("*",)), hold=0) as (url, _, _):
+        assert httpx.get(f"{url}/health", headers={"Host": "box.lan:8000"}, timeout=60).status_code == 200
+
+
+def test_ready_reports_the_worker_the_queue_and_the_device_and_503_once_the_worker_is_gone(model, monkeypatch):
+    with gated_server(model, monkeypatch, hold=0) as (url, app, _):
+        ready = httpx.get(f"{url}/ready", timeout=60)
+        assert app.state.batcher.stop(timeout=30)  # as if the worker had died
+        gone = httpx.get(f"{url}/ready", timeout=60)
+        health = httpx.get(f"{url}/health", timeout=60)
+    assert ready.status_code == 200 and ready.json()["ready"] is True and ready.json()["model_loaded"] is True
+    assert ready.json()["worker_alive"] is True and ready.json()["device"] == "cpu"
+    assert ready.json()["queue"] == {"requests": 0, "max_queue": ServeLimits().max_queue, "posts_waiting": 0}
+    assert gone.status_code == 503 and gone.json()["worker_alive"] is False
+    assert health.status_code == 200  # liveness: the server itself still answers
+
+
+def test_shutdown_is_bounded_even_with_a_forward_that_never_returns(model, tiny_run, monkeypatch):
+    gate = Gate(model.predict_prepared)
+    monkeypatch.setattr(model, "predict_prepared", gate)
+    app = create_app(model, ServeLimits(timeout_s=1))
+    monkeypatch.undo()
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=0, limits=app.state.limits,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _until(lambda: server.started, "the server started")
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        client, answered = _in_background(lambda: _post(url, tiny_run.images[0], tiny_run.texts[0]))
+        assert gate.entered.wait(60)  # the forward is stuck for good
+        server.should_exit = True
+        thread.join(timeout=60)
+        stopped = not thread.is_alive()
+        client.join(timeout=60)
+    finally:
+        gate.release.set()
+    assert stopped, "the server waited for a stuck forward"
+    assert answered and answered[0].status_code == 504
+
+
+def test_an_fp16_run_serves_on_a_cpu_in_fp32_with_the_head_beside_the_encoders(tiny_models, tmp_path, capsys,
+                                                                               monkeypatch):
+    from cache_fixtures import write_synthetic_cache
+    from dataset_writers import write_image
+
+    from fusion.heads.checkpoint import save_run
+    from fusion.heads.config import FitConfig
+    from fusion.heads.runs import load_features
+    from fusion.heads.train import train_head
+
+    features, meta = load_features(write_synthetic_cache(tmp_path / "c.h5", (12, 4, 4), dt=32, di=24))
+    meta = {**meta, "text_model": str(tiny_models[0]), "image_model": str(tiny_models[1]), "precision": "fp16",
+            "max_length": 16, "device_type": "cuda"}
+    run = save_run(tmp_path / "run", train_head(features, FitConfig(head="basic", epochs=1)), cache=meta)
+    image = write_image(tmp_path / "post.jpg", 3)
+    made = []
+
+    class Recorded(uvicorn.Server):
+        def __init__(self, config):
+            super().__init__(config)
+            made.append(self)
+
+    monkeypatch.setattr(uvicorn, "Server", Recorded)
+    port, codes = _free_port(), []
+    thread = threading.Thread(target=lambda: codes.append(main(["serve", "--run", str(run), "--port", str(port),
+                                                                "--device", "cpu"])), daemon=True)
+    thread.start()
+    try:
+        _until(lambda: made and made[0].started, "fusion serve started")
+        url = f"http://127.0.0.1:{port}"
+        answer = _post(url, image, "not bad")
+        ready = httpx.get(f"{url}/ready", timeout=60).json()
+    finally:
+        if made:
+            made[0].should_exit = True
+        thread.join(timeout=60)
+    err = capsys.readouterr().err
+    assert codes == [0] and answer.status_code == 200 and answer.json()["label"] in LABELS
+    assert ready["precision"] == "fp32" and ready["device"] == "cpu"
+    assert "fusion: note:" in err and "fp16" in err and "fp32" in err
+    predictor = Predictor.load(run, device="cpu")
+    assert {p.device for p in predictor.head.parameters()} == {predictor.encoders.device}

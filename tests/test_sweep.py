@@ -81,6 +81,14 @@ def test_differences_are_paired_on_the_same_test_rows(sweep, caches):
         assert difference["difference"] == pytest.approx(scores[0] - scores[1])
         assert difference["low"] <= difference["difference"] <= difference["high"]
     assert differences["best"]["excludes_zero"]  # 3.0 against 0.3 signal on 30 rows: clearly apart
+    # Holm across the table's three differences, by hand: the k-th smallest p (k from 0) times 3 - k, kept monotone.
+    ordered = sorted(document["differences"], key=lambda d: d["p_value"])
+    running = 0.0
+    for k, difference in enumerate(ordered):
+        running = max(running, min(1.0, (3 - k) * difference["p_value"]))
+        assert difference["p_holm"] == pytest.approx(running)
+        assert difference["significant"] == (difference["excludes_zero"] and running <= 0.05)
+    assert differences["best"]["significant"]
 
 
 def _cache_with(path, *, split=SPLIT, dataset="synthetic"):

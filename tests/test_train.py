@@ -182,7 +182,7 @@ def test_run_round_trip(tmp_path, trained):
     torch.testing.assert_close(run.head(features["test"].text, features["test"].image),
                                _test_logits(result, features), rtol=0, atol=0)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "head.safetensors", "metrics.json",
-                                                                    "test_predictions.json"]
+                                                                    "test_predictions.json", "train_means.safetensors"]
     assert run.metrics["test"]["confusion_matrix"] == _confusion(run.head, features["test"])
     saved = json.loads((tmp_path / "run" / "test_predictions.json").read_text())
     assert saved["y_true"] == features["test"].label.tolist()

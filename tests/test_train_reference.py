@@ -1,6 +1,9 @@
 """The stacked trainer (heads/train.py) against a plain PyTorch loop: nn.Linear modules and torch.optim.Adam, fed the
 same minibatch order, dropout masks and initial weights, with the same early stopping. Several configurations train
-stacked in one pass; each must match its own plain loop, epoch by epoch and in its final (best) weights.
+stacked in one pass; each must match its own plain loop, epoch by epoch and in its final (best) weights. Every head is
+covered: basic, self_attn, text_only, image_only, and dual_attn on pooled features and on token sequences (the plain
+dual_attn projects every token and takes the softmax over the real ones, as PAPER.md's Eqs. 8-10 read; the trainer's
+feature-space algebra, heads/layers.py token_cross_attention, is not used here).
 
 The loop below is written from the trainer's documented contract (heads/train.py's module docstring): the order
 generator is seeded with crc32("order:SEED") and draws one randperm per epoch; the dropout generator, crc32("dropout:
@@ -19,6 +22,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from fusion.heads.config import FitConfig
+from fusion.heads.features import Modality, SplitFeatures
 from fusion.heads.models import init_params, param_shapes
 from fusion.heads.registry import HEADS
 from fusion.heads.train import train_many
@@ -32,7 +36,8 @@ BASE = FitConfig(lr=3e-2, dropout=0.0, loss="focal", gamma=2.0, batch_size=32, e
 
 
 class PlainHead(nn.Module):
-    """basic, self_attn, text_only and image_only with ordinary modules."""
+    """Every head with ordinary modules; text and image are (B, L, D) token sequences with (B, L) masks, token 0 the
+    pooled embedding (L = 1 for pooled features)."""
 
     def __init__(self, head: str, text_dim: int, image_dim: int, proj: int, hidden: int):
         super().__init__()
@@ -40,13 +45,21 @@ class PlainHead(nn.Module):
         modalities = HEADS[head].modalities
         self.text_proj = nn.Linear(text_dim, proj) if "text" in modalities else None
         self.image_proj = nn.Linear(image_dim, proj) if "image" in modalities else None
-        self.qkv = nn.Linear(proj, 3 * proj, bias=False) if head == "self_attn" else None
+        dual = head == "dual_attn"
+        self.text_qkv = nn.Linear(proj, 3 * proj, bias=False) if dual else None  # W_Q, W_K, W_V of Eqs. 8-10
+        self.image_qkv = nn.Linear(proj, 3 * proj, bias=False) if dual else None
+        self.qkv = nn.Linear(proj, 3 * proj, bias=False) if head in ("self_attn", "dual_attn") else None
         self.hidden = nn.Linear(proj * len(modalities), hidden)
         self.out = nn.Linear(hidden, 3)
 
     def forward(self, text, image, rate: float = 0.0, noise=None):
-        latents = [proj(x) for proj, x in ((self.text_proj, text), (self.image_proj, image)) if proj is not None]
+        (text, text_mask), (image, image_mask) = text, image
+        latents = [proj(x[:, 0]) for proj, x in ((self.text_proj, text), (self.image_proj, image)) if proj is not None]
         fused = torch.cat(latents, dim=-1)
+        if self.head == "dual_attn":
+            text_tokens, image_tokens = self.text_proj(text), self.image_proj(image)  # every token projected
+            latents = [_attend(self.text_qkv(latents[0]), self.image_qkv(image_tokens), image_mask),
+                       _attend(self.image_qkv(latents[1]), self.text_qkv(text_tokens), text_mask)]
         if self.qkv is not None:
             sequence = torch.stack(latents, dim=1)  # (B, 2, d)
             query, key, value = self.qkv(sequence).chunk(3, dim=-1)
@@ -56,10 +69,21 @@ class PlainHead(nn.Module):
         return self.out(_drop(hidden, rate, noise, 1))
 
     def named_like_fusion(self) -> dict[str, nn.Parameter]:
-        names = {"text_proj": self.text_proj, "image_proj": self.image_proj, "fusion.qkv": self.qkv,
-                 "classifier.hidden": self.hidden, "classifier.out": self.out}
+        names = {"text_proj": self.text_proj, "image_proj": self.image_proj, "cross.text_qkv": self.text_qkv,
+                 "cross.image_qkv": self.image_qkv, "fusion.qkv": self.qkv, "classifier.hidden": self.hidden,
+                 "classifier.out": self.out}
         return {f"{prefix}.{kind}": param for prefix, module in names.items() if module is not None
                 for kind, param in module.named_parameters()}
+
+
+def _attend(own_qkv, other_qkv, other_mask):
+    """One modality's query (from its own [Q; K; V] of its latent, (B, 3d)) over the other modality's keys and values
+    (from its projected tokens, (B, L, 3d)), padding masked out: softmax(Q K^T / sqrt(d)) V -> (B, d)."""
+    query = own_qkv.chunk(3, dim=-1)[0]
+    _, keys, values = other_qkv.chunk(3, dim=-1)
+    scores = torch.einsum("bd,bld->bl", query, keys) / math.sqrt(query.shape[-1])
+    scores = scores.masked_fill(~other_mask, float("-inf"))
+    return torch.einsum("bl,bld->bd", torch.softmax(scores, dim=-1), values)
 
 
 def _drop(x, rate: float, noise, which: int):
@@ -86,7 +110,7 @@ def plain_loop(features, config: FitConfig, any_dropout: bool):
     adam = torch.optim.Adam(model.parameters(), lr=config.lr)
     order = torch.Generator().manual_seed(zlib.crc32(f"order:{config.seed}".encode()))
     noise_generator = torch.Generator().manual_seed(zlib.crc32(f"dropout:{config.seed}".encode()))
-    text, image, labels = train.text.tokens[:, 0], train.image.tokens[:, 0], train.label
+    text, image, labels = (train.text.tokens, train.text.mask), (train.image.tokens, train.image.mask), train.label
     fused_width = model.hidden.in_features
     history, best, best_score, best_epoch = [], None, -math.inf, 0
     gamma = 0.0 if config.loss == "ce" else config.gamma
@@ -98,13 +122,13 @@ def plain_loop(features, config: FitConfig, any_dropout: bool):
             if any_dropout:  # drawn for the pass whenever any model drops out, so every model sees the same draws
                 noise = (torch.rand(len(rows), fused_width, generator=noise_generator),
                          torch.rand(len(rows), config.hidden, generator=noise_generator))
-            logits = model(text[rows], image[rows], config.dropout, noise)
+            logits = model((text[0][rows], text[1][rows]), (image[0][rows], image[1][rows]), config.dropout, noise)
             loss = _focal(logits, labels[rows], gamma)
             adam.zero_grad()
             loss.backward()
             adam.step()
         with torch.no_grad():
-            predicted = model(val.text.tokens[:, 0], val.image.tokens[:, 0]).argmax(dim=-1)
+            predicted = model((val.text.tokens, val.text.mask), (val.image.tokens, val.image.mask)).argmax(dim=-1)
         score = f1_score(val.label, predicted, labels=[0, 1, 2], average="weighted", zero_division=0)
         history.append(score)
         if score > best_score:
@@ -115,9 +139,29 @@ def plain_loop(features, config: FitConfig, any_dropout: bool):
     return history, best, best_epoch
 
 
-@pytest.mark.parametrize("head", ["basic", "self_attn", "text_only"])
-def test_stacked_trainer_equals_a_plain_pytorch_loop(head):
+def with_tokens(features, text_length: int = 5, image_length: int = 4, seed: int = 0):
+    """Each split's pooled vectors as token 0, followed by random tokens; texts get 1..text_length real tokens (the
+    padding filled with large values, which the mask must keep out), images all of theirs."""
+    generator = torch.Generator().manual_seed(seed)
+    sequences = {}
+    for name, split in features.items():
+        rows, (text_dim, image_dim) = len(split), split.dims
+        text = torch.cat((split.text.tokens, torch.randn(rows, text_length - 1, text_dim, generator=generator)), 1)
+        image = torch.cat((split.image.tokens, torch.randn(rows, image_length - 1, image_dim, generator=generator)), 1)
+        lengths = torch.randint(1, text_length + 1, (rows,), generator=generator)
+        text_mask = torch.arange(text_length).unsqueeze(0) < lengths.unsqueeze(1)
+        text = torch.where(text_mask.unsqueeze(-1), text, torch.full_like(text, 50.0))
+        sequences[name] = SplitFeatures(Modality(text, text_mask),
+                                        Modality(image, torch.ones(rows, image_length, dtype=torch.bool)), split.label)
+    return sequences
+
+
+@pytest.mark.parametrize("head, tokens", [("basic", False), ("self_attn", False), ("text_only", False),
+                                          ("image_only", False), ("dual_attn", False), ("dual_attn", True)])
+def test_stacked_trainer_equals_a_plain_pytorch_loop(head, tokens):
     features, _ = gaussian_features(SIZES, seed=1)
+    if tokens:
+        features = with_tokens(features)
     configs = [replace(BASE, head=head), replace(BASE, head=head, lr=1e-2, dropout=0.3),
                replace(BASE, head=head, lr=5e-3, dropout=0.5, loss="ce", patience=2)]
     results = train_many(features, configs)  # all three stacked in one pass

@@ -3,8 +3,9 @@
     report = write_report(Path("runs/fit"))   # Report(markdown=runs/fit/report.md, figures=[...png])
 
 A run directory holds config.json and metrics.json (and test_predictions.json, from which test metrics get 95%
-bootstrap intervals: app/reporting/stats.py); a grid directory holds results.json (with the bootstrap intervals and
-paired comparisons that `fusion grid` computed, app/reporting/uncertainty.py) and best/ (a run directory). Test
+bootstrap intervals over the test rows: app/reporting/stats.py); a grid directory holds results.json (with the
+hierarchical bootstrap intervals and Holm-corrected paired comparisons that `fusion grid` computed,
+app/reporting/uncertainty.py) and best/ (a run directory). Test
 metrics are shown beside the published numbers (app/reporting/published.py) for memotion, mvsa-single and mvsa-multi,
 with the split they were measured on. matplotlib is imported inside the functions only, so the rest of fusion works
 without it.
@@ -14,19 +15,24 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fusion.app.handles import CACHE_FIELDS, Run, json_field
 from fusion.app.reporting import markdown
-from fusion.app.reporting.published import PUBLISHED, split_lines, split_note
-from fusion.app.reporting.stats import Interval, metric_ci
-from fusion.atomic import write_atomic, write_text_atomic
-from fusion.errors import FusionError, RunError, install_extra
+from fusion.app.reporting.calibration import calibration_figure, calibration_lines
+from fusion.app.reporting.duplicates import duplicate_lines
+from fusion.app.reporting.figures import new_figure, save_png  # noqa: F401 - reproduction.py draws with them too
+from fusion.app.reporting.published import PUBLISHED, like_for_like, split_lines, split_note
+from fusion.app.reporting.readings import readings_lines
+from fusion.app.reporting.stats import RESAMPLES, Interval, metric_ci
+from fusion.atomic import write_text_atomic
+from fusion.errors import RunError
 from fusion.heads.checkpoint import PREDICTIONS_FILE, read_json
 from fusion.heads.config import loss_label
-from fusion.heads.search.summary import Summary, best_per_head, summarise
+from fusion.heads.search.summary import Summary, best_per_head, still_improving, summarise, val_loss_falling
 from fusion.heads.registry import pooled_dual_attn_note
 from fusion.labels import LABELS
 from fusion.paper import IMAGE_MODEL, METRICS, TEXT_MODEL, metric_title
@@ -53,22 +59,6 @@ def _load_grid(grid_dir: Path) -> dict[str, Any]:
         for dotted, kind in fields:
             json_field(row, dotted, path, kind, f"rows[{index}].")
     return results
-
-
-def new_figure(width: float, height: float):
-    """A figure on its own Agg canvas: no pyplot, so no global backend or figure registry is touched."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise FusionError(f"fusion report needs matplotlib: {install_extra('report')}") from None
-    return FigureCanvasAgg(Figure(figsize=(width, height), dpi=110, layout="constrained")).figure
-
-
-def save_png(figure, path: Path) -> Path:
-    # No 'Software' stamp: the same data gives the same bytes.
-    write_atomic(path, lambda handle: figure.savefig(handle, format="png", metadata={"Software": None}))
-    return path
 
 
 def plot_per_class_f1(history: list[dict], best_epoch: float, path: Path) -> Path:
@@ -156,7 +146,8 @@ def _run_figures(run: Run) -> list[Path]:
     figures = [plot_per_class_f1(history, best, run.path / "f1_per_class.png"),
                plot_losses(history, best, run.path / "losses.png"),
                plot_confusion(test, run.path / "confusion_test.png",
-                              f"Confusion matrix, test (n={sum(map(sum, test)):g})")]
+                              f"Confusion matrix, test (n={sum(map(sum, test)):g})"),
+               calibration_figure(run)]
     return [figure for figure in figures if figure is not None]
 
 
@@ -183,10 +174,11 @@ def is_paper_encoder(name: str, hub_id: str) -> bool:
 def _encoder_lines(cache: dict[str, Any]) -> list[str]:
     text, image, paper = cache["text_model"], cache["image_model"], f"({TEXT_MODEL} + {IMAGE_MODEL})"
     same = is_paper_encoder(text, TEXT_MODEL) and is_paper_encoder(image, IMAGE_MODEL)
-    return [f"- Cache: `{cache.get('path', '?')}` (dataset `{cache['dataset']}`, "
+    return ([f"- Cache: `{cache.get('path', '?')}` (dataset `{cache['dataset']}`, "
             f"fingerprint `{str(cache.get('fingerprint', '?'))[:12]}`)", f"- Encoders: text `{text}`, image `{image}`.",
             f"- These are the paper's encoders {paper}." if same else f"- **These are not the paper's encoders** "
-            f"{paper}: any comparison with published numbers is not like for like."] + split_lines(cache) + [""]
+            f"{paper}: any comparison with published numbers is not like for like."] + split_lines(cache)
+            + duplicate_lines(cache) + [""])
 
 
 def with_interval(value: float, interval: Interval | None) -> str:
@@ -200,11 +192,15 @@ def _published_lines(cache: dict[str, Any], label: str, test: dict[str, Any],
     if not published:
         return [f"No published numbers are known for dataset `{dataset}`.", ""]
     ours = [with_interval(test[m], (intervals or {}).get(m)) for m in METRICS]
-    rows = [[f"**{label}**"] + ours + ["this report (test split" + (", 95% CI)" if intervals else ")")]]
-    rows += [[p.model] + [markdown.number(getattr(p, m), p.digits) for m in METRICS] + [p.source] for p in published]
-    notes = [split_note(cache),
-             "'-' = not published. F1 on MVSA is the weighted F1, as the MVSA literature reports it."]
-    return markdown.table(["model", "accuracy", "weighted F1", "macro F1", "source"], rows) + notes + [""]
+    rows = [[f"**{label}**"] + ours[:2] + ["F1 (weighted)"] + ours[2:]
+            + ["yes", "this report (test split" + (", 95% CI)" if intervals else ")")]]
+    rows += [[p.model] + [markdown.number(p.value(m), p.digits) for m in METRICS[:2]]
+             + [p.f1_label if p.f1_kind else "-", markdown.number(p.macro_f1, p.digits),
+                "yes" if like_for_like(p, cache) else "no", p.source] for p in published]
+    notes = [split_note(cache), "'-' = not published. Published F1 sits in the weighted F1 column; 'which F1' says "
+             "what each source reports (the seed paper's Table 1 does not say)."]
+    header = ["model", "accuracy", "weighted F1", "which F1", "macro F1", "same split", "source"]
+    return markdown.table(header, rows) + notes + [""]
 
 
 def _results_lines(metrics: dict[str, Any], intervals: dict[str, Interval] | None) -> list[str]:
@@ -220,7 +216,16 @@ def _results_lines(metrics: dict[str, Any], intervals: dict[str, Interval] | Non
 
 
 BOOTSTRAP_NOTE = ("bootstrap over the test rows (2,000 resamples, seed 0, BCa; scipy.stats.bootstrap), from "
-                  f"{PREDICTIONS_FILE}.")
+                  f"{PREDICTIONS_FILE}. A run has one seed, so only the test rows are resampled; a grid's intervals "
+                  "also resample its seeds.")
+
+
+def interval_note(resamples: int) -> str:
+    """What a grid's (or a reproduction's) test interval is."""
+    return (f"95% CI of the seed mean: hierarchical bootstrap, {resamples:,} resamples, seed 0, BCa "
+            "(scipy.stats.bootstrap). Each resample draws the seeds with replacement, then the test rows, and scores "
+            "every drawn seed on those rows, so the interval holds both the seed-to-seed spread and the test set's "
+            "noise")
 
 
 def run_intervals(run_dir: Path) -> dict[str, Interval] | None:
@@ -240,7 +245,8 @@ BATCH_NOTE = ("`batch_size` is our choice where the paper is silent (it gives no
               "\"The batch size\", says how it was chosen.")
 FIGURE_TITLES = {"f1_per_class.png": "Per-class F1 on validation by epoch (best epoch marked)",
                  "losses.png": "Training and validation loss", "confusion_test.png": "Confusion matrix on test",
-                 "grid_heatmap.png": "Validation metric over learning rate x dropout, per head"}
+                 "grid_heatmap.png": "Validation metric over learning rate x dropout, per head",
+                 "reliability_test.png": "Reliability diagram on test, before and after the temperature"}
 
 
 def _figure_lines(figures: list[Path], base: Path) -> list[str]:
@@ -252,12 +258,19 @@ def _run_lines(run: Run, figures: list[Path], base: Path, label: str, level: str
     intervals = run_intervals(run.path)
     settings = [[key, f"`{value}`"] for key, value in run.config.items() if not isinstance(value, dict)]
     epochs = run.metrics.get("epochs_run", len(run.metrics["history"]))
-    lines = [f"Best epoch {markdown.number(run.metrics['best_epoch'])} of {epochs} run.", "",
+    row = {"config": run.config, "best_epoch": run.metrics["best_epoch"], "epochs_run": epochs}
+    improving = (f" **Still improving at {epochs} epochs**: the best validation score came in the last epoch the "
+                 "cap allowed." if still_improving(row) else "")
+    if val_loss_falling(run.metrics["history"]):
+        improving += (" **Validation loss still falling**: it was lowest in the last epoch, so training stopped "
+                      "while the head still fitted.")
+    lines = [f"Best epoch {markdown.number(run.metrics['best_epoch'])} of {epochs} run.{improving}", "",
              f"{level} Configuration", ""]
     lines += markdown.table(["setting", "value"], settings) + [BATCH_NOTE, "", f"{level} Cache and encoders", ""]
     lines += _encoder_lines(run.config["cache"]) + [f"{level} Results", ""] + _results_lines(run.metrics, intervals)
     lines += [f"{level} Beside the published numbers (test)", ""]
     lines += _published_lines(run.config["cache"], label, run.metrics["test"], intervals)
+    lines += [f"{level} Calibration (test)", ""] + calibration_lines(run)
     return lines + [f"{level} Figures", ""] + _figure_lines(figures, base)
 
 
@@ -270,32 +283,89 @@ def _best_head_lines(summaries: list[Summary], metric: str, uncertainty: dict | 
         rows.append([head, f"{config['lr']:g}", f"{config['dropout']:g}", loss_label(config["loss"], config["gamma"]),
                      str(len(best.seeds)), f"{best.val_mean:.4f}{spread}"]
                     + [test_cell(best.test[m], best.test_std[m], len(best.seeds), (intervals or {}).get(m))
-                       for m in METRICS])
+                       for m in METRICS] + [improving_cell(best)])
     header = ["head", "lr", "dropout", "loss", "seeds", f"val {metric_title(metric)} (mean ± sd)",
-              "test accuracy", "test weighted F1", "test macro F1"]
-    note = ["Test cells: mean ± sd over seeds [95% CI of the seed mean: bootstrap over the test rows, 2,000 "
-            "resamples, seed 0, BCa (scipy.stats.bootstrap), every seed scored on the same resampled rows].", ""]
+              "test accuracy", "test weighted F1", "test macro F1", "under-training"]
+    note = [f"Test cells: mean ± sd over seeds [{interval_note((uncertainty or {}).get('resamples', RESAMPLES))}].",
+            ""]
     return markdown.table(header, rows) + (note if uncertainty else [])
 
 
+def improving_cell(best: Summary) -> str:
+    """Under-training of a configuration's seeds: stopped by the epoch cap still improving, or with the validation
+    loss still falling (heads/search/summary.py); '–' when neither."""
+    seeds = len(best.seeds)
+    parts = [f"still improving at {best.config.get('epochs')} epochs ({best.still_improving} of {seeds} seeds)"
+             if best.still_improving else "",
+             f"val loss still falling ({best.loss_falling} of {seeds} seeds)" if best.loss_falling else ""]
+    return "; ".join(part for part in parts if part) or "–"
+
+
+def undertraining_line(rows: list[dict]) -> str:
+    """How many runs the epoch cap stopped while their validation metric still improved, and how many stopped
+    (patience or the cap) while their validation loss still fell, each by learning rate."""
+    caps = ", ".join(str(cap) for cap in sorted({row["config"].get("epochs") for row in rows} - {None})) or "?"
+    count, by_lr = _by_lr(rows, still_improving)
+    line = (f"Under-training: {count} runs reached the epoch cap ({caps} epochs) with their best validation score in "
+            f"their last epoch ({by_lr})")
+    known = [row for row in rows if "val_loss_falling" in row]  # rows logged before the flag cannot tell
+    if known:
+        count, by_lr = _by_lr(known, lambda row: row["val_loss_falling"] is True)
+        line += (f"; {count} stopped, by patience on the validation metric or by the cap, with their lowest "
+                 f"validation loss in their last epoch ({by_lr})")
+    return line + ". More epochs might have helped them."
+
+
+def _by_lr(rows: list[dict], flag) -> tuple[str, str]:
+    """('k of n', 'lr 0.001: a of b, ...') of the rows `flag` marks."""
+    flagged = Counter(row["config"]["lr"] for row in rows if flag(row))
+    total = Counter(row["config"]["lr"] for row in rows)
+    return (f"{sum(flagged.values())} of {len(rows)}",
+            ", ".join(f"lr {lr:g}: {flagged[lr]} of {total[lr]}" for lr in sorted(total, reverse=True)))
+
+
 def test_cell(mean: float, sd: float, seeds: int, interval: dict | None) -> str:
-    """'mean ± sd [low, high]': the spread over seeds and the test-row bootstrap interval of the seed mean."""
+    """'mean ± sd [low, high]': the spread over seeds and the hierarchical bootstrap interval of the seed mean."""
     text = f"{mean:.4f}" + (f" ± {sd:.4f}" if seeds > 1 else "")
     return text + (f" [{interval['low']:.4f}, {interval['high']:.4f}]" if interval else "")
 
 
 def comparison_lines(uncertainty: dict | None) -> list[str]:
-    """The best fusion head minus each other head on the same test rows, with the paired bootstrap interval."""
+    """The best fusion head minus each other head on the same test rows: the paired hierarchical bootstrap interval,
+    p before and after Holm's correction, and whether the difference is significant (both must say so)."""
     if not uncertainty or not uncertainty.get("comparisons"):
         return ["No paired comparison: the grid has no test predictions, or no other head to compare with.", ""]
     metric = metric_title(uncertainty["metric"])
     rows = [[f"{c['a']} − {c['b']}", f"{c['difference']:+.4f}", f"[{c['low']:+.4f}, {c['high']:+.4f}]",
-             "yes" if c["excludes_zero"] else "no"] for c in uncertainty["comparisons"]]
-    header = ["comparison", f"test {metric} difference", "95% CI (paired bootstrap)", "CI excludes 0"]
-    note = (f"{uncertainty['best_fusion_head']} is the fusion head with the best validation score. Each "
-            f"resample draws {uncertainty['test_rows']} test rows with replacement and scores both heads (every "
-            "seed) on them; an interval that holds 0 means the difference is within the noise of this test set.")
+             "yes" if c["excludes_zero"] else "no", _p(c.get("p_value")), _p(c.get("p_holm")),
+             _significant(c)] for c in uncertainty["comparisons"]]
+    header = ["comparison", f"test {metric} difference", "95% CI (hierarchical)", "CI excludes 0", "p", "p (Holm)",
+              "significant"]
+    note = (f"{uncertainty['best_fusion_head']} is the fusion head with the best validation score. Each of the "
+            f"{uncertainty['resamples']:,} resamples draws each head's seeds with replacement, then "
+            f"{uncertainty['test_rows']} test rows with replacement, and scores every drawn seed of both heads on "
+            "those rows; an interval that holds 0 means the difference is within the noise of the seeds and the test "
+            f"set. p is the bootstrap's two-sided p-value; p (Holm) corrects it across these "
+            f"{len(uncertainty['comparisons'])} comparisons. A difference is significant only when its interval "
+            "excludes 0 and p (Holm) <= 0.05.")
     return markdown.table(header, rows) + [note, ""]
+
+
+def _p(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _significant(comparison: dict) -> str:
+    """'yes'/'no'; '-' for a comparison stored before Holm's correction was kept (no p-values to judge by)."""
+    return "-" if "significant" not in comparison else ("yes" if comparison["significant"] else "no")
+
+
+def _readings(report_dir: Path, config: dict[str, Any], heads: list[str]) -> list[str]:
+    """The "How we read the paper" block with the values `config` (a run's, or a grid's best) trained with."""
+    dual = ("tokens" if config.get("tokens") is True else "pooled") if "dual_attn" in heads else None
+    return readings_lines(report_dir, batch_size=config.get("batch_size", "?"),
+                          max_length=(config.get("cache") or {}).get("max_length"), epochs=config.get("epochs", "?"),
+                          patience=config.get("patience", "?"), hidden=config.get("hidden", 256), dual_attn=dual)
 
 
 def _pooled_note_lines(heads: list[str], run_config: dict[str, Any]) -> list[str]:
@@ -320,10 +390,11 @@ def _write_grid_report(grid_dir: Path) -> Report:
     summaries = summarise(results["rows"], metric)
     heatmap = plot_grid(grid_cells(summaries), metric, grid_dir / "grid_heatmap.png")
     seeds = len({row["config"].get("seed") for row in results["rows"]})
-    lines = [f"# Grid report: {results['cache']['dataset']}", "",
-             f"{len(results['rows'])} runs ({len(summaries)} settings x up to {seeds} seeds), "
-             f"selected by validation {metric_title(metric)}.", ""]
-    lines += _pooled_note_lines([row["config"]["head"] for row in results["rows"]], best.config)
+    heads = [row["config"]["head"] for row in results["rows"]]
+    lines = [f"# Grid report: {results['cache']['dataset']}", ""] + _readings(grid_dir, best.config, heads)
+    lines += [f"{len(results['rows'])} runs ({len(summaries)} settings x up to {seeds} seeds), "
+              f"selected by validation {metric_title(metric)}.", "", undertraining_line(results["rows"]), ""]
+    lines += _pooled_note_lines(heads, best.config)
     lines += _encoder_lines(results["cache"]) + ["## Validation metric over learning rate x dropout", ""]
     lines += _figure_lines([heatmap], grid_dir) + ["## Best configuration per head", ""]
     uncertainty = results.get("uncertainty")
@@ -341,6 +412,7 @@ def write_report(run_dir: Path) -> Report:
     run = Run.read(run_dir)
     figures = _run_figures(run)
     title = f"# Run report: {run.config['head']} on {run.config['cache']['dataset']}"
-    lines = [title, ""] + _pooled_note_lines([run.config["head"]], run.config)
+    lines = [title, ""] + _readings(run_dir, run.config, [run.config["head"]])
+    lines += _pooled_note_lines([run.config["head"]], run.config)
     lines += _run_lines(run, figures, run_dir, f"this run ({run.config['head']})")
     return Report(_write_text(run_dir / "report.md", lines), figures)

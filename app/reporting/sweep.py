@@ -6,8 +6,9 @@ between them on the same test rows.
 Each cache gets an ordinary grid directory (`OUT/NAME/`, resumable, `fusion report` works on it). Then, per cache,
 the configuration chosen on validation (overall, and per head) is scored on the test rows with a 95% bootstrap
 interval, and every other cache is compared with the one whose chosen configuration is best on validation, by a
-paired bootstrap of the difference on the same test rows (app/reporting/stats.py: scipy.stats.bootstrap, paired). The
-test predictions come from the grid's rows (`test_pred`, heads/search/grid.py). Caches of different datasets, or
+paired hierarchical bootstrap of the difference (seeds, then the same test rows; app/reporting/stats.py), with Holm's
+correction across all the differences of the sweep's table. The test predictions come from the grid's rows
+(`test_pred`, heads/search/grid.py). Caches of different datasets, or
 whose test rows differ (other ids, other labels), are refused before any training.
 """
 
@@ -19,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.app.reporting.stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, metric_ci, paired_difference
+from fusion.app.reporting.stats import (BOOTSTRAP_SEED, HOLM, LEVEL, METHOD, RESAMPLES, judge, metric_ci,
+                                        paired_difference)
 from fusion.cache.reader import check_header, decode_strings, open_cache, read_dataset
 from fusion.errors import FusionError
 from fusion.heads.search.summary import Summary, best_per_head, summarise
 from fusion.heads.result import decode_labels
 
-METHOD = "BCa interval from scipy.stats.bootstrap; paired: both caches scored on the same resampled test rows"
 SWEEP_FILE = "sweep.json"
 
 
@@ -119,11 +120,14 @@ def compare(caches: list[SweepCache], rows: dict[str, list[dict]], metric: str, 
                         "chosen": {key: _scored(summary, y_true, predictions[cache.name][key], metric, resamples)
                                    for key, summary in chosen.items()}})
     leader = max(entries, key=lambda entry: entry["chosen"]["best"]["val_mean"])
-    differences = [_difference(leader, entry, key, y_true, predictions, metric, resamples)
-                   for entry in entries if entry is not leader
-                   for key in entry["chosen"] if key in leader["chosen"]]
+    pairs = [(entry, key) for entry in entries if entry is not leader for key in entry["chosen"]
+             if key in leader["chosen"]]
+    intervals = [paired_difference(y_true, predictions[leader["name"]][key], predictions[entry["name"]][key], metric,
+                                   resamples=resamples, seed=BOOTSTRAP_SEED, level=LEVEL) for entry, key in pairs]
+    differences = [{"a": leader["name"], "b": entry["name"], "what": key, **judged}
+                   for (entry, key), judged in zip(pairs, judge(intervals, LEVEL))]
     return {"metric": metric, "level": LEVEL, "resamples": resamples, "bootstrap_seed": BOOTSTRAP_SEED,
-            "method": METHOD, "dataset": caches[0].attrs.get("dataset"), "test_rows": len(order),
+            "method": METHOD, "correction": HOLM, "dataset": caches[0].attrs.get("dataset"), "test_rows": len(order),
             "leader": leader["name"], "caches": entries, "differences": differences}
 
 
@@ -131,11 +135,3 @@ def _scored(summary: Summary, y_true: np.ndarray, predictions: np.ndarray, metri
     interval = metric_ci(y_true, predictions, metric, resamples=resamples, seed=BOOTSTRAP_SEED, level=LEVEL)
     return {"config": summary.config, "seeds": summary.seeds, "val_mean": summary.val_mean,
             "val_sd": summary.val_std, "test": {"value": interval.value, "low": interval.low, "high": interval.high}}
-
-
-def _difference(leader: dict, other: dict, key: str, y_true: np.ndarray, predictions: dict, metric: str,
-                resamples: int) -> dict:
-    interval = paired_difference(y_true, predictions[leader["name"]][key], predictions[other["name"]][key], metric,
-                                 resamples=resamples, seed=BOOTSTRAP_SEED, level=LEVEL)
-    return {"a": leader["name"], "b": other["name"], "what": key, "difference": interval.value,
-            "low": interval.low, "high": interval.high, "excludes_zero": interval.excludes_zero()}

@@ -21,7 +21,7 @@ def write_sweep_report(out: Path, document: dict) -> tuple[Path, Path]:
              f"encoders. Configurations are chosen on validation {_name(document)}; their test "
              f"{_name(document)} is shown with its {document['level']:.0%} bootstrap interval over the "
              f"{document['test_rows']} test rows (mean over seeds when several). {document['method']}, "
-             f"{document['resamples']} resamples.", "",
+             f"{document['resamples']} resamples; {document.get('correction', 'no correction')}.", "",
              "## Best configuration per cache", "", *_best_table(document),
              "## Per head", "", *_head_table(document),
              f"## Differences from {document['leader']} (best on validation)", "", *_difference_table(document),
@@ -66,8 +66,12 @@ def _head_table(document: dict) -> list[str]:
 
 def _difference_table(document: dict) -> list[str]:
     rows = [[f"{d['a']} − {d['b']}", d["what"], f"{d['difference']:+.4f}", f"[{d['low']:+.4f}, {d['high']:+.4f}]",
-             "yes" if d["excludes_zero"] else "no"] for d in document["differences"]]
-    return markdown.table(["caches", "configuration", f"Δ test {_name(document)}", "95% CI", "excludes 0"], rows)
+             "yes" if d["excludes_zero"] else "no", f"{d['p_holm']:.3f}", "yes" if d["significant"] else "no"]
+            for d in document["differences"]]
+    note = (f"p (Holm): the bootstrap's two-sided p-value, corrected across the {len(document['differences'])} "
+            "differences of this table; significant = the interval excludes 0 and p (Holm) <= 0.05.")
+    return markdown.table(["caches", "configuration", f"Δ test {_name(document)}", "95% CI", "excludes 0", "p (Holm)",
+                           "significant"], rows) + [note, ""]
 
 
 def plot_heads(document: dict, path: Path) -> Path:

@@ -1,7 +1,8 @@
-"""How sure a grid's test numbers are: per head, the best configuration's test metrics with 95% bootstrap intervals
-and their mean ± sd over seeds; then the best fusion head against every other head by a paired bootstrap on the same
-test rows. The result is a JSON-ready dict that `fusion grid` and `fusion reproduce` store in results.json and the
-reports print. Statistics: app/reporting/stats.py (scipy.stats.bootstrap).
+"""How sure a grid's test numbers are: per head, the best configuration's test metrics with 95% hierarchical bootstrap
+intervals (seeds, then test rows) and their mean ± sd over seeds; then the best fusion head against every other head by
+a paired hierarchical bootstrap on the same test rows, Holm-corrected across those comparisons, a difference called
+significant only when its interval excludes 0 and Holm agrees. The result is a JSON-ready dict that `fusion grid` and
+`fusion reproduce` store in results.json and the reports print. Statistics: app/reporting/stats.py.
 """
 
 from __future__ import annotations
@@ -10,14 +11,12 @@ import json
 
 import numpy as np
 
-from fusion.app.reporting.stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, metric_ci, paired_difference
+from fusion.app.reporting.stats import (BOOTSTRAP_SEED, HOLM, LEVEL, METHOD, RESAMPLES, judge, metric_ci,
+                                        paired_difference)
 from fusion.heads.search.summary import Summary, best_per_head, summarise
 from fusion.heads.registry import HEADS
 from fusion.heads.result import decode_labels, encode_labels
 from fusion.paper import METRICS
-
-METHOD = "BCa interval from scipy.stats.bootstrap, test rows resampled (paired across models and seeds)"
-
 
 def bootstrap_rows(split) -> dict | None:
     """What a grid needs to bootstrap its test predictions: the test split's ids and labels (digit string)."""
@@ -38,13 +37,16 @@ def grid_uncertainty(rows: list[dict], labels: dict | None, metric: str, *,
     heads = {head: _head_block(summary, y_true, predictions[head], resamples) for head, summary in best.items()}
     fusion = [head for head in best if len(HEADS[head].modalities) > 1]
     document = {"metric": metric, "level": LEVEL, "resamples": resamples, "bootstrap_seed": BOOTSTRAP_SEED,
-                "method": METHOD, "test_rows": int(len(y_true)), "heads": heads, "best_fusion_head": None,
-                "comparisons": []}
+                "method": METHOD, "correction": HOLM, "test_rows": int(len(y_true)), "heads": heads,
+                "best_fusion_head": None, "comparisons": []}
     if fusion:
         leader = max(fusion, key=lambda head: best[head].val_mean)  # chosen on validation, like everything else
         document["best_fusion_head"] = leader
-        document["comparisons"] = [_comparison(leader, other, y_true, predictions, metric, resamples)
-                                   for other in _comparison_order(best, leader)]
+        others = _comparison_order(best, leader)
+        differences = [paired_difference(y_true, predictions[leader], predictions[other], metric,
+                                         resamples=resamples, seed=BOOTSTRAP_SEED, level=LEVEL) for other in others]
+        document["comparisons"] = [{"a": leader, "b": other, "metric": metric, **judged}
+                                   for other, judged in zip(others, judge(differences, LEVEL))]
     return document
 
 
@@ -70,10 +72,3 @@ def _comparison_order(best: dict[str, Summary], leader: str) -> list[str]:
     """Ablations first (the question the paper asks), then the other fusion heads."""
     others = [head for head in best if head != leader]
     return sorted(others, key=lambda head: (len(HEADS[head].modalities) > 1, list(HEADS).index(head)))
-
-
-def _comparison(leader: str, other: str, y_true: np.ndarray, predictions: dict, metric: str, resamples: int) -> dict:
-    interval = paired_difference(y_true, predictions[leader], predictions[other], metric, resamples=resamples,
-                                 seed=BOOTSTRAP_SEED, level=LEVEL)
-    return {"a": leader, "b": other, "metric": metric, "difference": interval.value, "low": interval.low,
-            "high": interval.high, "excludes_zero": interval.excludes_zero()}

@@ -1,8 +1,10 @@
 """Stratified, seeded splits computed on the label list alone (before any file is read).
 
-Sizes: each held-out part is 10% of the rows, to the nearest ten from 1,000 rows up. That rule reproduces the
-published MVSA splits exactly (Single 4,511 -> 3,611/450/450, Multi 17,024 -> 13,624/1,700/1,700), which plain
-rounding does not (it gives 451 and 1,702).
+Sizes: each held-out part is 10% of the rows, to the nearest ten from 1,000 rows up. That rule gives the sizes of
+the MVSA splits in the literature (Single 4,511 -> 3,611/450/450, Multi 17,024 -> 13,624/1,700/1,700), which plain
+rounding does not (it gives 451 and 1,702). Only the sizes match: which posts fall in which part is this module's
+seeded stratified draw, not any published split, so numbers measured on it are not like for like with published
+ones. A published split is applied by id with `--split-file` (extract/datasets/splitfile.py).
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ With `prune` (`fusion grid --prune`, heads/search/prune.py) each pass drops its 
 are still written, marked with `pruned_at` (the rung epoch) and holding their best validation score until then, so
 the results stay complete and the choice is made among all rows. A later exhaustive run of the same grid retrains the
 pruned configurations (a pruned row is not a finished run); a pruned run keeps them.
+
+A row that reached the epoch cap with its best validation score in its last epoch is marked `still_improving`, and a
+row whose validation loss was lowest in its last epoch `val_loss_falling` (early stopping on the metric, or the cap,
+ended it while the loss still fell): more epochs might have helped either (heads/search/summary.py).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from fusion.heads.config import FitConfig, config_from_dict
 from fusion.heads.search.configs import config_key, config_key_from_row
 from fusion.heads.search.prune import Pruning
+from fusion.heads.search.summary import still_improving, val_loss_falling
 from fusion.heads.result import FitResult, encode_labels
 from fusion.heads.train import train_many
 
@@ -32,12 +37,15 @@ RESULTS_LOG = "results.jsonl"
 
 
 def result_row(result: FitResult) -> dict:
-    """test_pred: the test predictions as a digit string (result.encode_labels), for bootstrap intervals."""
+    """test_pred: the test predictions as a digit string (result.encode_labels), for bootstrap intervals;
+    still_improving, val_loss_falling: under-training, heads/search/summary.py."""
     predictions = result.test_predictions
-    return {"config": dataclasses.asdict(result.config), "val": result.val, "test": result.test,
-            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": result.seconds,
-            "test_pred": None if predictions is None else encode_labels(predictions.y_pred),
-            "pruned_at": result.pruned_at, "device": result.device}
+    row = {"config": dataclasses.asdict(result.config), "val": result.val, "test": result.test,
+           "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": result.seconds,
+           "test_pred": None if predictions is None else encode_labels(predictions.y_pred),
+           "pruned_at": result.pruned_at, "device": result.device, "calibration": result.calibration}
+    return {**row, "still_improving": still_improving(row),
+            "val_loss_falling": val_loss_falling(result.history, result.pruned_at)}
 
 
 def read_log(path: Path) -> list[dict]:
@@ -110,6 +118,7 @@ def run_grid(features, configs: list[FitConfig], out: Path, *,
 
 
 def _with_config_defaults(row: dict) -> dict:
-    """A row logged before a config field existed, with that field's value then (FitConfig's ADDED_FIELDS), so
-    it reads like the rows written now."""
-    return {**row, "config": dataclasses.asdict(config_from_dict(row["config"]))}
+    """A row logged before a config field (or the still_improving flag) existed, with that field's value then
+    (FitConfig's ADDED_FIELDS), so it reads like the rows written now."""
+    return {**row, "config": dataclasses.asdict(config_from_dict(row["config"])),
+            "still_improving": still_improving(row)}

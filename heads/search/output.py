@@ -26,7 +26,8 @@ def csv_row(row: dict) -> dict:
         for label in LABELS:
             flat[f"{block}_f1_{label}"] = row[block]["per_class_f1"][label]
     flat.update(best_epoch=row["best_epoch"], epochs_run=row["epochs_run"], seconds=round(row["seconds"], 3),
-                pruned_at=row.get("pruned_at"))
+                pruned_at=row.get("pruned_at"), still_improving=row.get("still_improving"),
+                val_loss_falling=row.get("val_loss_falling"))
     return flat
 
 
