@@ -293,10 +293,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_fusion_serve_command_serves_the_run_on_loopback(tiny_run, capsys, monkeypatch):
-    """The command as a user runs it, in a thread of this process (a fresh one would spend most of the test
-    importing torch and transformers); the test stops the uvicorn server the command made, as Ctrl+C would."""
-    made = []
+@contextmanager
+def _serve_command(monkeypatch, argv: list[str]):
+    """`fusion serve` run as a user runs it, in a thread of this process (a fresh one would spend most of the test
+    importing torch and transformers): yields the uvicorn server the command made, once it has started, and the
+    command's exit codes (filled when it returns); on leaving, stops the server as Ctrl+C would."""
+    made, codes = [], []
 
     class Recorded(uvicorn.Server):
         def __init__(self, config):
@@ -304,8 +306,6 @@ def test_fusion_serve_command_serves_the_run_on_loopback(tiny_run, capsys, monke
             made.append(self)
 
     monkeypatch.setattr(uvicorn, "Server", Recorded)
-    port, codes = _free_port(), []
-    argv = ["serve", "--run", str(tiny_run.run), "--port", str(port), "--device", "cpu"]
     thread = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
     thread.start()
     try:
@@ -313,12 +313,20 @@ def test_fusion_serve_command_serves_the_run_on_loopback(tiny_run, capsys, monke
         while not (made and made[0].started):
             assert thread.is_alive() and time.monotonic() < deadline, codes
             time.sleep(0.01)
-        answer = _post(f"http://127.0.0.1:{port}", tiny_run.images[4], tiny_run.texts[4]).json()
+        yield made[0], codes
     finally:
         if made:
             made[0].should_exit = True
-        thread.join(timeout=30)
-    assert codes == [0] and made[0].config.host == "127.0.0.1"
+        thread.join(timeout=60)
+
+
+def test_fusion_serve_command_serves_the_run_on_loopback(tiny_run, capsys, monkeypatch):
+    """The command as a user runs it (_serve_command), answering as `fusion predict` does."""
+    port = _free_port()
+    with _serve_command(monkeypatch, ["serve", "--run", str(tiny_run.run), "--port", str(port), "--device", "cpu"]) \
+            as (server, codes):
+        answer = _post(f"http://127.0.0.1:{port}", tiny_run.images[4], tiny_run.texts[4]).json()
+    assert codes == [0] and server.config.host == "127.0.0.1"
     assert f"http://127.0.0.1:{port}/" in capsys.readouterr().out
     expected = _predicted_by_cli(tiny_run.run, tiny_run.images[4], tiny_run.texts[4], capsys)
     assert answer["probabilities"] == expected["probabilities"]
@@ -550,27 +558,12 @@ def test_an_fp16_run_serves_on_a_cpu_in_fp32_with_the_head_beside_the_encoders(t
             "max_length": 16, "device_type": "cuda"}
     run = save_run(tmp_path / "run", train_head(features, FitConfig(head="basic", epochs=1)), cache=meta)
     image = write_image(tmp_path / "post.jpg", 3)
-    made = []
-
-    class Recorded(uvicorn.Server):
-        def __init__(self, config):
-            super().__init__(config)
-            made.append(self)
-
-    monkeypatch.setattr(uvicorn, "Server", Recorded)
-    port, codes = _free_port(), []
-    thread = threading.Thread(target=lambda: codes.append(main(["serve", "--run", str(run), "--port", str(port),
-                                                                "--device", "cpu"])), daemon=True)
-    thread.start()
-    try:
-        _until(lambda: made and made[0].started, "fusion serve started")
+    port = _free_port()
+    with _serve_command(monkeypatch, ["serve", "--run", str(run), "--port", str(port), "--device", "cpu"]) \
+            as (_, codes):
         url = f"http://127.0.0.1:{port}"
         answer = _post(url, image, "not bad")
         ready = httpx.get(f"{url}/ready", timeout=60).json()
-    finally:
-        if made:
-            made[0].should_exit = True
-        thread.join(timeout=60)
     err = capsys.readouterr().err
     assert codes == [0] and answer.status_code == 200 and answer.json()["label"] in LABELS
     assert ready["precision"] == "fp32" and ready["device"] == "cpu"
