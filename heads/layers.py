@@ -58,6 +58,42 @@ def stacked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     return columns(y)
 
 
+def piece_linear(x: Tensor, qkv_weight: Tensor, index: int) -> Tensor:
+    """stacked_linear(x, W) with W the piece `index` (0, 1, 2: W_Q, W_K, W_V) of a weight qkv_pieces reads, whose
+    gradient is written straight into its place in the whole weight's, the other pieces' zeroed: through qkv_pieces
+    autograd would stack all three pieces' gradients, zeros included, in a pass of its own."""
+    return columns(_PieceProduct.apply(columns(x), qkv_weight, index))
+
+
+def _piece(qkv_weight: Tensor, index: int) -> Tensor:
+    if qkv_weight.dim() == 4:
+        return qkv_weight[index]
+    dim = qkv_weight.shape[-1]
+    return qkv_weight.narrow(1, index * dim, dim)
+
+
+class _PieceProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, qkv_weight: Tensor, index: int) -> Tensor:
+        ctx.save_for_backward(x, qkv_weight)
+        ctx.index = index
+        return torch.bmm(_piece(qkv_weight, index), x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, qkv_weight = ctx.saved_tensors
+        x_grad = weight_grad = None
+        if ctx.needs_input_grad[0]:
+            x_grad = torch.bmm(_piece(qkv_weight, ctx.index).transpose(1, 2), grad)
+        if ctx.needs_input_grad[1]:
+            weight_grad = torch.empty_like(qkv_weight)
+            for other in range(3):
+                if other != ctx.index:
+                    _piece(weight_grad, other).zero_()
+            torch.bmm(grad, x.transpose(1, 2), out=_piece(weight_grad, ctx.index))
+        return x_grad, weight_grad, None
+
+
 @dataclass(frozen=True)
 class DropoutRates:
     """Per-model dropout rates as dropout reads them, made once (a trainer's epoch), not per step: the distinct rates

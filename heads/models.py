@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from fusion.heads.config import FitConfig
 from fusion.heads.registry import HEADS, NUM_CLASSES, HeadSpec, fused_dim
 from fusion.heads.features import Modality, pooled_modality
-from fusion.heads.layers import (DropoutRates, columns, dropout, linear_init, pair_self_attention, qkv_pieces,
-                                 shared_linear, stacked_linear, token_cross_attention)
+from fusion.heads.layers import (DropoutRates, columns, dropout, linear_init, pair_self_attention, piece_linear,
+                                 qkv_pieces, shared_linear, stacked_linear, token_cross_attention)
 
 def param_shapes(spec: HeadSpec, text_dim: int, image_dim: int, proj_dim: int, hidden: int) -> dict[str, tuple]:
     """Every parameter's name and single-model shape, in a fixed order (the init draws follow it)."""
@@ -107,12 +107,12 @@ def _cross(params: dict[str, Tensor], latent: Tensor, modality: str, other_laten
            other_features: Modality, attention: dict[str, Tensor] | None = None) -> Tensor:
     """One modality's latent (M, B, d) attends to the other modality's tokens -> (M, B, d); the weights it used go
     to attention[other] when a dict is given (pooled: none, a single key's weight is 1)."""
-    query_weight = qkv_pieces(params[f"cross.{modality}_qkv.weight"])[0]
-    _, other_key_weight, other_value_weight = qkv_pieces(params[f"cross.{other}_qkv.weight"])
     if other_features.pooled:
         # A softmax over a single key is exactly 1, so the result is that key's value: W_Q and W_K drop out
         # (registry.pooled_dual_attn_note says so to the user).
-        return stacked_linear(other_latent, other_value_weight)
+        return piece_linear(other_latent, params[f"cross.{other}_qkv.weight"], 2)
+    query_weight = qkv_pieces(params[f"cross.{modality}_qkv.weight"])[0]
+    _, other_key_weight, other_value_weight = qkv_pieces(params[f"cross.{other}_qkv.weight"])
     query = stacked_linear(latent, query_weight)
     weights: list[Tensor] | None = None if attention is None else []
     attended = token_cross_attention(query, other_features.tokens, other_features.mask, params[f"{other}_proj.weight"],

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fusion.heads.layers import pair_self_attention
+from fusion.heads.layers import pair_self_attention, piece_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,3 +50,27 @@ def test_the_first_token_can_take_all_the_weight():
     first, second = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]]), torch.tensor([[[0.2, 0.0, 0.0, 0.0]]])
     out = pair_self_attention(first, second, qkv)
     torch.testing.assert_close(out, torch.cat((2 * first, 2 * first), dim=-1))
+
+
+@pytest.mark.parametrize("by_pieces", [False, True])  # (M, 3d, d) as saved runs hold it; (3, M, d, d) as trainers do
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_one_piece_of_a_qkv_weight_gives_the_products_and_gradients_of_that_piece_alone(index, by_pieces):
+    generator = torch.Generator().manual_seed(3)
+    models, batch, d = 3, 5, 8
+    x = torch.randn(models, batch, d, generator=generator, dtype=torch.float64)
+    qkv = torch.randn(models, 3 * d, d, generator=generator, dtype=torch.float64)
+    downstream = torch.randn(models, batch, d, generator=generator, dtype=torch.float64)
+    ours_x, ours_qkv = x.clone().requires_grad_(), qkv.clone()
+    if by_pieces:
+        ours_qkv = ours_qkv.unflatten(1, (3, d)).transpose(0, 1).contiguous()
+    ours_qkv.requires_grad_()
+    out = piece_linear(ours_x, ours_qkv, index)
+    (out * downstream).sum().backward()
+    # The reference: x_b W^T with W rows index*d .. (index+1)*d of each model's [W_Q; W_K; W_V], by einsum.
+    ref_x, ref_qkv = x.clone().requires_grad_(), qkv.clone().requires_grad_()
+    expected = torch.einsum("mbk,mjk->mbj", ref_x, ref_qkv[:, index * d:(index + 1) * d])
+    (expected * downstream).sum().backward()
+    qkv_grad = ours_qkv.grad.transpose(0, 1).flatten(1, 2) if by_pieces else ours_qkv.grad
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(qkv_grad, ref_qkv.grad, rtol=1e-12, atol=1e-12)  # the other pieces' are 0
