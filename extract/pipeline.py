@@ -120,6 +120,11 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
                              f"or is damaged; delete it or choose another --out")
         remove_leftover_partial(config.out)  # a kill between the final rename and the cleanup leaves it
         return summarise_extraction(config, data, plan, rows_computed=0, started=started, already_complete=True)
+    if config.tokens and not partial_dir(config.out).exists():
+        # Before the duplicate pass, which decodes every image: with every row still to compute (--dedupe can only
+        # make it fewer), a disk that cannot hold them is refused at once.
+        rows = len(data.samples) + len(data.skipped)  # make_plan's rows
+        check_disk_for_tokens(config.out, encoders, config.max_length, rows, rows)
     data, plan = with_duplicates(config, data, encoders)
     refuse_resume_on_other_device(config.out, plan)
     notes: list[str] = []

@@ -213,8 +213,11 @@ def test_too_little_free_disk_for_the_tokens_is_refused_in_one_line(tmp_path, ti
     expected = write_mvsa(tmp_path / "data", kind="single", n_per_class=4, seed=5)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("fusion.extract.pipeline.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 4096, 4096))
+    decoded = []  # the duplicate pass decodes every image: a refusal must come before it
+    monkeypatch.setattr("fusion.extract.pipeline.image_digests", lambda images, **_: decoded.append(images))
     out = tmp_path / "out"
     assert main(reproduce_argv(tmp_path / "data", out, tiny_models) + ["--tokens"]) == 1
+    assert decoded == []
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
     # Tiny BERT: 32 wide, 64 positions; tiny DINOv2: 24 wide, 28-pixel images in 14-pixel patches plus the CLS.
