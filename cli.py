@@ -399,6 +399,8 @@ def reproduce(
     split_file: list[str] = typer.Option([], help="NAME=PATH, repeatable: an id,split file fixing the split of "
                                          f"NAME ({', '.join(paper.DATASETS)}), e.g. a published split.",
                                          callback=_split_file_pairs),
+    dedupe: bool = typer.Option(False, "--dedupe", help="Drop validation and test posts that duplicate a training "
+                                "post (text or pixels). Off: the paper's protocol."),
 ) -> None:
     """The paper's study in one command: extract each dataset found, train the grid and ablations with several seeds,
     write reproduction.md with intervals beside the published numbers (resumable)."""
@@ -408,7 +410,7 @@ def reproduce(
                               device=device, precision=precision, workers=workers, heads=_split_list(heads),
                               lrs=_split_list(lrs, float), dropouts=_split_list(dropouts, float),
                               losses=_split_list(losses), epochs=epochs, patience=patience, resamples=resamples,
-                              tokens=tokens, split_files=dict(split_file), progress=progress_bar)
+                              tokens=tokens, split_files=dict(split_file), dedupe=dedupe, progress=progress_bar)
     for name, why in result.skipped.items():
         console.print(f"skipped {name}: {why}")
     console.print(f"reproduction: {result.markdown} ({len(result.figures)} figures)")

@@ -200,13 +200,14 @@ def reproduce(*, data: Path | str, out: Path | str = "reproduction", seeds: int 
               lrs: Iterable[float] = paper.LRS, dropouts: Iterable[float] = paper.DROPOUTS,
               losses: Iterable[str] = paper.LOSSES, epochs: int = FitConfig.epochs,
               patience: int = FitConfig.patience, resamples: int | None = None, tokens: bool = False,
-              split_files: Mapping[str, Path | str] | None = None,
+              split_files: Mapping[str, Path | str] | None = None, dedupe: bool = False,
               progress: Progress | None = None) -> ReproductionResult:
     """The paper's study: every dataset found under `data` extracted, its grid and ablations trained with several
     seeds, and reproduction.md written with intervals beside the published numbers (resumable).
 
     tokens: also extract token sequences and train dual_attn on them beside the pooled heads; split_files:
-    {dataset: id,split file} fixing a dataset's split (a published one, e.g. {"mvsa-single": "clmlf.tsv"})."""
+    {dataset: id,split file} fixing a dataset's split (a published one, e.g. {"mvsa-single": "clmlf.tsv"});
+    dedupe: drop validation and test posts that duplicate a training post (off: the paper's protocol)."""
     _require(Path(data), "data folder", folder=True)
     check_device_name(device)
     check_encoder_precision(precision)
@@ -220,7 +221,7 @@ def reproduce(*, data: Path | str, out: Path | str = "reproduction", seeds: int 
                              image_model=image_model, device=device, precision=precision, workers=workers,
                              heads=tuple(heads), lrs=tuple(float(lr) for lr in lrs),
                              dropouts=tuple(float(d) for d in dropouts), losses=tuple(losses), epochs=epochs,
-                             patience=patience, tokens=tokens, split_files=split_files,
+                             patience=patience, tokens=tokens, split_files=split_files, dedupe=dedupe,
                              **({} if resamples is None else {"resamples": resamples}))
     reproduction = run_reproduce(config, progress)
     markdown, figures = write_reproduction(reproduction)

@@ -61,6 +61,7 @@ class ReproduceConfig:
     resamples: int = RESAMPLES
     tokens: bool = False  # also extract token sequences and train dual_attn on them
     split_files: tuple[tuple[str, Path], ...] = ()  # (dataset, id,split file): a published split, applied by id
+    dedupe: bool = False  # drop val/test posts that duplicate a training post (not the paper's protocol)
 
     def split_file(self, dataset: str) -> Path | None:
         return dict(self.split_files).get(dataset)
@@ -121,9 +122,10 @@ def reproduce(config: ReproduceConfig, progress: Progress | None = None) -> Repr
 
 
 def cache_stem(config: ReproduceConfig, name: str) -> str:
-    """The name of a dataset's cache and grid: one per setting that changes the cache (tokens, split file)."""
+    """The name of a dataset's cache and grid: one per setting that changes the cache (tokens, dedupe, split
+    file)."""
     split_file = config.split_file(name)
-    stem = name + ("-tokens" if config.tokens else "")
+    stem = name + ("-tokens" if config.tokens else "") + ("-dedupe" if config.dedupe else "")
     if split_file is not None:
         stem += f"-split-{hashlib.sha256(Path(split_file).read_bytes()).hexdigest()[:12]}"
     return stem
@@ -136,7 +138,8 @@ def reproduce_dataset(config: ReproduceConfig, name: str, root: Path, progress: 
     extract_config = ExtractConfig(dataset=name, root=root, out=cache_path, text_model=config.text_model,
                                    image_model=config.image_model, device=config.device, precision=config.precision,
                                    batch_size=config.extract_batch_size, split_seed=config.split_seed,
-                                   workers=config.workers, tokens=config.tokens, split_file=config.split_file(name))
+                                   workers=config.workers, tokens=config.tokens, split_file=config.split_file(name),
+                                   dedupe=config.dedupe)
     with progress_of(progress, f"extract {name}", "samples") as update:
         extraction = extract(extract_config, update)
     features, meta = load_features(cache_path)

@@ -139,3 +139,22 @@ def test_reports_show_the_counts_from_the_results_cache_meta(extracted):
     assert "dropped the 1 validation and 2 test posts" in " ".join(duplicate_lines(load_features(deduped)[1]))
     assert duplicate_lines({}) == ["- Duplicates across splits: not counted (a cache written before fusion counted "
                                    "them)."]
+
+
+def test_reproduce_dedupe_extracts_without_the_duplicates_and_says_so(tmp_path, tiny_models):
+    planted = write_planted_duplicates(tmp_path / "data")
+    bert, dinov2 = tiny_models
+    out = tmp_path / "out"
+    argv = ["reproduce", "--data", str(tmp_path / "data"), "--out", str(out), "--text-model", str(bert),
+            "--image-model", str(dinov2), "--heads", "basic", "--seeds", "1", "--lrs", "1e-2", "--dropouts", "0",
+            "--losses", "ce", "--epochs", "1", "--resamples", "100", "--device", "cpu", "--workers", "0",
+            "--split-file", f"mvsa-single={planted.split_file}", "--dedupe"]
+    assert main(argv) == 0
+    [cache_path] = (out / "caches").glob("mvsa-single-dedupe-split-*.h5")  # its own cache beside a kept one
+    cache = read_cache(cache_path)
+    assert cache.attrs["dedupe"] is True
+    for name, ids in planted.splits.items():
+        assert sorted(map(str, cache.splits[name].id)) == sorted(set(ids) - set(planted.of_training))
+    text = " ".join((out / "reproduction.md").read_text().split())
+    assert "were dropped (--dedupe), which the paper's protocol does not do" in text
+    assert "`--dedupe` dropped the 1 validation and 2 test posts that duplicated a training post." in text

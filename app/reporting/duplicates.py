@@ -22,7 +22,7 @@ def duplicate_lines(cache: dict) -> list[str]:
                       for pair, n in split_pairs(record))
     if record.get("dedupe"):
         dropped = record.get("dropped", {})
-        action = (f"`fusion extract --dedupe` dropped the {dropped.get('val', 0)} validation and "
+        action = (f"`--dedupe` dropped the {dropped.get('val', 0)} validation and "
                   f"{dropped.get('test', 0)} test posts that duplicated a training post.")
     else:
         action = ("They were kept, as the paper's protocol does (`fusion extract --dedupe` drops the validation and "

@@ -72,6 +72,9 @@ def _header_lines(reproduction: Reproduction) -> list[str]:
     if config.tokens:
         lines.append("- Token sequences: every cache holds them; dual_attn trained on them as well as on the pooled "
                      "features (two rows per dataset).")
+    if config.dedupe:
+        lines.append("- Duplicates: validation and test posts that duplicate a training post were dropped (--dedupe), "
+                     "which the paper's protocol does not do; each dataset says how many.")
     holm = " (with token sequences, within each of the two comparison tables)" if config.tokens else ""
     lines += ["- Each head's configuration is chosen on validation alone (weighted F1 for MVSA, macro F1 for "
               "Memotion, mean over seeds); test numbers are mean ± sd over seeds "
