@@ -26,19 +26,16 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 
-from fusion.app.demo import packaged_text_model, random_dinov2
 from fusion.app.serve.limits import ServeLimits
-from fusion.benchmarks.common import (OtherLoad, add_threads, add_workdir, finish, memory_kb, new_parser,
-                                      reset_peak_memory, use_threads)
-from fusion.benchmarks.serve_speed import free_port, make_run, start_server
+from fusion.benchmarks.common import (OtherLoad, add_threads, finish, memory_kb, new_parser, reset_peak_memory,
+                                      use_threads)
+from fusion.benchmarks.serve_speed import add_run_options, free_port, run_of, start_server
 from fusion.extract.encoders import quiet_transformers
 
 BIG_SIDE = 8000
@@ -164,11 +161,8 @@ def print_case(name: str, case: dict) -> None:
 
 def parse_args(argv: list[str] | None):
     parser = new_parser(__doc__)
-    add_workdir(parser, Path(tempfile.gettempdir()) / "fusion-serve-speed",
-                help="keep the encoders, data, cache and run here (shared with serve_speed; reused by later runs)")
-    parser.add_argument("--text-model", default=None, help="default: the demo's all-MiniLM-L6-v2 package")
-    parser.add_argument("--image-model", default=None, help="default: the demo's small random DINOv2")
-    parser.add_argument("--size", type=int, default=120, help="demo posts to generate (and to fit the head on)")
+    add_run_options(parser, "keep the encoders, data, cache and run here (shared with serve_speed; reused by later "
+                            "runs)")
     parser.add_argument("--clients", default="1,16,64,256", help="concurrent clients per case, comma-separated")
     parser.add_argument("--requests", type=int, default=16, help="posts each client sends in a case")
     parser.add_argument("--big", type=int, default=24, help="concurrent uploads of the large flat PNG (0: none)")
@@ -182,9 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     use_threads(args.threads)
     quiet_transformers()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    run, posts = make_run(args.workdir, args.text_model or packaged_text_model(),
-                          args.image_model or random_dinov2(args.workdir / "dinov2-random"), args.size)
+    run, posts = run_of(args)
     uploads = [(image.read_bytes(), text) for image, text in posts]
     limits = ServeLimits()
     request_limit_s = limits.timeout_s + 30  # the server answers 504 at its own timeout first

@@ -43,6 +43,22 @@ from fusion.extract.encoders import quiet_transformers
 CLIENTS = 16
 
 
+def add_run_options(parser, workdir_help: str) -> None:
+    """The options of the run both serve benchmarks serve (serve_load shares this workdir): its folder, encoders and
+    demo size."""
+    add_workdir(parser, Path(tempfile.gettempdir()) / "fusion-serve-speed", help=workdir_help)
+    parser.add_argument("--text-model", default=None, help="default: the demo's all-MiniLM-L6-v2 package")
+    parser.add_argument("--image-model", default=None, help="default: the demo's small random DINOv2")
+    parser.add_argument("--size", type=int, default=120, help="demo posts to generate (and to fit the head on)")
+
+
+def run_of(args) -> tuple[Path, list[tuple[Path, str]]]:
+    """make_run for the options add_run_options parsed, with the demo's encoders where none is given."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return make_run(args.workdir, args.text_model or packaged_text_model(),
+                    args.image_model or random_dinov2(args.workdir / "dinov2-random"), args.size)
+
+
 def make_run(workdir: Path, text_model: str, image_model: str, size: int) -> tuple[Path, list[tuple[Path, str]]]:
     """A self_attn run fitted on the demo's posts, extracted with the benchmark's encoders (made once per workdir);
     and those posts as (image, text)."""
@@ -122,11 +138,7 @@ def batch_counters(url: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = new_parser(__doc__)
-    add_workdir(parser, Path(tempfile.gettempdir()) / "fusion-serve-speed",
-                help="keep the encoders, data, cache and run here (reused by later runs)")
-    parser.add_argument("--text-model", default=None, help="default: the demo's all-MiniLM-L6-v2 package")
-    parser.add_argument("--image-model", default=None, help="default: the demo's small random DINOv2")
-    parser.add_argument("--size", type=int, default=120, help="demo posts to generate (and to fit the head on)")
+    add_run_options(parser, "keep the encoders, data, cache and run here (reused by later runs)")
     parser.add_argument("--posts", type=int, default=48, help="posts for the sequential and the 1-client runs")
     parser.add_argument("--per-client", type=int, default=8, help="posts each of the 16 clients sends")
     add_threads(parser, 1, help="torch threads, here and in the server: on a shared 2-core machine two threads that "
@@ -134,10 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     use_threads(args.threads)
     quiet_transformers()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    text_model = args.text_model or packaged_text_model()
-    image_model = args.image_model or random_dinov2(args.workdir / "dinov2-random")
-    run, posts = make_run(args.workdir, text_model, image_model, args.size)
+    run, posts = run_of(args)
     load = OtherLoad()
     print(f"torch threads: {torch.get_num_threads()} in this process and in the server each; fp32; load average "
           f"{os.getloadavg()[0]:.2f}", flush=True)
