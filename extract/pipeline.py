@@ -120,17 +120,17 @@ def extract(config: ExtractConfig, on_progress: ProgressCallback | None = None, 
                              f"or is damaged; delete it or choose another --out")
         remove_leftover_partial(config.out)  # a kill between the final rename and the cleanup leaves it
         return summarise_extraction(config, data, plan, rows_computed=0, started=started, already_complete=True)
-    if config.tokens and not partial_dir(config.out).exists():
+    resuming = partial_dir(config.out).exists()
+    if config.tokens and not resuming:
         # Before the duplicate pass, which decodes every image: with every row still to compute (--dedupe can only
         # make it fewer), a disk that cannot hold them is refused at once.
-        rows = len(data.samples) + len(data.skipped)  # make_plan's rows
-        check_disk_for_tokens(config.out, encoders, config.max_length, rows, rows)
+        check_disk_for_tokens(config.out, encoders, config.max_length, len(plan.ids), len(plan.ids))
     data, plan = with_duplicates(config, data, encoders)
     refuse_resume_on_other_device(config.out, plan)
     notes: list[str] = []
     partial = PartialCache.open(config.out, plan=plan, rank=rank)
     try:
-        if config.tokens:
+        if config.tokens and resuming:  # only its pending rows' batches are still to be written
             check_disk_for_tokens(config.out, encoders, config.max_length, len(partial.pending()), len(plan.ids))
         computed = run_batches(config, data, encoders, partial, rank, world_size, on_progress, notes)
     finally:
