@@ -65,32 +65,26 @@ def piece_linear(x: Tensor, qkv_weight: Tensor, index: int) -> Tensor:
     return columns(_PieceProduct.apply(columns(x), qkv_weight, index))
 
 
-def _piece(qkv_weight: Tensor, index: int) -> Tensor:
-    if qkv_weight.dim() == 4:
-        return qkv_weight[index]
-    dim = qkv_weight.shape[-1]
-    return qkv_weight.narrow(1, index * dim, dim)
-
-
 class _PieceProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, qkv_weight: Tensor, index: int) -> Tensor:
         ctx.save_for_backward(x, qkv_weight)
         ctx.index = index
-        return torch.bmm(_piece(qkv_weight, index), x)
+        return torch.bmm(qkv_pieces(qkv_weight)[index], x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, qkv_weight = ctx.saved_tensors
         x_grad = weight_grad = None
         if ctx.needs_input_grad[0]:
-            x_grad = torch.bmm(_piece(qkv_weight, ctx.index).transpose(1, 2), grad)
+            x_grad = torch.bmm(qkv_pieces(qkv_weight)[ctx.index].transpose(1, 2), grad)
         if ctx.needs_input_grad[1]:
             weight_grad = torch.empty_like(qkv_weight)
-            for other in range(3):
+            pieces = qkv_pieces(weight_grad)
+            for other, piece in enumerate(pieces):
                 if other != ctx.index:
-                    _piece(weight_grad, other).zero_()
-            torch.bmm(grad, x.transpose(1, 2), out=_piece(weight_grad, ctx.index))
+                    piece.zero_()
+            torch.bmm(grad, x.transpose(1, 2), out=pieces[ctx.index])
         return x_grad, weight_grad, None
 
 
